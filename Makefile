@@ -1,0 +1,48 @@
+# Two commands: `make demo` (the main job) and `make test` (the tests).
+# Each creates or refreshes .venv and installs what it needs.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+REFSTAMP := $(VENV)/.refs-installed
+PIP := $(BIN)/python -m pip
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: demo test test-all lint bench venv clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel
+
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+	$(PIP) install -c constraints.txt torch==2.13.0
+	$(PIP) install -c constraints.txt -e ".[test,examples]"
+	touch $(STAMP)
+
+# Reference libraries for side-by-side tests and benchmarks; installed without their
+# extra dependencies so that torch stays the pinned CPU build (no torchvision).
+$(REFSTAMP): $(STAMP)
+	$(PIP) install -c constraints.txt einops opt-einsum unfoldNd einconv
+	$(PIP) install -c constraints.txt --no-deps laplace-torch==0.3 curvlinops-for-pytorch==3.0.1 \
+		backpack-for-pytorch==1.7.1 asdfghjkl torchmetrics lightning-utilities laplace-bayesopt
+	touch $(REFSTAMP)
+
+venv: $(REFSTAMP)
+
+demo: $(STAMP)
+	$(BIN)/bayescurv demo
+
+test: $(REFSTAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+test-all: $(REFSTAMP)
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check bayescurv tests benchmarks examples
+
+bench: $(REFSTAMP)
+	$(BIN)/python benchmarks/curvature.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,138 @@
+"""Iterating over data: ``(x, y)`` pairs or dicts, any batch sizes, validated.
+
+Loss convention used throughout bayescurv: curvatures and log-likelihoods are **sums over
+data points** (the negative log-likelihood of the whole data set). A loss averaged over a
+data set of N points has curvature equal to ours divided by N; functions that accept
+``reduction="mean"`` do exactly that division.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bayescurv.errors import EmptyDataError, InvalidArgumentError, NonFiniteError, ShapeError
+
+REDUCTIONS = ("sum", "mean")
+
+
+def split_batch(
+    batch: Any, x_key: str = "x", y_key: str = "y"
+) -> tuple[Tensor | dict[str, Tensor], Tensor]:
+    """Return ``(inputs, targets)`` of one batch.
+
+    A batch is a ``(x, y)`` pair / list, or a dict; for a dict the targets are
+    ``batch[y_key]`` and the inputs ``batch[x_key]`` when present, else every other
+    entry as a dict of keyword inputs for the model.
+    """
+    if isinstance(batch, dict):
+        if y_key not in batch:
+            raise InvalidArgumentError(
+                f"dict batch has no target key {y_key!r} (keys: {sorted(batch)}); "
+                "pass y_key= to name it"
+            )
+        if x_key in batch:
+            return batch[x_key], batch[y_key]
+        return {k: v for k, v in batch.items() if k != y_key}, batch[y_key]
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise InvalidArgumentError(
+        "each batch must be a (inputs, targets) pair or a dict with a targets key; "
+        f"got {type(batch).__name__}"
+    )
+
+
+def batch_size(x: Tensor | dict[str, Tensor]) -> int:
+    """Number of data points in inputs ``x`` (a tensor or a dict of tensors)."""
+    if isinstance(x, dict):
+        return next(iter(x.values())).shape[0]
+    return x.shape[0]
+
+
+def to_device(x: Tensor | dict[str, Tensor], device: torch.device, dtype: torch.dtype | None):
+    """Move inputs to the model's device; floating inputs also take the model's dtype."""
+
+    def move(t: Tensor) -> Tensor:
+        if dtype is not None and t.is_floating_point():
+            return t.to(device=device, dtype=dtype)
+        return t.to(device=device)
+
+    if isinstance(x, dict):
+        return {k: move(v) for k, v in x.items()}
+    return move(x)
+
+
+def check_finite(t: Tensor | dict[str, Tensor], what: str) -> None:
+    """Raise :class:`NonFiniteError` when a floating tensor holds NaN or Inf."""
+    tensors = t.values() if isinstance(t, dict) else [t]
+    for v in tensors:
+        if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
+            raise NonFiniteError(
+                f"{what} contain NaN or Inf; clean or impute the data before fitting"
+            )
+
+
+def iterate(
+    data: Iterable[Any],
+    *,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    x_key: str = "x",
+    y_key: str = "y",
+    check: bool = True,
+) -> Iterator[tuple[Tensor | dict[str, Tensor], Tensor]]:
+    """Yield validated ``(x, y)`` batches on ``device``; raise :class:`EmptyDataError` when
+    ``data`` yields nothing (or only empty batches)."""
+    if isinstance(data, Tensor):
+        raise InvalidArgumentError(
+            "expected an iterable of (x, y) batches such as a DataLoader, got a tensor; wrap "
+            "it as DataLoader(TensorDataset(x, y), batch_size=...)"
+        )
+    seen = False
+    for batch in data:
+        x, y = split_batch(batch, x_key, y_key)
+        n = batch_size(x)
+        if n == 0:
+            continue
+        if y.shape[0] != n:
+            raise ShapeError(f"a batch has {n} inputs but {y.shape[0]} targets")
+        if check:
+            check_finite(x, "inputs")
+            check_finite(y, "targets")
+        if device is not None:
+            x = to_device(x, device, dtype)
+            y = y.to(device=device)
+        seen = True
+        yield x, y
+    if not seen:
+        raise EmptyDataError("the data loader yielded no data; nothing to fit")
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise InvalidArgumentError(f"unknown reduction {reduction!r}; use one of {REDUCTIONS}")
+
+
+def all_reduce_(tensors: list[Tensor]) -> None:
+    """Sum tensors in place across ``torch.distributed`` ranks when a process group is
+    initialized (so each rank holds the sum over the whole data set); no-op otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for t in tensors:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+__all__ = [
+    "iterate",
+    "split_batch",
+    "batch_size",
+    "to_device",
+    "check_finite",
+    "check_reduction",
+    "all_reduce_",
+    "REDUCTIONS",
+]

@@ -1,0 +1,259 @@
+r"""Accumulators: from the per-batch module records of :mod:`.engine` to a curvature matrix
+in one structure. Each has ``update(records)`` (called once per batch) and
+``tensors()`` (the running sums, all-reduced across ranks before ``finalize``).
+
+All sums are over data points and loss-square-root columns:
+:math:`\sum_{b,k} v_{bk} v_{bk}^\top` with :math:`v_{bk} = J_b^\top s_{bk}`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from bayescurv.curvature import layers
+from bayescurv.curvature.engine import HookCapture, ModuleRecord
+from bayescurv.errors import UnsupportedLayerError
+from bayescurv.linalg import BlockDiagonal, Dense, Diagonal, KroneckerEigen, PSDOperator
+from bayescurv.params import ParamSet
+
+
+def per_sample_matrix(records: list[ModuleRecord], params: ParamSet) -> Tensor:
+    """Per-sample gradients of all parameters of the set, ``(K * B, P)`` in flat order;
+    contributions of tied parameters (one parameter, several modules) are summed."""
+    parts: dict[int, Tensor] = {}
+    for rec in records:
+        for i, t in rec.per_sample().items():
+            parts[i] = parts[i] + t if i in parts else t
+    k, b = next(iter(parts.values())).shape[:2]
+    cols = []
+    for i, p in enumerate(params.params):
+        cols.append(parts[i] if i in parts else torch.zeros(k, b, p.numel(), dtype=p.dtype,
+                                                               device=p.device))
+    return torch.cat(cols, -1).reshape(k * b, -1)
+
+
+class FullAccumulator:
+    """Dense ``P x P`` GGN: :math:`\\sum V^\\top V` with ``V`` the per-sample gradients."""
+
+    def __init__(self, capture: HookCapture) -> None:
+        self.params = capture.params
+        n = self.params.numel
+        self.matrix = torch.zeros(n, n, dtype=self.params.dtype, device=self.params.device)
+
+    def update(self, records: list[ModuleRecord]) -> None:
+        v = per_sample_matrix(records, self.params)
+        self.matrix.addmm_(v.T, v)
+
+    def tensors(self) -> list[Tensor]:
+        return [self.matrix]
+
+    def finalize(self) -> PSDOperator:
+        return Dense(0.5 * (self.matrix + self.matrix.T))
+
+
+class DiagAccumulator:
+    """Exact GGN diagonal, per layer from the backpropagated vectors and the layer inputs
+    (:func:`layers.linear_diag`); per-sample gradients only of a single module where the
+    layer shares weights, is generic, or holds a tied parameter."""
+
+    def __init__(self, capture: HookCapture) -> None:
+        self.params = capture.params
+        self.tied = capture.tied
+        self.diag = torch.zeros(self.params.numel, dtype=self.params.dtype,
+                                device=self.params.device)
+
+    def update(self, records: list[ModuleRecord]) -> None:
+        tied_parts: dict[int, Tensor] = {}
+        for rec in records:
+            if rec.route == "linear" and not (set(rec.owned.values()) & self.tied):
+                d = layers.linear_diag(rec.linear_view())  # (O, I)
+                if rec.with_bias:
+                    self._add(rec.owned["bias"], d[:, -1])
+                    d = d[:, :-1]
+                self._add(rec.owned["weight"], d)
+                continue
+            for i, t in rec.per_sample().items():
+                if i in self.tied:
+                    tied_parts[i] = tied_parts[i] + t if i in tied_parts else t
+                else:
+                    self._add(i, t.square().sum((0, 1)))
+        for i, t in tied_parts.items():
+            self._add(i, t.square().sum((0, 1)))
+
+    def _add(self, index: int, values: Tensor) -> None:
+        self.diag[self.params.slice_of(index)] += values.reshape(-1)
+
+    def tensors(self) -> list[Tensor]:
+        return [self.diag]
+
+    def finalize(self) -> PSDOperator:
+        return Diagonal(self.diag)
+
+
+def _kron_index(params: ParamSet, rec: ModuleRecord) -> Tensor:
+    """Flat positions of the row-major entries of ``W̃ = [W | b]`` (shape ``(O, I)``)."""
+    w = params.params[rec.owned["weight"]]
+    o = w.shape[0]
+    sw = params.slice_of(rec.owned["weight"])
+    idx = torch.arange(sw.start, sw.stop, device=w.device).reshape(o, -1)
+    if rec.with_bias:
+        sb = params.slice_of(rec.owned["bias"])
+        idx = torch.cat([idx, torch.arange(sb.start, sb.stop, device=w.device)[:, None]], 1)
+    return idx.reshape(-1)
+
+
+class KFACAccumulator:
+    r"""K-FAC, flavours ``expand`` and ``reduce`` (Eschenhagen et al., 2023), for linear-like
+    layers with ``T`` weight-sharing positions:
+
+    - expand: :math:`A = \frac{1}{NT}\sum_{n,t} a_{nt} a_{nt}^\top`,
+      :math:`G = \sum_{k,n,t} g_{knt} g_{knt}^\top`;
+    - reduce: :math:`A = \frac{1}{N}\sum_n \bar a_n \bar a_n^\top` with
+      :math:`\bar a_n = \frac1T\sum_t a_{nt}`, :math:`G = \sum_{k,n} (\sum_t g_{knt})(\cdot)^\top`;
+
+    and the block is :math:`G \otimes A` on row-major ``vec(W̃)``. Both are exact for one
+    data point without sharing. Embeddings use expand with the diagonal ``A`` of row counts;
+    other layers (norm affine parameters, opted-in generic modules) get an exact dense block.
+    """
+
+    def __init__(self, capture: HookCapture, flavour: str = "expand") -> None:
+        if capture.tied:
+            raise UnsupportedLayerError(
+                f"parameters {capture.tied_names()} are tied (shared by several modules); "
+                "K-FAC has no Kronecker block for them. Use structure='diag' or 'full'"
+            )
+        self.params = capture.params
+        self.flavour = flavour
+        self.state: dict[str, dict[str, Tensor]] = {}
+
+    def _acc(self, rec: ModuleRecord, key: str, value: Tensor) -> None:
+        st = self.state.setdefault(rec.name, {})
+        st[key] = st[key] + value if key in st else value
+
+    def update(self, records: list[ModuleRecord]) -> None:
+        for rec in records:
+            if rec.route == "linear":
+                v = rec.linear_view()
+                a, g = v.a, v.g
+                b = a.shape[0]
+                if self.flavour == "reduce":
+                    a = a.mean(1, keepdim=True)
+                    g = g.sum(2, keepdim=True)
+                a2 = a.reshape(-1, a.shape[-1])
+                g2 = g.reshape(-1, g.shape[-1])
+                self._acc(rec, "A", a2.T @ a2)
+                self._acc(rec, "count", torch.tensor(float(a2.shape[0] if self.flavour ==
+                                                           "expand" else b),
+                                                     dtype=a.dtype, device=a.device))
+                self._acc(rec, "G", g2.T @ g2)
+            elif rec.route == "embedding":
+                for x, g in zip(rec.inputs, rec.grads):
+                    g2 = g.reshape(-1, g.shape[-1])
+                    self._acc(rec, "A", layers.embedding_counts(rec.module, x).to(g.dtype))
+                    self._acc(rec, "count", torch.tensor(float(x.numel()), dtype=g.dtype,
+                                                         device=g.device))
+                    self._acc(rec, "G", g2.T @ g2)
+            else:
+                ps = rec.per_sample()
+                v = torch.cat([ps[i] for i in sorted(ps)], -1)
+                v = v.reshape(-1, v.shape[-1])
+                self._acc(rec, "block", v.T @ v)
+
+    def tensors(self) -> list[Tensor]:
+        return [t for st in self.state.values() for _, t in sorted(st.items())]
+
+    def factors(self, rec: ModuleRecord) -> tuple[Tensor, Tensor]:
+        """The two Kronecker factors of a record, in the order of the flat layout."""
+        st = self.state[rec.name]
+        count = st["count"].clamp_min(1)
+        if rec.route == "linear":
+            return st["G"], st["A"] / count
+        return torch.diag(st["A"] / count), st["G"]  # embedding: (V, D) row-major -> A ⊗ G
+
+    def index(self, rec: ModuleRecord) -> Tensor:
+        if rec.route == "linear":
+            return _kron_index(self.params, rec)
+        return torch.cat([torch.arange(self.params.slice_of(i).start,
+                                       self.params.slice_of(i).stop,
+                                       device=self.params.device)
+                          for i in sorted(rec.owned.values())])
+
+    def finalize_blocks(self, records: list[ModuleRecord]) -> BlockDiagonal:
+        blocks, indices = [], []
+        for rec in records:
+            if rec.name not in self.state:  # never called in the forward pass: no curvature
+                idx = self.index(rec)
+                blocks.append(Diagonal(torch.zeros(idx.numel(), dtype=self.params.dtype,
+                                                   device=self.params.device)))
+                indices.append(idx)
+                continue
+            if rec.route in ("linear", "embedding"):
+                blocks.append(KroneckerEigen.from_factors(*self.factors(rec)))
+            else:
+                m = self.state[rec.name]["block"]
+                blocks.append(Dense(0.5 * (m + m.T)))
+            indices.append(self.index(rec))
+        return BlockDiagonal(blocks, indices)
+
+
+class EKFACCorrection:
+    r"""Second pass of EKFAC (George et al., 2018): keep the K-FAC eigenbases
+    :math:`Q_G, Q_A` and replace the eigenvalues by the exact second moments of the
+    per-sample gradients in that basis, :math:`s_{ij} = \sum_{k,n} (Q_G^\top V_{kn} Q_A)_{ij}^2`
+    with :math:`V_{kn} = \sum_t g_{knt} a_{nt}^\top`. Exact on the diagonal of the eigenbasis;
+    equal to the GGN block whenever K-FAC's eigenbasis diagonalises it."""
+
+    def __init__(self, kfac: KFACAccumulator, records: list[ModuleRecord]) -> None:
+        self.kfac = kfac
+        self.bases: dict[str, tuple[Tensor, Tensor]] = {}
+        self.scales: dict[str, Tensor] = {}
+        for rec in records:
+            if rec.route in ("linear", "embedding") and rec.name in kfac.state:
+                f1, f2 = kfac.factors(rec)
+                q1 = torch.linalg.eigh(f1)[1]
+                q2 = torch.linalg.eigh(f2)[1]
+                self.bases[rec.name] = (q1, q2)
+                self.scales[rec.name] = torch.zeros(f1.shape[0], f2.shape[0], dtype=f1.dtype,
+                                                    device=f1.device)
+
+    def update(self, records: list[ModuleRecord]) -> None:
+        for rec in records:
+            if rec.name not in self.bases:
+                continue
+            q1, q2 = self.bases[rec.name]
+            if rec.route == "linear":
+                v = rec.linear_view()
+                if v.a.shape[1] == 1:  # no sharing: (g Q_G)^2ᵀ (a Q_A)^2, one matmul
+                    gq = (v.g[:, :, 0, :] @ q1).square().sum(0)
+                    aq = (v.a[:, 0, :] @ q2).square()
+                    self.scales[rec.name] += gq.T @ aq
+                    continue
+                ps = layers.linear_per_sample(v)
+            else:
+                ps = torch.cat([layers.embedding_per_sample(rec.module, x, g)
+                                for x, g in zip(rec.inputs, rec.grads)], 1)
+                # embedding layout is (V, D): rotate with (Q_A over V, Q_G over D)
+            rot = q1.T @ ps @ q2
+            self.scales[rec.name] += rot.square().sum((0, 1))
+
+    def tensors(self) -> list[Tensor]:
+        return list(self.scales.values())
+
+    def finalize_blocks(self, records: list[ModuleRecord]) -> BlockDiagonal:
+        blocks, indices = [], []
+        for rec in records:
+            if rec.name not in self.kfac.state:
+                idx = self.kfac.index(rec)
+                blocks.append(Diagonal(torch.zeros(idx.numel(), dtype=self.kfac.params.dtype,
+                                                   device=self.kfac.params.device)))
+                indices.append(idx)
+                continue
+            if rec.name in self.bases:
+                q1, q2 = self.bases[rec.name]
+                blocks.append(KroneckerEigen(q1, q2, self.scales[rec.name]))
+            else:
+                m = self.kfac.state[rec.name]["block"]
+                blocks.append(Dense(0.5 * (m + m.T)))
+            indices.append(self.kfac.index(rec))
+        return BlockDiagonal(blocks, indices)

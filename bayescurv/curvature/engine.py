@@ -1,0 +1,268 @@
+"""The streaming pass: module hooks capture each layer's inputs and outputs in the forward
+pass, and ONE batched backward pass sends all ``K`` columns of the loss-Hessian square root
+from the network output to the layer outputs (gradients w.r.t. layer outputs only; no
+parameter gradients, no per-sample gradients of the whole net).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from bayescurv import batches
+from bayescurv.curvature import layers
+from bayescurv.errors import InvalidArgumentError, UnsupportedLayerError
+from bayescurv.likelihoods import Likelihood, check_finite_outputs
+from bayescurv.params import ParamSet
+
+KINDS = ("ggn", "mc", "ef")
+"""Curvature kinds the hook engine computes: the exact GGN (= Fisher for the likelihoods
+here), its Monte-Carlo estimate with sampled targets, and the empirical Fisher. The Hessian
+is matrix-free (:mod:`bayescurv.curvature.matfree`) or dense for small nets."""
+
+
+@dataclass
+class ModuleRecord:
+    """What the hooks saw of one module over one batch.
+
+    ``route``: ``"linear"`` (Linear/Conv with its weight in the posterior), ``"embedding"``
+    or ``"generic"`` (per-sample gradients of the module by ``torch.func``).
+    ``owned``: ``{local parameter name: index in the ParamSet}``.
+    """
+
+    name: str
+    module: nn.Module
+    route: str
+    owned: dict[str, int]
+    inputs: list[Tensor] = field(default_factory=list)
+    outputs: list[Tensor] = field(default_factory=list)
+    grads: list[Tensor] = field(default_factory=list)
+
+    @property
+    def with_bias(self) -> bool:
+        return "bias" in self.owned
+
+    def clear(self) -> None:
+        self.inputs.clear()
+        self.outputs.clear()
+        self.grads.clear()
+
+    # views ------------------------------------------------------------------------------
+    def linear_view(self) -> layers.LinearView:
+        """Unfolded inputs and gradients, calls of a reused module stacked along ``T``."""
+        a = [layers.linear_inputs(self.module, x, self.with_bias) for x in self.inputs]
+        g = [layers.linear_grads(self.module, gi) for gi in self.grads]
+        if len(a) == 1:
+            return layers.LinearView(a[0], g[0])
+        return layers.LinearView(torch.cat(a, 1), torch.cat(g, 2))
+
+    def per_sample(self) -> dict[int, Tensor]:
+        """Per-sample, per-column gradients ``{param index: (K, B, numel)}``."""
+        out: dict[int, Tensor] = {}
+        if self.route == "linear":
+            ps = layers.linear_per_sample(self.linear_view())  # (K, B, O, I)
+            k, b = ps.shape[:2]
+            if self.with_bias:
+                out[self.owned["bias"]] = ps[..., -1].reshape(k, b, -1)
+                ps = ps[..., :-1]
+            out[self.owned["weight"]] = ps.reshape(k, b, -1)
+            return out
+        for x, g in zip(self.inputs, self.grads):
+            if self.route == "embedding":
+                grads = {"weight": layers.embedding_per_sample(self.module, x, g)}
+            else:
+                grads = layers.generic_per_sample(self.module, list(self.owned), x, g)
+            for lname, t in grads.items():
+                i = self.owned[lname]
+                t = t.reshape(*t.shape[:2], -1)
+                out[i] = out[i] + t if i in out else t
+        return out
+
+
+class HookCapture:
+    """Registers forward hooks on every module that owns parameters of ``params`` and runs
+    the batched backward pass. Use as a context manager."""
+
+    def __init__(
+        self,
+        params: ParamSet,
+        structure: str,
+        unknown_layers: str = "error",
+        differentiable: bool = False,
+    ) -> None:
+        if unknown_layers not in ("error", "per_sample"):
+            raise InvalidArgumentError(
+                f"unknown_layers must be 'error' or 'per_sample', got {unknown_layers!r}"
+            )
+        self.params = params
+        self.records: list[ModuleRecord] = []
+        seen: dict[int, list[str]] = {}
+        for mname, module, owned in params.modules():
+            layers.check_module(module, mname, structure, unknown_layers == "per_sample")
+            owned_d = dict(owned)
+            if isinstance(module, layers.LINEAR_LIKE) and "weight" in owned_d and (
+                isinstance(module, nn.Linear) or module.groups == 1
+            ):
+                route = "linear"
+            elif isinstance(module, nn.Embedding):
+                route = "embedding"
+            else:
+                route = "generic"
+            self.records.append(ModuleRecord(mname, module, route, owned_d))
+            for _, i in owned:
+                seen.setdefault(i, []).append(mname)
+        self.tied = {i for i, mods in seen.items() if len(mods) > 1}
+        # keep the graph of inputs and output gradients (gradients of J Σ Jᵀ w.r.t. x)
+        self.differentiable = differentiable
+        self._handles: list = []
+
+    def tied_names(self) -> list[str]:
+        return [self.params.names[i] for i in sorted(self.tied)]
+
+    def __enter__(self) -> HookCapture:
+        for rec in self.records:
+            self._handles.append(
+                rec.module.register_forward_hook(self._hook(rec, self.differentiable))
+            )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.clear()
+
+    def clear(self) -> None:
+        for rec in self.records:
+            rec.clear()
+
+    @staticmethod
+    def _hook(rec: ModuleRecord, differentiable: bool):
+        def hook(module, inputs, output):
+            if not isinstance(output, Tensor):
+                raise UnsupportedLayerError(
+                    f"module {rec.name!r} returns {type(output).__name__}, not a tensor"
+                )
+            rec.inputs.append(inputs[0] if differentiable else inputs[0].detach())
+            rec.outputs.append(output)
+            # hand a copy downstream, so in-place ops after the layer (ReLU(inplace=True))
+            # cannot change the tensor we differentiate with respect to
+            return output.clone()
+
+        return hook
+
+    def backward(self, f: Tensor, cols: Tensor) -> None:
+        """Backpropagate the ``K`` columns ``cols`` ``(K, B, C)`` from ``f`` to every
+        captured layer output in one batched pass; fills ``record.grads``."""
+        outs = [o for rec in self.records for o in rec.outputs]
+        try:
+            grads = torch.autograd.grad(
+                f, outs, cols, is_grads_batched=True, allow_unused=True,
+                create_graph=self.differentiable,
+            )
+        except RuntimeError as err:  # an op without a batching rule: one pass per column
+            if "vmap" not in str(err) and "batch" not in str(err).lower():
+                raise
+            warnings.warn(
+                f"batched backward failed ({err}); falling back to one backward per column",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            per = [
+                torch.autograd.grad(f, outs, cols[k], retain_graph=True, allow_unused=True,
+                                    create_graph=self.differentiable)
+                for k in range(cols.shape[0])
+            ]
+            grads = [torch.stack([p[j] for p in per]) for j in range(len(outs))]
+        j = 0
+        for rec in self.records:
+            for o in rec.outputs:
+                g = grads[j]
+                rec.grads.append(g if g is not None else o.new_zeros(cols.shape[0], *o.shape))
+                j += 1
+        for rec in self.records:
+            rec.outputs.clear()  # free the graph
+
+
+def loss_sqrt(
+    likelihood: Likelihood,
+    f: Tensor,
+    y: Tensor,
+    kind: str,
+    num_samples: int,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """Columns ``(K, B, C)`` whose outer products sum to the curvature of the loss in ``f``."""
+    fd = f.detach()
+    if kind == "ggn":
+        s = likelihood.hessian_sqrt(fd)
+    elif kind == "mc":
+        s = likelihood.sampled_hessian_sqrt(fd, num_samples, generator)
+    elif kind == "ef":
+        s = likelihood.gradient(fd, y).unsqueeze(-1)
+    else:
+        raise InvalidArgumentError(f"unknown curvature kind {kind!r}; use one of {KINDS}")
+    return s.permute(2, 0, 1)
+
+
+@dataclass
+class BatchResult:
+    records: list[ModuleRecord]
+    batch_size: int
+    loss: Tensor
+
+
+def stream(
+    capture: HookCapture,
+    likelihood: Likelihood,
+    data: Iterable,
+    *,
+    kind: str = "ggn",
+    num_samples: int = 1,
+    generator: torch.Generator | None = None,
+    x_key: str = "x",
+    y_key: str = "y",
+    progress: bool = False,
+) -> Iterator[BatchResult]:
+    """One pass over ``data``: for every batch, forward with hooks, compute the loss-Hessian
+    square root, one batched backward to the layer outputs; yield the records."""
+    params = capture.params
+    model = params.model
+    it = batches.iterate(data, device=params.device, dtype=params.dtype, x_key=x_key, y_key=y_key)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc=f"curvature ({kind})", leave=False)
+    with capture:
+        for x, y in it:
+            capture.clear()
+            with torch.enable_grad():
+                f = model(**x) if isinstance(x, dict) else model(x)
+                f = likelihood.check_outputs(f)
+                check_finite_outputs(f)
+                fc, yc = likelihood.check(f, y)
+                loss = likelihood.nll(fc.detach(), yc)
+                cols = loss_sqrt(likelihood, fc, yc, kind, num_samples, generator)
+                capture.backward(fc, cols)
+            yield BatchResult(capture.records, fc.shape[0], loss)
+
+
+def jacobian_pass(capture: HookCapture, x: Tensor | dict[str, Tensor]) -> Tensor:
+    """Forward ``x`` with hooks and backpropagate the ``C`` unit vectors of the output in one
+    batched pass, so that each record holds the factors of the per-layer Jacobians
+    ``∂f_c/∂θ_layer`` (inputs ``a``, output gradients ``g[c]``). Returns ``f`` (detached)."""
+    model = capture.params.model
+    capture.clear()
+    with torch.enable_grad():
+        f = model(**x) if isinstance(x, dict) else model(x)
+        if f.dim() == 1:
+            f = f.unsqueeze(-1)
+        c = f.shape[-1]
+        eye = torch.eye(c, dtype=f.dtype, device=f.device)
+        cols = eye[:, None, :].expand(c, f.shape[0], c)
+        capture.backward(f, cols)
+    return f if capture.differentiable else f.detach()

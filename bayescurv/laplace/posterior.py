@@ -1,0 +1,347 @@
+r"""Laplace and linearized-Laplace posteriors over any parameter subset.
+
+The posterior is :math:`N(\theta^*, \Lambda^{-1})` with precision
+:math:`\Lambda = \frac{1}{\sigma^2_{lik}} H + diag(\delta)`: ``H`` the curvature of the summed
+negative log-likelihood at the MAP (computed once by :func:`bayescurv.curvature.compute`;
+for regression with unit noise, scaled by :math:`1/\sigma^2`), :math:`\delta` the prior
+precision of the zero-mean Gaussian prior (scalar, one per layer, or one per parameter).
+
+A *layer* is a module that owns parameters of the posterior (weight and bias together), so
+that a per-layer prior keeps every K-FAC block exactly decomposable.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from bayescurv import batches
+from bayescurv.curvature import STRUCTURES, compute
+from bayescurv.curvature.engine import HookCapture
+from bayescurv.errors import (
+    InvalidArgumentError,
+    NonFiniteError,
+    NotFittedError,
+    ShapeError,
+)
+from bayescurv.laplace import marglik
+from bayescurv.laplace.predictive import glm_covariance
+from bayescurv.likelihoods import Gaussian, get_likelihood
+from bayescurv.linalg import BlockDiagonal, PSDOperator
+from bayescurv.params import ParamSet, select
+
+PRED_TYPES = ("glm", "nn")
+
+
+class Laplace:
+    """Post-hoc Laplace approximation of a trained network.
+
+    Args:
+        model: the trained network (its current parameters are the MAP ``θ*``).
+        likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
+        subset: ``"all"``, ``"last_layer"``, or a list of parameter / module names.
+        structure: ``"full"``, ``"diag"``, ``"kfac"``, ``"kfac-reduce"`` or ``"ekfac"``.
+        prior_precision: scalar, one value per layer, or one per parameter.
+        sigma_noise: observation noise (regression), scalar or one per output.
+        kind: curvature kind, ``"ggn"`` (default), ``"mc"`` or ``"ef"``.
+
+    Usage::
+
+        la = Laplace(model, "classification", subset="last_layer", structure="kfac")
+        la.fit(train_loader)
+        la.optimize_prior_precision()
+        probs = la.predict(x_test)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: str = "classification",
+        subset: str | Iterable[str] = "all",
+        structure: str = "kfac",
+        prior_precision: float | Tensor = 1.0,
+        sigma_noise: float | Tensor = 1.0,
+        *,
+        last_layer_name: str | None = None,
+        kind: str = "ggn",
+        num_samples: int = 1,
+        generator: torch.Generator | None = None,
+        unknown_layers: str = "error",
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise InvalidArgumentError(f"model must be an nn.Module, got {type(model).__name__}")
+        if structure not in STRUCTURES:
+            raise InvalidArgumentError(f"unknown structure {structure!r}; use one of {STRUCTURES}")
+        self.likelihood = get_likelihood(likelihood, sigma_noise)
+        if self.likelihood.name not in ("classification", "regression", "binary"):
+            raise InvalidArgumentError(
+                f"Laplace supports likelihood 'classification', 'regression' or 'binary', "
+                f"got {likelihood!r}"
+            )
+        self.model = model
+        self.structure = structure
+        self.kind = kind
+        self.num_samples = num_samples
+        self.generator = generator
+        self.unknown_layers = unknown_layers
+        self.params: ParamSet = select(model, subset, last_layer_name=last_layer_name)
+        self.layer_index = marglik.layer_index(self.params)
+        self.prior_precision = prior_precision
+        self.sigma_noise = sigma_noise
+        self._H: PSDOperator | None = None
+        self.mean: Tensor | None = None
+        self.loss: Tensor | None = None
+        self.num_data = 0
+        self.num_outputs = 0
+
+    # hyperparameters ---------------------------------------------------------------------
+    @property
+    def num_params(self) -> int:
+        return self.params.numel
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.layer_index.max()) + 1
+
+    @property
+    def prior_precision(self) -> Tensor:
+        """Current prior precision: shape ``()`` , ``(num_layers,)`` or ``(num_params,)``."""
+        return self._prior
+
+    @prior_precision.setter
+    def prior_precision(self, value: float | Tensor) -> None:
+        self._prior = marglik.check_prior(value, self.num_params, self.num_layers,
+                                          self.params.dtype, self.params.device)
+
+    @property
+    def sigma_noise(self) -> Tensor:
+        return self._sigma
+
+    @sigma_noise.setter
+    def sigma_noise(self, value: float | Tensor) -> None:
+        s = torch.as_tensor(value, dtype=self.params.dtype, device=self.params.device)
+        if not torch.isfinite(s).all() or (s <= 0).any():
+            raise InvalidArgumentError(f"sigma_noise must be finite and positive, got {value}")
+        if self.likelihood.name != "regression" and not torch.all(s == 1):
+            raise InvalidArgumentError("sigma_noise applies to likelihood='regression' only")
+        self._sigma = s
+        if isinstance(self.likelihood, Gaussian):
+            self.likelihood.sigma_noise = s.detach()
+
+    def prior_diagonal(self, prior_precision: Tensor | None = None) -> Tensor:
+        """The prior precision expanded to ``(num_params,)``."""
+        return marglik.expand_prior(self._prior if prior_precision is None else prior_precision,
+                                    self.layer_index)
+
+    # fitting -----------------------------------------------------------------------------
+    def fit(
+        self,
+        loader: Iterable,
+        progress: bool = True,
+        *,
+        x_key: str = "x",
+        y_key: str = "y",
+    ) -> Laplace:
+        """Compute the curvature at the current parameters (the MAP) in one pass over
+        ``loader`` and store ``θ*``. Regression curvature is computed at unit noise and
+        scaled by ``1/σ²`` afterwards, so ``σ`` can be tuned without refitting."""
+        unit = Gaussian(1.0) if self.likelihood.name == "regression" else self.likelihood
+        curv = compute(
+            self.model, unit, loader, structure=self.structure, kind=self.kind,
+            params=self.params, num_samples=self.num_samples, generator=self.generator,
+            unknown_layers=self.unknown_layers, x_key=x_key, y_key=y_key, progress=progress,
+        )
+        self._H = curv.matrix
+        self.mean = self.params.vector()
+        self.num_data = curv.num_data
+        self.loss = curv.loss
+        self._out_dim()
+        if isinstance(self.likelihood, Gaussian):
+            # unit-noise NLL = SSE/2 + N C/2 log 2π  ->  keep the sum of squared errors
+            self._sse = 2 * (curv.loss - 0.5 * self.num_data * self.num_outputs
+                             * math.log(2 * math.pi))
+        return self
+
+    def _out_dim(self) -> None:
+        last = self.params.modules()[-1][1]
+        self.num_outputs = getattr(last, "out_features", 0) or 0
+
+    def _check_fitted(self) -> None:
+        if self._H is None:
+            raise NotFittedError("call fit(train_loader) before using the posterior")
+
+    # the posterior -----------------------------------------------------------------------
+    @property
+    def curvature(self) -> PSDOperator:
+        """``H``, the curvature of the summed NLL (unit noise for regression)."""
+        self._check_fitted()
+        return self._H
+
+    def posterior_precision_at(
+        self, prior_precision: Tensor | None = None, sigma_noise: Tensor | None = None
+    ) -> PSDOperator:
+        """:math:`\\Lambda = H/\\sigma^2 + diag(\\delta)`, differentiable in both."""
+        self._check_fitted()
+        prior = self._prior if prior_precision is None else prior_precision
+        sigma = self._sigma if sigma_noise is None else sigma_noise
+        h = self._H
+        if self.likelihood.name == "regression":
+            if sigma.dim() > 0 and sigma.numel() > 1:
+                raise InvalidArgumentError(
+                    "per-output sigma_noise is not supported by the posterior precision yet; "
+                    "use a scalar"
+                )
+            h = h.scale(1.0 / sigma.reshape(()) ** 2)
+        return marglik.add_prior(h, prior, self.layer_index, self.num_layers)
+
+    @property
+    def posterior_precision(self) -> PSDOperator:
+        return self.posterior_precision_at()
+
+    @property
+    def posterior_variance(self) -> Tensor:
+        """Marginal posterior variances ``(num_params,)``."""
+        return self.posterior_precision.inv_diagonal()
+
+    def log_likelihood_at(self, sigma_noise: Tensor | None = None) -> Tensor:
+        """:math:`\\log p(D | \\theta^*)`, differentiable in the observation noise."""
+        self._check_fitted()
+        if self.likelihood.name != "regression":
+            return -self.loss
+        s = (self._sigma if sigma_noise is None else sigma_noise).reshape(())
+        nc = self.num_data * max(self.num_outputs, 1)
+        return -0.5 * self._sse / s**2 - nc * torch.log(s) - 0.5 * nc * math.log(2 * math.pi)
+
+    def log_marginal_likelihood(
+        self, prior_precision: Tensor | None = None, sigma_noise: Tensor | None = None
+    ) -> Tensor:
+        r"""Laplace log evidence, differentiable in ``prior_precision`` and ``sigma_noise``:
+
+        .. math::
+            \log p(D) \approx \log p(D|\theta^*) + \log p(\theta^*)
+              + \tfrac{P}{2}\log 2\pi - \tfrac12 \log\det\Lambda
+            = \log p(D|\theta^*) - \tfrac12 \theta^{*\top} diag(\delta)\, \theta^*
+              + \tfrac12 \log\det diag(\delta) - \tfrac12\log\det\Lambda,
+
+        with the zero-mean Gaussian prior :math:`p(\theta) = N(0, diag(\delta)^{-1})`.
+        """
+        self._check_fitted()
+        prior = self._prior if prior_precision is None else marglik.check_prior(
+            prior_precision, self.num_params, self.num_layers, self.params.dtype,
+            self.params.device, allow_grad=True)
+        sigma = self._sigma if sigma_noise is None else torch.as_tensor(
+            sigma_noise, dtype=self.params.dtype, device=self.params.device)
+        delta = self.prior_diagonal(prior)
+        lam = self.posterior_precision_at(prior, sigma)
+        return (
+            self.log_likelihood_at(sigma)
+            - 0.5 * (delta * self.mean**2).sum()
+            + 0.5 * torch.log(delta).sum()
+            - 0.5 * lam.logdet()
+        )
+
+    def optimize_prior_precision(
+        self,
+        method: str = "marglik",
+        granularity: str = "scalar",
+        *,
+        n_steps: int = 100,
+        lr: float = 0.1,
+        tune_sigma_noise: bool = False,
+        verbose: bool = False,
+    ) -> Tensor:
+        """Tune the prior precision (and, with ``tune_sigma_noise``, the observation noise) by
+        maximizing :meth:`log_marginal_likelihood` with Adam on log-parameters.
+
+        ``granularity``: ``"scalar"`` (one), ``"layer"`` (one per layer), ``"parameter"``
+        (one per parameter; diag and full structures only). The curvature is decomposed once;
+        each step then costs ``O(P)`` for diag, K-FAC and EKFAC and for full with a scalar
+        prior (a full posterior with a non-scalar prior needs a Cholesky per step).
+        Returns the tuned prior precision (also stored).
+        """
+        self._check_fitted()
+        if method != "marglik":
+            raise InvalidArgumentError(f"unknown method {method!r}; use 'marglik'")
+        return marglik.optimize(self, granularity, n_steps, lr, tune_sigma_noise, verbose)
+
+    # predictions -------------------------------------------------------------------------
+    def _inputs(self, x):
+        self._check_fitted()
+        if isinstance(x, dict):
+            x = batches.to_device(x, self.params.device, self.params.dtype)
+        else:
+            if not torch.is_tensor(x):
+                raise InvalidArgumentError(f"x must be a tensor, got {type(x).__name__}")
+            x = x.to(device=self.params.device,
+                     dtype=self.params.dtype if x.is_floating_point() else x.dtype)
+        batches.check_finite(x, "inputs")
+        return x
+
+    def functional(self, x: Tensor, joint: bool = False) -> tuple[Tensor, Tensor]:
+        """Linearized network at ``x``: mean ``f(x; θ*)`` ``(B, C)`` and covariance
+        ``J Σ Jᵀ`` ``(B, C, C)`` (or ``(B*C, B*C)`` across inputs with ``joint=True``),
+        from the posterior's structure without whole-net Jacobians."""
+        x = self._inputs(x)
+        needs_grad = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (x.values() if isinstance(x, dict) else [x])
+        )
+        capture = HookCapture(self.params, self.structure, self.unknown_layers,
+                              differentiable=needs_grad)
+        return glm_covariance(capture, self.posterior_precision, x, joint=joint)
+
+    def predict(
+        self,
+        x: Tensor,
+        link: str = "probit",
+        pred_type: str = "glm",
+        num_samples: int = 100,
+        generator: torch.Generator | None = None,
+    ):
+        """Predictive distribution at ``x``.
+
+        Classification: class probabilities ``(B, C)`` (``link`` in ``"probit"``,
+        ``"bridge"``, ``"mc"``). Binary: ``p(y=1)`` ``(B,)``. Regression: predictive mean
+        and variance (observation noise included), each ``(B, C)``.
+        ``pred_type="nn"`` averages the network over ``num_samples`` posterior samples
+        instead of linearizing.
+        """
+        if pred_type not in PRED_TYPES:
+            raise InvalidArgumentError(f"unknown pred_type {pred_type!r}; use one of {PRED_TYPES}")
+        self.likelihood.check_link(link)
+        if pred_type == "nn":
+            return self._predict_nn(x, num_samples, generator)
+        mean, cov = self.functional(x)
+        return self.likelihood.predictive(mean, cov, link, num_samples, generator)
+
+    @torch.no_grad()
+    def _predict_nn(self, x, num_samples, generator):
+        x = self._inputs(x)
+        thetas = self.sample(num_samples, generator)
+        outs = []
+        try:
+            for theta in thetas:
+                self.params.assign(theta)
+                f = self.model(**x) if isinstance(x, dict) else self.model(x)
+                outs.append(self.likelihood.check_outputs(f))
+        finally:
+            self.params.assign(self.mean)
+        f = torch.stack(outs)
+        if self.likelihood.name == "regression":
+            var = f.var(0, unbiased=False) + self._sigma**2
+            return f.mean(0), var
+        probs = self.likelihood.inverse_link(f).mean(0)
+        return probs.squeeze(-1) if self.likelihood.name == "binary" else probs
+
+    def sample(self, n: int = 100, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` parameter vectors from the posterior, ``(n, num_params)`` in flat order."""
+        self._check_fitted()
+        if not isinstance(n, int) or n < 1:
+            raise InvalidArgumentError(f"n must be a positive integer, got {n}")
+        return self.mean + self.posterior_precision.sample_inverse(n, generator)
+
+    def __repr__(self) -> str:
+        return (f"Laplace(likelihood={self.likelihood.name!r}, structure={self.structure!r}, "
+                f"num_params={self.num_params}, fitted={self._H is not None})")

@@ -1,0 +1,21 @@
+"""Structured symmetric PSD matrices: dense, diagonal, Kronecker, low rank, block diagonal."""
+
+from bayescurv.linalg.base import PSDOperator, jittered_cholesky
+from bayescurv.linalg.block import BlockDiagonal
+from bayescurv.linalg.dense import Dense
+from bayescurv.linalg.diagonal import Diagonal
+from bayescurv.linalg.kronecker import Kronecker, KroneckerEigen, kronecker
+from bayescurv.linalg.lowrank import LowRank, LowRankPlusDiagonal
+
+__all__ = [
+    "PSDOperator",
+    "jittered_cholesky",
+    "Dense",
+    "Diagonal",
+    "Kronecker",
+    "KroneckerEigen",
+    "kronecker",
+    "LowRank",
+    "LowRankPlusDiagonal",
+    "BlockDiagonal",
+]

@@ -1,0 +1,195 @@
+"""Abstract interface of the structured symmetric PSD matrices, and shared helpers.
+
+Every operator represents an ``n x n`` symmetric positive (semi-)definite matrix ``A``.
+Right-hand sides are vectors ``(n,)`` or matrices ``(n, k)``; results have the same shape.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from abc import ABC, abstractmethod
+
+import torch
+from linear_operator import LinearOperator
+from torch import Tensor
+
+from bayescurv.errors import InvalidArgumentError, NonFiniteError, NumericalError, ShapeError
+
+Scalar = float | int | Tensor
+
+__all__ = ["PSDOperator", "Scalar", "jittered_cholesky"]
+
+
+def jittered_cholesky(M: Tensor, *, initial_jitter: float = 1e-10, max_tries: int = 5) -> Tensor:
+    """Lower Cholesky factor ``L`` with ``L Lᵀ = M + j I``, ``j`` as small as possible.
+
+    Tries ``j = 0`` first, then ``j = initial_jitter · mean|diag(M)|``, multiplied by 10 on each
+    of ``max_tries`` attempts; warns when jitter was needed. Batched ``M`` is supported.
+
+    Raises:
+        NonFiniteError: ``M`` holds NaN or Inf.
+        NumericalError: ``M`` is not positive definite even after the largest jitter.
+    """
+    if M.ndim < 2 or M.shape[-1] != M.shape[-2]:
+        raise ShapeError(f"jittered_cholesky needs square matrices, got shape {tuple(M.shape)}.")
+    L, info = torch.linalg.cholesky_ex(M)
+    if not bool((info != 0).any()):
+        return L
+    if not bool(torch.isfinite(M).all()):
+        raise NonFiniteError("jittered_cholesky: the matrix holds NaN or Inf values.")
+    eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
+    base = M.detach().diagonal(dim1=-2, dim2=-1).abs().mean()
+    base = torch.where(base > 0, base, torch.ones_like(base))
+    jitter = initial_jitter * base
+    for _ in range(max_tries):
+        L, info = torch.linalg.cholesky_ex(M + jitter * eye)
+        if not bool((info != 0).any()):
+            warnings.warn(
+                f"Matrix was not numerically positive definite; added jitter {float(jitter):.3g} "
+                "to its diagonal for the Cholesky factorization.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return L
+        jitter = jitter * 10
+    raise NumericalError(
+        f"Cholesky factorization failed even with jitter {float(jitter / 10):.3g} added to the "
+        "diagonal: the matrix is not positive definite. Add a larger positive diagonal "
+        "(e.g. a stronger prior precision) or check the curvature for negative eigenvalues."
+    )
+
+
+class PSDOperator(ABC):
+    """Symmetric PSD matrix ``A`` of size ``n x n`` with structure-exploiting linear algebra."""
+
+    # ------------------------------------------------------------------ metadata
+    @property
+    @abstractmethod
+    def size(self) -> int:
+        """Number of rows ``n``."""
+
+    @property
+    @abstractmethod
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of the stored tensors."""
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device:
+        """Device of the stored tensors."""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(n, n)``."""
+        return (self.size, self.size)
+
+    # ------------------------------------------------------------------ algebra
+    @abstractmethod
+    def matvec(self, v: Tensor) -> Tensor:
+        """``A v`` for ``v`` of shape ``(n,)`` or ``(n, k)``."""
+
+    @abstractmethod
+    def solve(self, v: Tensor) -> Tensor:
+        """``A⁻¹ v`` for ``v`` of shape ``(n,)`` or ``(n, k)``."""
+
+    @abstractmethod
+    def logdet(self) -> Tensor:
+        """``log det A`` as a 0-dim tensor."""
+
+    @abstractmethod
+    def diagonal(self) -> Tensor:
+        """``diag(A)``, shape ``(n,)``."""
+
+    @abstractmethod
+    def inv_diagonal(self) -> Tensor:
+        """``diag(A⁻¹)``, shape ``(n,)`` (posterior marginal variances)."""
+
+    @abstractmethod
+    def to_dense(self) -> Tensor:
+        """The dense ``(n, n)`` matrix."""
+
+    @abstractmethod
+    def inv_sqrt_matvec(self, z: Tensor) -> Tensor:
+        """``R z`` for a fixed ``R`` with ``R Rᵀ = A⁻¹`` (``z ~ N(0, I)`` ⇒ ``R z ~ N(0, A⁻¹)``)."""
+
+    @abstractmethod
+    def sqrt_matvec(self, z: Tensor) -> Tensor:
+        """``S z`` for a fixed ``S`` with ``S Sᵀ = A``; ``z ~ N(0, I)`` gives ``S z ~ N(0, A)``."""
+
+    @abstractmethod
+    def scale(self, c: Scalar) -> PSDOperator:
+        """New operator ``c · A`` (``c ≥ 0`` a float or 0-dim tensor, may require grad)."""
+
+    @abstractmethod
+    def add_diagonal(self, d: Scalar) -> PSDOperator:
+        """New operator ``A + diag(d)``; ``d`` a float, 0-dim tensor or ``(n,)`` tensor."""
+
+    @abstractmethod
+    def to_linear_operator(self) -> LinearOperator:
+        """The same matrix as a ``linear_operator.LinearOperator``."""
+
+    # ------------------------------------------------------------------ derived
+    def sample_inverse(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
+        """``num_samples`` draws from ``N(0, A⁻¹)``, shape ``(num_samples, n)``."""
+        if int(num_samples) < 0:
+            raise InvalidArgumentError(f"num_samples must be >= 0, got {num_samples}.")
+        z = torch.randn(
+            self.size, int(num_samples), generator=generator, dtype=self.dtype, device=self.device
+        )
+        return self.inv_sqrt_matvec(z).mT
+
+    def __matmul__(self, v: Tensor) -> Tensor:
+        return self.matvec(v)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, dtype={self.dtype}, device={self.device})"
+
+    # ------------------------------------------------------------------ helpers
+    def _as_matrix(self, v: Tensor, name: str = "v") -> tuple[Tensor, bool]:
+        """Return ``(V, was_vector)`` with ``V`` of shape ``(n, k)``."""
+        if not isinstance(v, Tensor):
+            raise InvalidArgumentError(f"{name} must be a torch.Tensor, got {type(v).__name__}.")
+        if v.ndim == 1 and v.shape[0] == self.size:
+            return v.unsqueeze(-1), True
+        if v.ndim == 2 and v.shape[0] == self.size:
+            return v, False
+        raise ShapeError(
+            f"{name} must have shape ({self.size},) or ({self.size}, k), got {tuple(v.shape)}."
+        )
+
+    def _scalar(self, c: Scalar, name: str, nonnegative: bool = False) -> Tensor:
+        """``c`` as a 0-dim tensor of this operator's dtype and device (keeps autograd)."""
+        if isinstance(c, Tensor):
+            if c.numel() != 1:
+                raise ShapeError(f"{name} must be a scalar, got shape {tuple(c.shape)}.")
+            return c.reshape(()).to(dtype=self.dtype, device=self.device)
+        if isinstance(c, bool) or not isinstance(c, (int, float)):
+            raise InvalidArgumentError(
+                f"{name} must be a float or a tensor, got {type(c).__name__}."
+            )
+        if not math.isfinite(c):
+            raise NonFiniteError(f"{name} must be finite, got {c}.")
+        if nonnegative and c < 0:
+            raise InvalidArgumentError(f"{name} must be >= 0 to keep the matrix PSD, got {c}.")
+        return torch.tensor(float(c), dtype=self.dtype, device=self.device)
+
+    def _diag_arg(self, d: Scalar, name: str = "d") -> Tensor:
+        """``d`` as a 0-dim tensor (constant shift) or an ``(n,)`` tensor."""
+        if isinstance(d, Tensor) and d.ndim >= 1 and d.numel() != 1:
+            if d.ndim != 1 or d.shape[0] != self.size:
+                raise ShapeError(
+                    f"{name} must be a scalar or have shape ({self.size},), got {tuple(d.shape)}."
+                )
+            return d.to(dtype=self.dtype, device=self.device)
+        return self._scalar(d, name)
+
+
+def shift_times(shift: Tensor, V: Tensor) -> Tensor:
+    """``diag(shift) V`` for a 0-dim or ``(n,)`` ``shift`` and ``V`` of shape ``(n, k)``."""
+    return shift * V if shift.ndim == 0 else shift.unsqueeze(-1) * V
+
+
+def finish(out: Tensor, was_vector: bool) -> Tensor:
+    """Undo :meth:`PSDOperator._as_matrix`."""
+    return out.squeeze(-1) if was_vector else out

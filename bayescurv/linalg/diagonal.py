@@ -1,0 +1,71 @@
+"""Diagonal PSD matrix ``A = diag(d)``."""
+
+from __future__ import annotations
+
+import torch
+from linear_operator import LinearOperator
+from linear_operator.operators import DiagLinearOperator
+from torch import Tensor
+
+from bayescurv.errors import ShapeError
+from bayescurv.linalg.base import PSDOperator, Scalar, finish
+
+__all__ = ["Diagonal"]
+
+
+class Diagonal(PSDOperator):
+    """``A = diag(d)`` with ``d ≥ 0`` of shape ``(n,)``; every operation is ``O(n)`` per column."""
+
+    def __init__(self, d: Tensor) -> None:
+        if not isinstance(d, Tensor) or d.ndim != 1:
+            raise ShapeError(f"Diagonal needs a 1-D tensor, got {getattr(d, 'shape', type(d))}.")
+        self._d = d
+
+    @property
+    def size(self) -> int:
+        return self._d.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._d.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._d.device
+
+    def matvec(self, v: Tensor) -> Tensor:
+        V, vec = self._as_matrix(v)
+        return finish(self._d.unsqueeze(-1) * V, vec)
+
+    def solve(self, v: Tensor) -> Tensor:
+        V, vec = self._as_matrix(v)
+        return finish(V / self._d.unsqueeze(-1), vec)
+
+    def logdet(self) -> Tensor:
+        return self._d.log().sum()
+
+    def diagonal(self) -> Tensor:
+        return self._d
+
+    def inv_diagonal(self) -> Tensor:
+        return self._d.reciprocal()
+
+    def to_dense(self) -> Tensor:
+        return torch.diag(self._d)
+
+    def inv_sqrt_matvec(self, z: Tensor) -> Tensor:
+        Z, vec = self._as_matrix(z, "z")
+        return finish(Z * self._d.rsqrt().unsqueeze(-1), vec)
+
+    def sqrt_matvec(self, z: Tensor) -> Tensor:
+        Z, vec = self._as_matrix(z, "z")
+        return finish(Z * self._d.sqrt().unsqueeze(-1), vec)
+
+    def scale(self, c: Scalar) -> Diagonal:
+        return Diagonal(self._scalar(c, "c", nonnegative=True) * self._d)
+
+    def add_diagonal(self, d: Scalar) -> Diagonal:
+        return Diagonal(self._d + self._diag_arg(d))
+
+    def to_linear_operator(self) -> LinearOperator:
+        return DiagLinearOperator(self._d)

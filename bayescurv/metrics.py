@@ -1,0 +1,292 @@
+r"""Evaluation metrics for predictive distributions (pure torch).
+
+Classification metrics take probabilities ``probs`` of shape ``(N, C)``, or for binary
+problems ``(N,)`` (or ``(N, 1)``) holding :math:`p(y = 1)`, and integer labels ``y`` of
+shape ``(N,)``. Scalar metrics return Python floats; per-sample quantities (``entropy``,
+``max_prob`` with ``reduction="none"``) return tensors on the input's device.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bayescurv.errors import EmptyDataError, InvalidArgumentError, ShapeError
+
+_EPS = 1e-12
+
+
+# ----------------------------------------------------------------------------------------
+# input handling
+# ----------------------------------------------------------------------------------------
+def _as_class_probs(probs: Tensor) -> Tensor:
+    """``(N, C)`` class probabilities; binary ``(N,)``/``(N, 1)`` p(y=1) become ``[1-p, p]``."""
+    if not torch.is_tensor(probs) or not probs.is_floating_point():
+        raise ShapeError("probs must be a floating-point tensor")
+    if probs.dim() == 2 and probs.shape[1] == 1:
+        probs = probs.squeeze(1)
+    if probs.dim() == 1:
+        probs = torch.stack([1.0 - probs, probs], dim=-1)
+    if probs.dim() != 2:
+        raise ShapeError(
+            f"probs must have shape (N, classes), or (N,) for binary p(y=1); "
+            f"got {tuple(probs.shape)}"
+        )
+    if probs.shape[0] == 0:
+        raise EmptyDataError("metrics need at least one prediction; got an empty batch")
+    return probs
+
+
+def _as_labels(y: Tensor, probs: Tensor) -> Tensor:
+    if not torch.is_tensor(y):
+        y = torch.as_tensor(y)
+    if y.dim() == 2 and y.shape[1] == 1:
+        y = y.squeeze(1)
+    if y.dim() != 1 or y.shape[0] != probs.shape[0]:
+        raise ShapeError(
+            f"labels must have shape ({probs.shape[0]},) to fit probs {tuple(probs.shape)}; "
+            f"got {tuple(y.shape)}"
+        )
+    if y.is_floating_point():
+        if not torch.equal(y, y.round()):
+            raise ShapeError("labels must be integer class indices")
+    y = y.to(device=probs.device, dtype=torch.long)
+    if y.numel() and (y.min() < 0 or y.max() >= probs.shape[1]):
+        raise ShapeError(
+            f"labels must lie in [0, {probs.shape[1] - 1}]; "
+            f"got range [{int(y.min())}, {int(y.max())}]"
+        )
+    return y
+
+
+def _check_num_bins(num_bins: int) -> None:
+    if not isinstance(num_bins, int) or num_bins < 1:
+        raise InvalidArgumentError(f"num_bins must be a positive integer, got {num_bins}")
+
+
+def _reduce(values: Tensor, reduction: str) -> Tensor | float:
+    if reduction == "mean":
+        return values.mean().item()
+    if reduction == "sum":
+        return values.sum().item()
+    if reduction == "none":
+        return values
+    raise InvalidArgumentError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+# ----------------------------------------------------------------------------------------
+# classification
+# ----------------------------------------------------------------------------------------
+def accuracy(probs: Tensor, y: Tensor) -> float:
+    r"""Fraction of correct arg-max predictions, :math:`\frac1N\sum_n [\arg\max_c p_{nc} = y_n]`.
+    For binary ``(N,)`` probabilities the prediction is :math:`p > 1/2`."""
+    probs = _as_class_probs(probs)
+    y = _as_labels(y, probs)
+    return (probs.argmax(-1) == y).double().mean().item()
+
+
+def nll(probs: Tensor, y: Tensor) -> float:
+    r"""Mean negative log-probability of the true class,
+    :math:`-\frac1N \sum_n \log \max(p_{n y_n}, 10^{-12})`."""
+    probs = _as_class_probs(probs)
+    y = _as_labels(y, probs)
+    p = probs.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    return -torch.log(p.double().clamp_min(_EPS)).mean().item()
+
+
+def max_prob(probs: Tensor, reduction: str = "mean") -> Tensor | float:
+    r"""Confidence :math:`\max_c p_{nc}`; mean over samples by default (``"none"`` gives
+    the ``(N,)`` per-sample values, e.g. for the OOD score :math:`1 - \max_c p_{nc}`)."""
+    return _reduce(_as_class_probs(probs).amax(-1), reduction)
+
+
+def entropy(probs: Tensor, reduction: str = "none") -> Tensor | float:
+    r"""Predictive entropy :math:`H_n = -\sum_c p_{nc} \log p_{nc}` (with :math:`0 \log 0 = 0`),
+    per sample ``(N,)`` by default, or its ``"mean"``/``"sum"``."""
+    probs = _as_class_probs(probs)
+    h = -torch.special.xlogy(probs, probs).sum(-1)
+    return _reduce(h, reduction)
+
+
+def reliability_diagram(probs: Tensor, y: Tensor, num_bins: int = 15) -> dict[str, Any]:
+    r"""Confidence histogram for a reliability diagram.
+
+    Confidences :math:`\hat p_n = \max_c p_{nc}` fall into ``num_bins`` equal-width bins
+    :math:`B_b = (\frac{b}{M}, \frac{b+1}{M}]` (a confidence of exactly 0 goes into the
+    first). Returns a dict of CPU float64 tensors of length ``num_bins``: ``"confidence"``
+    (mean :math:`\hat p` per bin), ``"accuracy"`` (fraction correct per bin), ``"count"``
+    (samples per bin; empty bins have zero confidence and accuracy), ``"bin_edges"``
+    (``num_bins + 1``), and the floats ``"ece"`` and ``"num_samples"``.
+    """
+    _check_num_bins(num_bins)
+    probs = _as_class_probs(probs)
+    y = _as_labels(y, probs)
+    conf, pred = probs.double().max(-1)
+    correct = (pred == y).double()
+    idx = (torch.ceil(conf * num_bins).long() - 1).clamp(0, num_bins - 1)
+    count = torch.zeros(num_bins, dtype=torch.float64, device=probs.device)
+    conf_sum = torch.zeros_like(count)
+    acc_sum = torch.zeros_like(count)
+    count.index_add_(0, idx, torch.ones_like(conf))
+    conf_sum.index_add_(0, idx, conf)
+    acc_sum.index_add_(0, idx, correct)
+    safe = count.clamp_min(1.0)
+    confidence, acc = conf_sum / safe, acc_sum / safe
+    n = conf.shape[0]
+    ece_value = ((count / n) * (acc - confidence).abs()).sum().item()
+    return {
+        "confidence": confidence.cpu(),
+        "accuracy": acc.cpu(),
+        "count": count.cpu(),
+        "bin_edges": torch.linspace(0.0, 1.0, num_bins + 1, dtype=torch.float64),
+        "ece": ece_value,
+        "num_samples": n,
+    }
+
+
+def ece(probs: Tensor, y: Tensor, num_bins: int = 15) -> float:
+    r"""Expected calibration error with equal-width confidence bins,
+
+    .. math:: ECE = \sum_b \frac{|B_b|}{N}\,\big|acc(B_b) - conf(B_b)\big|,
+
+    bins as in :func:`reliability_diagram`."""
+    return reliability_diagram(probs, y, num_bins)["ece"]
+
+
+def _average_ranks(x: Tensor) -> Tensor:
+    """1-based ranks of ``x`` with ties getting the average of their ranks."""
+    values, inverse, counts = torch.unique(x, sorted=True, return_inverse=True, return_counts=True)
+    del values
+    counts = counts.double()
+    upper = torch.cumsum(counts, 0)  # highest rank in each group of ties
+    avg = upper - (counts - 1.0) / 2.0
+    return avg[inverse]
+
+
+def auroc(scores_in: Tensor, scores_out: Tensor) -> float:
+    r"""Area under the ROC curve for telling out-of-distribution from in-distribution
+    samples, where OOD samples should have the *higher* score (e.g. :math:`1 - \max_c p`
+    or the entropy). Equals :math:`P(s_{out} > s_{in}) + \tfrac12 P(s_{out} = s_{in})`,
+    computed from the Mann-Whitney statistic with average ranks for ties:
+
+    .. math:: AUROC = \frac{R_{out} - n_{out}(n_{out}+1)/2}{n_{in}\, n_{out}}.
+    """
+    s_in = torch.as_tensor(scores_in).reshape(-1)
+    s_out = torch.as_tensor(scores_out).reshape(-1).to(s_in.device)
+    if s_in.numel() == 0 or s_out.numel() == 0:
+        raise EmptyDataError("auroc needs at least one in- and one out-of-distribution score")
+    both = torch.cat([s_in.double(), s_out.double()])
+    if not torch.isfinite(both).all():
+        raise InvalidArgumentError("auroc scores must be finite")
+    ranks = _average_ranks(both)
+    n_in, n_out = s_in.numel(), s_out.numel()
+    r_out = ranks[n_in:].sum()
+    return ((r_out - n_out * (n_out + 1) / 2.0) / (n_in * n_out)).item()
+
+
+# ----------------------------------------------------------------------------------------
+# regression
+# ----------------------------------------------------------------------------------------
+def _regression_inputs(mean: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    if mean.dim() == 1:
+        mean = mean.unsqueeze(-1)
+    y = torch.as_tensor(y).to(device=mean.device, dtype=mean.dtype)
+    if y.dim() == 1:
+        y = y.unsqueeze(-1)
+    if y.shape != mean.shape:
+        raise ShapeError(
+            f"targets of shape {tuple(y.shape)} do not fit predictions {tuple(mean.shape)}"
+        )
+    if mean.shape[0] == 0:
+        raise EmptyDataError("metrics need at least one prediction; got an empty batch")
+    return mean, y
+
+
+def gaussian_nll(mean: Tensor, var: Tensor, y: Tensor) -> float:
+    r"""Mean Gaussian negative log predictive density,
+
+    .. math:: \frac{1}{N D} \sum_{n,d} \tfrac12 \log(2\pi v_{nd})
+              + \frac{(y_{nd} - \mu_{nd})^2}{2 v_{nd}},
+
+    over the ``N x D`` entries. ``mean`` ``(N, D)`` or ``(N,)``; ``var`` the predictive
+    variances of the same shape, or covariances ``(N, D, D)`` (their diagonal is used)."""
+    mean, y = _regression_inputs(mean, y)
+    var = torch.as_tensor(var).to(device=mean.device, dtype=mean.dtype)
+    if var.dim() == 3:
+        var = torch.diagonal(var, dim1=-2, dim2=-1)
+    if var.dim() == 1:
+        var = var.unsqueeze(-1)
+    if var.shape != mean.shape:
+        raise ShapeError(
+            f"variances of shape {tuple(var.shape)} do not fit predictions {tuple(mean.shape)}"
+        )
+    if (var <= 0).any():
+        raise InvalidArgumentError("predictive variances must be positive")
+    terms = 0.5 * (math.log(2 * math.pi) + torch.log(var) + (y - mean) ** 2 / var)
+    return terms.double().mean().item()
+
+
+def rmse(mean: Tensor, y: Tensor) -> float:
+    r"""Root mean squared error :math:`\sqrt{\frac{1}{ND}\sum_{n,d}(y_{nd}-\mu_{nd})^2}`."""
+    mean, y = _regression_inputs(mean, y)
+    return torch.sqrt(((y - mean).double() ** 2).mean()).item()
+
+
+# ----------------------------------------------------------------------------------------
+# plotting
+# ----------------------------------------------------------------------------------------
+def plot_reliability(
+    diagrams: dict[str, dict[str, Any]], path: str | os.PathLike[str], dpi: int = 100
+) -> str:
+    """Write a PNG with one reliability diagram per model (``name -> reliability_diagram
+    output``): per-bin accuracy as bars against the diagonal of perfect calibration, ECE
+    in the title. Renders with matplotlib's Agg canvas (no pyplot); returns the path."""
+    if not diagrams:
+        raise InvalidArgumentError("plot_reliability needs at least one diagram")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n = len(diagrams)
+    # A bare Figure on the Agg canvas: no pyplot state, the user's backend is untouched.
+    fig = Figure(figsize=(3.6 * n, 3.6))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    for ax, (name, d) in zip(axes, diagrams.items()):
+        edges = torch.as_tensor(d["bin_edges"], dtype=torch.float64).cpu().numpy()
+        acc = torch.as_tensor(d["accuracy"], dtype=torch.float64).cpu().numpy()
+        conf = torch.as_tensor(d["confidence"], dtype=torch.float64).cpu().numpy()
+        mask = torch.as_tensor(d["count"]).cpu().numpy() > 0
+        left, width = edges[:-1][mask], (edges[1:] - edges[:-1])[mask]
+        ax.bar(left, acc[mask], width=width, align="edge", edgecolor="k", alpha=0.7,
+               label="accuracy")
+        ax.bar(left, conf[mask] - acc[mask], bottom=acc[mask], width=width, align="edge",
+               color="tab:red", alpha=0.3, label="gap to confidence")
+        ax.plot([0, 1], [0, 1], "k--", lw=1)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence")
+        ax.set_title(f"{name} (ECE {float(d.get('ece', float('nan'))):.3f})")
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(loc="upper left")
+    fig.tight_layout()
+    path = os.fspath(path)
+    fig.savefig(path, dpi=dpi, format="png")
+    return path
+
+
+__all__ = [
+    "accuracy",
+    "nll",
+    "ece",
+    "reliability_diagram",
+    "auroc",
+    "max_prob",
+    "entropy",
+    "gaussian_nll",
+    "rmse",
+    "plot_reliability",
+]

@@ -1,0 +1,234 @@
+"""Which parameters are in the posterior, and the one flat ordering used everywhere.
+
+A :class:`ParamSet` is an ordered list of ``(name, parameter)`` pairs of a model, in the
+order of ``model.named_parameters()``. The flat vector ``theta`` of a set is the
+concatenation of ``p.reshape(-1)`` (row-major) over its parameters in that order; every
+curvature matrix, posterior and sample in bayescurv uses this ordering.
+
+Frozen parameters (``requires_grad=False``) are never part of a set. Tied parameters (one
+``nn.Parameter`` reached under two names) appear once, under their first name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from bayescurv.errors import InvalidArgumentError
+
+SUBSETS = ("all", "last_layer")
+
+
+@dataclass
+class ParamSet:
+    """An ordered set of a model's trainable parameters.
+
+    Attributes:
+        model: the network the parameters belong to.
+        names: qualified parameter names, in flat order.
+        params: the parameters themselves, same order.
+    """
+
+    model: nn.Module
+    names: list[str]
+    params: list[nn.Parameter]
+    _offsets: list[int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.params:
+            raise InvalidArgumentError(
+                "the parameter subset is empty: no trainable parameter was selected"
+            )
+        self._offsets = [0]
+        for p in self.params:
+            self._offsets.append(self._offsets[-1] + p.numel())
+
+    # sizes and slices -------------------------------------------------------------
+    @property
+    def numel(self) -> int:
+        """P, the length of the flat vector."""
+        return self._offsets[-1]
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def slice_of(self, index: int) -> slice:
+        """Slice of the flat vector that holds parameter ``index``."""
+        return slice(self._offsets[index], self._offsets[index + 1])
+
+    def index_of(self, param: Tensor) -> int:
+        """Position of ``param`` (by identity) in the set; ``-1`` when absent."""
+        for i, p in enumerate(self.params):
+            if p is param:
+                return i
+        return -1
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.params[0].dtype
+
+    # flat <-> per-parameter views ---------------------------------------------------
+    def flatten(self, tensors: Sequence[Tensor] | None = None) -> Tensor:
+        """Concatenate per-parameter tensors (default: the current values) into ``(P,)``.
+
+        Tensors with extra leading dimensions ``(*batch, *p.shape)`` give ``(*batch, P)``.
+        """
+        if tensors is None:
+            return torch.cat([p.detach().reshape(-1) for p in self.params])
+        if len(tensors) != len(self.params):
+            raise InvalidArgumentError(
+                f"expected {len(self.params)} tensors, one per parameter, got {len(tensors)}"
+            )
+        flat = []
+        for t, p in zip(tensors, self.params):
+            lead = t.shape[: t.dim() - p.dim()]
+            flat.append(t.reshape(*lead, p.numel()))
+        return torch.cat(flat, dim=-1)
+
+    def unflatten(self, vector: Tensor) -> list[Tensor]:
+        """Split ``(*batch, P)`` into per-parameter tensors ``(*batch, *p.shape)``."""
+        if vector.shape[-1] != self.numel:
+            raise InvalidArgumentError(
+                f"vector has length {vector.shape[-1]} but the parameter set has {self.numel}"
+            )
+        lead = vector.shape[:-1]
+        return [
+            vector[..., self.slice_of(i)].reshape(*lead, *p.shape)
+            for i, p in enumerate(self.params)
+        ]
+
+    def vector(self) -> Tensor:
+        """The current parameter values as a detached flat vector (theta_MAP after training)."""
+        return self.flatten()
+
+    @torch.no_grad()
+    def assign(self, vector: Tensor) -> None:
+        """Write a flat vector into the model's parameters (in place)."""
+        for p, v in zip(self.params, self.unflatten(vector)):
+            p.copy_(v)
+
+    def as_dict(self, vector: Tensor | None = None) -> dict[str, Tensor]:
+        """``{name: tensor}`` for :func:`torch.func.functional_call`; the current values by
+        default, or the slices of ``vector`` (which may carry autograd / vmap state)."""
+        if vector is None:
+            return dict(zip(self.names, self.params))
+        return dict(zip(self.names, self.unflatten(vector)))
+
+    def functional_call(self, vector: Tensor, *args, **kwargs):
+        """Evaluate the model with this set's parameters replaced by ``vector``; all other
+        parameters and buffers keep their values. Differentiable in ``vector`` and usable
+        under ``torch.func`` transforms."""
+        return torch.func.functional_call(self.model, self.as_dict(vector), args, kwargs)
+
+    # per-module view -----------------------------------------------------------------
+    def modules(self) -> list[tuple[str, nn.Module, list[tuple[str, int]]]]:
+        """Modules that directly own parameters of the set.
+
+        Returns ``(module_name, module, [(local_param_name, index_in_set), ...])`` in
+        module order. A tied parameter is listed under every module that owns it.
+        """
+        ids = {id(p): i for i, p in enumerate(self.params)}
+        out = []
+        for mname, module in self.model.named_modules():
+            owned = [
+                (pname, ids[id(p)])
+                for pname, p in module.named_parameters(recurse=False)
+                if id(p) in ids
+            ]
+            if owned:
+                out.append((mname, module, owned))
+        return out
+
+
+def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    seen: set[int] = set()
+    out = []
+    for name, p in model.named_parameters():  # named_parameters already dedups tied params
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append((name, p))
+    return out
+
+
+def find_last_layer(model: nn.Module) -> str:
+    """Name of the last module (in registration order) that owns trainable parameters.
+
+    This is the output layer for ``nn.Sequential`` and for models whose modules are
+    registered in forward order; pass ``last_layer_name=`` when that is not so.
+    """
+    last = None
+    for mname, module in model.named_modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            last = mname
+    if last is None:
+        raise InvalidArgumentError("the model has no trainable parameters")
+    return last
+
+
+def select(
+    model: nn.Module,
+    subset: str | Iterable[str] | dict[str, Tensor] = "all",
+    *,
+    last_layer_name: str | None = None,
+) -> ParamSet:
+    """Select the parameters of the posterior.
+
+    Args:
+        model: the network.
+        subset: ``"all"`` (every trainable parameter), ``"last_layer"`` (the parameters
+            of the last parametrised module, or of ``last_layer_name``), or an iterable of
+            parameter or module names (a module name selects all its parameters).
+        last_layer_name: module name of the output layer, for ``subset="last_layer"``.
+    """
+    named = _trainable(model)
+    if not named:
+        raise InvalidArgumentError("the model has no trainable parameters (requires_grad=True)")
+    if isinstance(subset, str):
+        if subset == "all":
+            chosen = named
+        elif subset == "last_layer":
+            lname = last_layer_name if last_layer_name is not None else find_last_layer(model)
+            modules = dict(model.named_modules())
+            if lname not in modules:
+                raise InvalidArgumentError(
+                    f"last_layer_name={lname!r} is not a module of the model; "
+                    f"modules are {[n for n in modules if n][:20]}"
+                )
+            prefix = f"{lname}." if lname else ""
+            own = {id(p) for p in modules[lname].parameters(recurse=False)}
+            chosen = [(n, p) for n, p in named if id(p) in own and n.startswith(prefix)]
+            if not chosen:
+                chosen = [(n, p) for n, p in named if id(p) in own]
+        else:
+            raise InvalidArgumentError(
+                f"unknown subset {subset!r}; use one of {SUBSETS} or a list of parameter "
+                "or module names"
+            )
+    else:
+        wanted = list(subset)
+        if not wanted:
+            raise InvalidArgumentError("the subset is an empty list of names")
+        pnames = {n for n, _ in named}
+        mnames = {n for n, _ in model.named_modules()}
+        unknown = [w for w in wanted if w not in pnames and w not in mnames]
+        if unknown:
+            raise InvalidArgumentError(
+                f"unknown parameter or module names {unknown}; trainable parameters are "
+                f"{sorted(pnames)[:20]}"
+            )
+        chosen = [
+            (n, p)
+            for n, p in named
+            if n in wanted or any(n.startswith(f"{w}.") or w == "" for w in wanted if w in mnames)
+        ]
+    return ParamSet(model, [n for n, _ in chosen], [p for _, p in chosen])
+
+
+__all__ = ["ParamSet", "select", "find_last_layer", "SUBSETS"]
