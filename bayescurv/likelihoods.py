@@ -130,9 +130,8 @@ class Gaussian(Likelihood):
 
     @sigma_noise.setter
     def sigma_noise(self, value: float | Tensor) -> None:
-        s = torch.as_tensor(value, dtype=torch.get_default_dtype()) if not torch.is_tensor(
-            value
-        ) else value
+        # python numbers are kept in float64 and cast to the outputs' dtype when used
+        s = value if torch.is_tensor(value) else torch.as_tensor(value, dtype=torch.float64)
         if s.dim() > 1:
             raise ShapeError(f"sigma_noise must be a scalar or (outputs,), got {tuple(s.shape)}")
         if not torch.isfinite(s).all() or (s <= 0).any():

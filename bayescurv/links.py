@@ -178,7 +178,10 @@ def laplace_bridge(mean: Tensor, cov: Tensor) -> Tensor:
     r"""Class probabilities from the Laplace bridge: the Dirichlet mean
     :math:`\alpha / \sum_k \alpha_k` with :math:`\alpha` from :func:`laplace_bridge_alpha`
     (computed in log space). ``mean`` ``(B, C)``, ``cov`` ``(B, C, C)`` (or variances
-    ``(B, C)``); returns ``(B, C)``.
+    ``(B, C)``); returns ``(B, C)``. Unlike probit, this does not reduce to
+    :math:`softmax(m)` as :math:`\Sigma \to 0`, and with strongly unequal marginal
+    variances it can be far from :math:`E[softmax(f)]` (it follows laplace-torch's
+    ``link_approx="bridge"`` exactly).
     """
     return torch.softmax(_log_bridge_alpha(mean, cov), dim=-1)
 
@@ -191,8 +194,9 @@ def psd_sqrt(cov: Tensor) -> Tensor:
     matrices ``(..., C, C)``.
 
     The Cholesky factor where it exists; for matrices where it fails (singular or
-    rank-deficient, e.g. zero), the symmetric root :math:`V\,diag(\sqrt{\max(\lambda, 0)})`
-    from an eigendecomposition, which is exact for any PSD matrix (no jitter bias).
+    rank-deficient, e.g. zero), the root :math:`V\,diag(\sqrt{\max(\lambda, 0)})` from the
+    eigendecomposition :math:`\Sigma = V diag(\lambda) V^\top`, exact for any PSD matrix
+    (no jitter, so no bias in the sampled covariance).
     """
     cov = 0.5 * (cov + cov.transpose(-1, -2))
     L, info = torch.linalg.cholesky_ex(cov)

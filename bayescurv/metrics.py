@@ -261,10 +261,19 @@ def plot_reliability(
         conf = torch.as_tensor(d["confidence"], dtype=torch.float64).cpu().numpy()
         mask = torch.as_tensor(d["count"]).cpu().numpy() > 0
         left, width = edges[:-1][mask], (edges[1:] - edges[:-1])[mask]
-        ax.bar(left, acc[mask], width=width, align="edge", edgecolor="k", alpha=0.7,
-               label="accuracy")
-        ax.bar(left, conf[mask] - acc[mask], bottom=acc[mask], width=width, align="edge",
-               color="tab:red", alpha=0.3, label="gap to confidence")
+        ax.bar(
+            left, acc[mask], width=width, align="edge", edgecolor="k", alpha=0.7, label="accuracy"
+        )
+        ax.bar(
+            left,
+            conf[mask] - acc[mask],
+            bottom=acc[mask],
+            width=width,
+            align="edge",
+            color="tab:red",
+            alpha=0.3,
+            label="gap to confidence",
+        )
         ax.plot([0, 1], [0, 1], "k--", lw=1)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)

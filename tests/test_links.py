@@ -146,9 +146,7 @@ def test_bridge_inverts_the_laplace_approximation_of_a_dirichlet():
         + inv.sum(-1)[:, None, None] / K**2
     )
     torch.testing.assert_close(links.laplace_bridge_alpha(mu, cov), alpha)
-    torch.testing.assert_close(
-        links.laplace_bridge(mu, cov), alpha / alpha.sum(-1, keepdim=True)
-    )
+    torch.testing.assert_close(links.laplace_bridge(mu, cov), alpha / alpha.sum(-1, keepdim=True))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -40,15 +40,11 @@ class KwargNet(nn.Module):
 
 
 def mlp(out: int = 3) -> nn.Module:
-    return nn.Sequential(
-        nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, out)
-    )
+    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, out))
 
 
 def cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 3, 3)
-    )
+    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 3, 3))
 
 
 def make_model(name: str) -> nn.Module:
@@ -76,9 +72,7 @@ def make_targets(lik: str, n: int, C: int, g: torch.Generator) -> torch.Tensor:
 
 def make_data(model_name: str, lik: str, C: int, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    return [
-        (make_inputs(model_name, n, g), make_targets(lik, n, C, g)) for n in SIZES
-    ]
+    return [(make_inputs(model_name, n, g), make_targets(lik, n, C, g)) for n in SIZES]
 
 
 def likelihood_of(name: str):
@@ -192,8 +186,11 @@ def test_dict_batches(with_x_key):
     model = make_model("kwarg")
     g = torch.Generator().manual_seed(5)
     raw = [
-        (torch.randn(n, 3, generator=g, dtype=DT), torch.randn(n, 2, generator=g, dtype=DT),
-         torch.randint(0, 3, (n,), generator=g))
+        (
+            torch.randn(n, 3, generator=g, dtype=DT),
+            torch.randn(n, 2, generator=g, dtype=DT),
+            torch.randint(0, 3, (n,), generator=g),
+        )
         for n in SIZES
     ]
     if with_x_key:  # {"x": {"a", "b"}, "label": y} with a custom y_key
@@ -273,6 +270,8 @@ def test_validation():
         CurvatureLinearOperator(model, "classification", data, reduction="avg")
     with pytest.raises(InvalidArgumentError):
         CurvatureLinearOperator(model, "nope", data)
+    with pytest.raises(InvalidArgumentError, match="one-shot"):
+        CurvatureLinearOperator(model, "classification", iter(data))
     with pytest.raises(InvalidArgumentError, match="different model"):
         CurvatureLinearOperator(model, "classification", data, params=select(make_model("mlp")))
     op = CurvatureLinearOperator(model, "classification", data)
@@ -346,7 +345,7 @@ def test_to_scipy():
     np.testing.assert_allclose(sp.rmatvec(v), A @ v, rtol=1e-10, atol=1e-12)
 
 
-def test_progress_bar_runs(capsys):
+def test_progress_bar_runs():
     model = make_model("mlp")
     data = make_data("mlp", "classification", 3)
     op = CurvatureLinearOperator(model, "classification", data, progress=True)
@@ -362,9 +361,7 @@ def test_matches_curvlinops_ggn():
     data = make_data("cnn", "classification", 3)
     ours = CurvatureLinearOperator(model, "classification", data).to_dense()
     params = [p for p in model.parameters() if p.requires_grad]
-    theirs = curvlinops.GGNLinearOperator(
-        model, nn.CrossEntropyLoss(reduction="sum"), params, data
-    )
+    theirs = curvlinops.GGNLinearOperator(model, nn.CrossEntropyLoss(reduction="sum"), params, data)
     dense = theirs @ torch.eye(ours.shape[0], dtype=DT)
     torch.testing.assert_close(ours, dense, rtol=1e-9, atol=1e-10)
 
@@ -376,8 +373,7 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model = make_model("mlp")
         data = make_data("mlp", "classification", 3)
@@ -386,8 +382,9 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         res = {}
         for kind in ("ggn", "ef"):
             for red in ("sum", "mean"):
-                op = CurvatureLinearOperator(model, "classification", mine, kind=kind,
-                                             reduction=red)
+                op = CurvatureLinearOperator(
+                    model, "classification", mine, kind=kind, reduction=red
+                )
                 res[f"{kind}-{red}"] = op.matvec(v)
         torch.save(res, f"{out_dir}/rank{rank}.pt")
     finally:
@@ -400,8 +397,7 @@ def test_distributed_two_ranks_match_single_process(tmp_path):
 
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    mp.spawn(_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
-             join=True)
+    mp.spawn(_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     model = make_model("mlp")
     data = make_data("mlp", "classification", 3)
     v = torch.linspace(-1, 1, select(model).numel, dtype=DT)
@@ -409,7 +405,9 @@ def test_distributed_two_ranks_match_single_process(tmp_path):
         res = torch.load(tmp_path / f"rank{rank}.pt")
         for kind in ("ggn", "ef"):
             for red in ("sum", "mean"):
-                op = CurvatureLinearOperator(model, "classification", data, kind=kind,
-                                             reduction=red)
-                torch.testing.assert_close(res[f"{kind}-{red}"], op.matvec(v),
-                                           rtol=1e-12, atol=1e-12)
+                op = CurvatureLinearOperator(
+                    model, "classification", data, kind=kind, reduction=red
+                )
+                torch.testing.assert_close(
+                    res[f"{kind}-{red}"], op.matvec(v), rtol=1e-12, atol=1e-12
+                )

@@ -116,8 +116,10 @@ def test_auroc_matches_sklearn_with_and_without_ties():
     for scores_in, scores_out in [
         (torch.randn(100, generator=g), torch.randn(80, generator=g) + 0.7),
         # integer scores: many ties, within and across the two groups
-        (torch.randint(0, 5, (60,), generator=g).float(),
-         torch.randint(2, 7, (70,), generator=g).float()),
+        (
+            torch.randint(0, 5, (60,), generator=g).float(),
+            torch.randint(2, 7, (70,), generator=g).float(),
+        ),
     ]:
         labels = np.r_[np.zeros(len(scores_in)), np.ones(len(scores_out))]
         ref = sklearn_metrics.roc_auc_score(labels, np.r_[scores_in.numpy(), scores_out.numpy()])
@@ -170,8 +172,9 @@ def test_gaussian_nll_and_rmse():
     )
     # (N,) inputs
     assert metrics.gaussian_nll(mean[:, 0], var[:, 0], y[:, 0]) == pytest.approx(
-        -scipy_stats.norm.logpdf(y[:, 0].numpy(), mean[:, 0].numpy(), var[:, 0].sqrt().numpy())
-        .mean()
+        -scipy_stats.norm.logpdf(
+            y[:, 0].numpy(), mean[:, 0].numpy(), var[:, 0].sqrt().numpy()
+        ).mean()
     )
     assert metrics.rmse(mean, y) == pytest.approx(
         math.sqrt(sklearn_metrics.mean_squared_error(y.numpy(), mean.numpy()))

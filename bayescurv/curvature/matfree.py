@@ -214,7 +214,8 @@ class CurvatureLinearOperator:
 
     When ``torch.distributed`` is initialized, each rank streams its own ``data`` and
     the sums (and ``N`` for ``"mean"``) are all-reduced, so every rank gets the product
-    over the union of the ranks' data.
+    over the union of the ranks' data. Products are then collectives: every rank must
+    call them, with at least one batch of its own.
     """
 
     def __init__(
@@ -237,6 +238,11 @@ class CurvatureLinearOperator:
         if isinstance(data, Tensor):
             raise InvalidArgumentError(
                 "data must be an iterable of (x, y) batches such as a DataLoader, not a tensor"
+            )
+        if iter(data) is data:
+            raise InvalidArgumentError(
+                "data is a one-shot iterator (a generator?); every product streams the data "
+                "again, so pass a re-iterable such as a list of batches or a DataLoader"
             )
         self.model = model
         self.likelihood = get_likelihood(likelihood)
@@ -331,7 +337,7 @@ class CurvatureLinearOperator:
     @torch.no_grad()
     def _matmat(self, V: Tensor, chunk_size: int | None) -> Tensor:
         out = torch.zeros_like(V)
-        n = torch.zeros((), device=self.device, dtype=self.dtype)
+        n = torch.zeros((), device=self.device, dtype=torch.int64)  # exact count
         stream = batches.iterate(
             self.data, device=self.device, dtype=self.dtype, x_key=self.x_key, y_key=self.y_key
         )

@@ -76,9 +76,7 @@ def permuted_digits(x: Tensor, seed: int = 0) -> Tensor:
     return x[:, perm.to(x.device)]
 
 
-def rotated_digits(
-    x: Tensor, angle: float | tuple[float, float] = 45.0, seed: int = 0
-) -> Tensor:
+def rotated_digits(x: Tensor, angle: float | tuple[float, float] = 45.0, seed: int = 0) -> Tensor:
     """The images rotated counter-clockwise about their centre (bilinear, zero fill).
 
     ``angle`` in degrees: a number rotates all images by it; a range ``(lo, hi)`` draws one

@@ -42,7 +42,7 @@ def check_prior(
 ) -> Tensor:
     """Validate a prior precision: positive, finite, shape ``()``, ``(num_layers,)`` or
     ``(num_params,)``."""
-    t = value if torch.is_tensor(value) else torch.as_tensor(value)
+    t = value if torch.is_tensor(value) else torch.as_tensor(value, dtype=dtype)
     t = t.to(dtype=dtype, device=device)
     if not allow_grad:
         t = t.detach()

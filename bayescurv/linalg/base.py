@@ -6,6 +6,7 @@ Right-hand sides are vectors ``(n,)`` or matrices ``(n, k)``; results have the s
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from abc import ABC, abstractmethod
@@ -17,6 +18,7 @@ from torch import Tensor
 from bayescurv.errors import InvalidArgumentError, NonFiniteError, NumericalError, ShapeError
 
 Scalar = float | int | Tensor
+Mod = tuple[str, Tensor]  # ("scale", c) or ("shift", δ)
 
 __all__ = ["PSDOperator", "Scalar", "jittered_cholesky"]
 
@@ -61,7 +63,15 @@ def jittered_cholesky(M: Tensor, *, initial_jitter: float = 1e-10, max_tries: in
 
 
 class PSDOperator(ABC):
-    """Symmetric PSD matrix ``A`` of size ``n x n`` with structure-exploiting linear algebra."""
+    """Symmetric PSD matrix ``A`` of size ``n x n`` with structure-exploiting linear algebra.
+
+    ``scale`` and ``add_diagonal`` return shallow copies that share the base data (and its
+    cached decomposition) and record the modification; the effective ``c`` and ``δ`` of
+    ``A = c · A_base + diag(δ)`` are recomputed from the user's tensors on every call, so each
+    result has a fresh autograd graph (calling ``backward`` on several results is fine).
+    """
+
+    _mods: tuple[Mod, ...] = ()
 
     # ------------------------------------------------------------------ metadata
     @property
@@ -117,13 +127,13 @@ class PSDOperator(ABC):
     def sqrt_matvec(self, z: Tensor) -> Tensor:
         """``S z`` for a fixed ``S`` with ``S Sᵀ = A``; ``z ~ N(0, I)`` gives ``S z ~ N(0, A)``."""
 
-    @abstractmethod
     def scale(self, c: Scalar) -> PSDOperator:
         """New operator ``c · A`` (``c ≥ 0`` a float or 0-dim tensor, may require grad)."""
+        return self._modified("scale", self._scalar(c, "c", nonnegative=True))
 
-    @abstractmethod
     def add_diagonal(self, d: Scalar) -> PSDOperator:
-        """New operator ``A + diag(d)``; ``d`` a float, 0-dim tensor or ``(n,)`` tensor."""
+        """New operator ``A + diag(d)``; ``d`` a float, 0-dim or ``(n,)`` tensor (may need grad)."""
+        return self._modified("shift", self._diag_arg(d))
 
     @abstractmethod
     def to_linear_operator(self) -> LinearOperator:
@@ -135,9 +145,9 @@ class PSDOperator(ABC):
         if int(num_samples) < 0:
             raise InvalidArgumentError(f"num_samples must be >= 0, got {num_samples}.")
         z = torch.randn(
-            self.size, int(num_samples), generator=generator, dtype=self.dtype, device=self.device
+            int(num_samples), self.size, generator=generator, dtype=self.dtype, device=self.device
         )
-        return self.inv_sqrt_matvec(z).mT
+        return self.inv_sqrt_matvec(z.mT).mT
 
     def __matmul__(self, v: Tensor) -> Tensor:
         return self.matvec(v)
@@ -146,6 +156,31 @@ class PSDOperator(ABC):
         return f"{type(self).__name__}(size={self.size}, dtype={self.dtype}, device={self.device})"
 
     # ------------------------------------------------------------------ helpers
+    def _modified(self, kind: str, x: Tensor) -> PSDOperator:
+        """Shallow copy with ``(kind, x)`` appended to the modification chain."""
+        new = copy.copy(self)
+        new._mods = self._mods + ((kind, x),)
+        new._reset_caches()
+        return new
+
+    def _reset_caches(self) -> None:  # noqa: B027 - optional hook
+        """Drop per-instance caches that depend on the modification chain (hook)."""
+
+    def _affine(self) -> tuple[Tensor | None, Tensor | None]:
+        """Effective ``(c, δ)`` of ``A = c · A_base + diag(δ)``; ``None`` stands for 1 / 0."""
+        c: Tensor | None = None
+        shift: Tensor | None = None
+        for kind, x in self._mods:
+            if kind == "scale":
+                c = x if c is None else c * x
+                shift = None if shift is None else shift * x
+            else:
+                shift = x if shift is None else shift + x
+        return c, shift
+
+    def _has_vector_shift(self) -> bool:
+        return any(kind == "shift" and x.ndim == 1 for kind, x in self._mods)
+
     def _as_matrix(self, v: Tensor, name: str = "v") -> tuple[Tensor, bool]:
         """Return ``(V, was_vector)`` with ``V`` of shape ``(n, k)``."""
         if not isinstance(v, Tensor):
@@ -163,7 +198,8 @@ class PSDOperator(ABC):
         if isinstance(c, Tensor):
             if c.numel() != 1:
                 raise ShapeError(f"{name} must be a scalar, got shape {tuple(c.shape)}.")
-            return c.reshape(()).to(dtype=self.dtype, device=self.device)
+            c = c if c.ndim == 0 else c.reshape(())
+            return c.to(dtype=self.dtype, device=self.device)
         if isinstance(c, bool) or not isinstance(c, (int, float)):
             raise InvalidArgumentError(
                 f"{name} must be a float or a tensor, got {type(c).__name__}."
@@ -183,6 +219,13 @@ class PSDOperator(ABC):
                 )
             return d.to(dtype=self.dtype, device=self.device)
         return self._scalar(d, name)
+
+
+def affine(x: Tensor, c: Tensor | None, shift: Tensor | None) -> Tensor:
+    """``c · x + shift`` with ``None`` meaning 1 / 0 (broadcasting)."""
+    if c is not None:
+        x = c * x
+    return x if shift is None else x + shift
 
 
 def shift_times(shift: Tensor, V: Tensor) -> Tensor:

@@ -8,6 +8,7 @@ Block ``i`` acts on the entries ``indices[i]`` of the full vector; the index set
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import torch
@@ -44,6 +45,8 @@ class BlockDiagonal(PSDOperator):
         self._blocks = blocks
         self._sizes = [b.size for b in blocks]
         self._perm, self._inv = self._check_indices(indices)
+        self._block_mods: tuple[tuple[str, object], ...] = ()
+        self._eff: tuple[PSDOperator, ...] | None = None
 
     def _check_indices(
         self, indices: Sequence[Tensor] | None
@@ -72,10 +75,36 @@ class BlockDiagonal(PSDOperator):
             return None, None
         return perm, torch.argsort(perm)
 
-    def _copy(self, blocks: Sequence[PSDOperator]) -> BlockDiagonal:
-        op = BlockDiagonal.__new__(BlockDiagonal)
-        op._blocks, op._sizes, op._perm, op._inv = tuple(blocks), self._sizes, self._perm, self._inv
-        return op
+    # ------------------------------------------------------------------ modifications
+    # Recorded here and applied to the base blocks on every call (cached when nothing requires
+    # grad), so each result gets a fresh autograd graph from the user's tensors.
+    def _with_mod(self, kind: str, x: object) -> BlockDiagonal:
+        new = copy.copy(self)
+        new._block_mods = self._block_mods + ((kind, x),)
+        new._eff = None
+        new._effective_blocks()  # validate now (e.g. a vector shift on a Kronecker block)
+        return new
+
+    def _effective_blocks(self) -> tuple[PSDOperator, ...]:
+        if self._eff is not None:
+            return self._eff
+        blocks = list(self._blocks)
+        for kind, x in self._block_mods:
+            if kind == "scale":
+                blocks = [b.scale(x) for b in blocks]
+            elif kind == "shift":
+                pieces = [x] * len(blocks) if x.ndim == 0 else self._gather(x)
+                blocks = [b.add_diagonal(p) for b, p in zip(blocks, pieces)]
+            elif kind == "block_scale":
+                blocks = [b.scale(x[i]) for i, b in enumerate(blocks)]
+            else:  # "block_shift"
+                blocks = [b.add_diagonal(x[i]) for i, b in enumerate(blocks)]
+        out = tuple(blocks)
+        values = [x for _, x in self._block_mods]
+        flat = [t for v in values for t in (v if isinstance(v, (list, tuple)) else [v])]
+        if not any(isinstance(t, Tensor) and t.requires_grad for t in flat):
+            self._eff = out
+        return out
 
     # ------------------------------------------------------------------ metadata
     @property
@@ -92,7 +121,8 @@ class BlockDiagonal(PSDOperator):
 
     @property
     def blocks(self) -> tuple[PSDOperator, ...]:
-        return self._blocks
+        """The blocks with all scalings and shifts applied."""
+        return self._effective_blocks()
 
     @property
     def num_blocks(self) -> int:
@@ -120,11 +150,14 @@ class BlockDiagonal(PSDOperator):
         self, v: Tensor, fn: Callable[[PSDOperator, Tensor], Tensor], name: str
     ) -> Tensor:
         V, vec = self._as_matrix(v, name)
-        parts = [fn(b, p) for b, p in zip(self._blocks, self._gather(V))]
+        parts = [fn(b, p) for b, p in zip(self._effective_blocks(), self._gather(V))]
         return finish(self._scatter(parts), vec)
 
-    def _per_block(self, values: Sequence[Scalar] | Tensor, name: str) -> list[Scalar]:
-        values = list(values) if not isinstance(values, Tensor) else list(values.reshape(-1))
+    def _per_block(self, values: Sequence[Scalar] | Tensor, name: str) -> Tensor | tuple:
+        if isinstance(values, Tensor):
+            values = values.reshape(-1) if values.ndim != 1 else values
+        else:
+            values = tuple(values)
         if len(values) != self.num_blocks:
             raise ShapeError(
                 f"{name} needs {self.num_blocks} values (one per block), got {len(values)}."
@@ -139,16 +172,16 @@ class BlockDiagonal(PSDOperator):
         return self._blockwise(v, lambda b, x: b.solve(x), "v")
 
     def logdet(self) -> Tensor:
-        return torch.stack([b.logdet() for b in self._blocks]).sum()
+        return torch.stack([b.logdet() for b in self._effective_blocks()]).sum()
 
     def diagonal(self) -> Tensor:
-        return self._scatter([b.diagonal() for b in self._blocks])
+        return self._scatter([b.diagonal() for b in self._effective_blocks()])
 
     def inv_diagonal(self) -> Tensor:
-        return self._scatter([b.inv_diagonal() for b in self._blocks])
+        return self._scatter([b.inv_diagonal() for b in self._effective_blocks()])
 
     def to_dense(self) -> Tensor:
-        M = torch.block_diag(*[b.to_dense() for b in self._blocks])
+        M = torch.block_diag(*[b.to_dense() for b in self._effective_blocks()])
         return M if self._inv is None else M[self._inv][:, self._inv]
 
     def inv_sqrt_matvec(self, z: Tensor) -> Tensor:
@@ -158,24 +191,22 @@ class BlockDiagonal(PSDOperator):
         return self._blockwise(z, lambda b, x: b.sqrt_matvec(x), "z")
 
     def scale(self, c: Scalar) -> BlockDiagonal:
-        c = self._scalar(c, "c", nonnegative=True)
-        return self._copy([b.scale(c) for b in self._blocks])
+        return self._with_mod("scale", self._scalar(c, "c", nonnegative=True))
 
     def add_diagonal(self, d: Scalar) -> BlockDiagonal:
-        d = self._diag_arg(d)
-        if d.ndim == 0:
-            return self._copy([b.add_diagonal(d) for b in self._blocks])
-        return self._copy([b.add_diagonal(x) for b, x in zip(self._blocks, self._gather(d))])
+        """Scalar ``d``: added to every block; ``(n,)`` ``d``: block ``i`` gets ``d[indices[i]]``.
+
+        A vector ``d`` raises on Kronecker blocks (see ``add_diagonal_per_block``).
+        """
+        return self._with_mod("shift", self._diag_arg(d))
 
     def scale_per_block(self, cs: Sequence[Scalar] | Tensor) -> BlockDiagonal:
         """``c_i · A_i`` on block ``i`` (one scalar per block)."""
-        cs = self._per_block(cs, "scale_per_block")
-        return self._copy([b.scale(c) for b, c in zip(self._blocks, cs)])
+        return self._with_mod("block_scale", self._per_block(cs, "scale_per_block"))
 
     def add_diagonal_per_block(self, deltas: Sequence[Scalar] | Tensor) -> BlockDiagonal:
         """``A_i + δ_i I`` on block ``i`` (one scalar per block, e.g. a per-layer prior)."""
-        deltas = self._per_block(deltas, "add_diagonal_per_block")
-        return self._copy([b.add_diagonal(d) for b, d in zip(self._blocks, deltas)])
+        return self._with_mod("block_shift", self._per_block(deltas, "add_diagonal_per_block"))
 
     def to_linear_operator(self) -> LinearOperator:
         """``DiagLinearOperator`` when all blocks are diagonal, else a dense wrap."""

@@ -8,7 +8,7 @@ from linear_operator.operators import DenseLinearOperator
 from torch import Tensor
 
 from bayescurv.errors import ShapeError
-from bayescurv.linalg.base import PSDOperator, Scalar, finish, jittered_cholesky, shift_times
+from bayescurv.linalg.base import PSDOperator, affine, finish, jittered_cholesky, shift_times
 
 __all__ = ["Dense"]
 
@@ -33,8 +33,8 @@ class Dense(PSDOperator):
 
     With a constant shift ``δ`` everything uses ``M = Q diag(λ) Qᵀ`` (computed once, shared by
     all scaled/shifted copies): ``A = Q diag(c λ + δ) Qᵀ``, so ``logdet`` is ``O(n)`` and
-    ``solve`` ``O(n²)``. A non-constant ``δ`` falls back to a Cholesky of the dense matrix.
-    Gradients flow to ``c`` and ``δ``; the eigendecomposition itself is not differentiated.
+    ``solve`` ``O(n²)``. A non-constant ``δ`` falls back to a (jittered) Cholesky of the dense
+    matrix. Gradients flow to ``c`` and ``δ``; the eigendecomposition is not differentiated.
     """
 
     def __init__(self, M: Tensor) -> None:
@@ -43,15 +43,10 @@ class Dense(PSDOperator):
                 f"Dense needs a square 2-D tensor, got {getattr(M, 'shape', type(M))}."
             )
         self._cache = _EighCache((M + M.mT) / 2)
-        self._c = torch.ones((), dtype=M.dtype, device=M.device)
-        self._shift = torch.zeros((), dtype=M.dtype, device=M.device)
         self._chol: Tensor | None = None
 
-    @classmethod
-    def _from_parts(cls, cache: _EighCache, c: Tensor, shift: Tensor) -> Dense:
-        op = cls.__new__(cls)
-        op._cache, op._c, op._shift, op._chol = cache, c, shift, None
-        return op
+    def _reset_caches(self) -> None:
+        self._chol = None
 
     # ------------------------------------------------------------------ metadata
     @property
@@ -74,22 +69,20 @@ class Dense(PSDOperator):
     @property
     def scale_factor(self) -> Tensor:
         """``c`` (0-dim)."""
-        return self._c
+        c, _ = self._affine()
+        return torch.ones((), dtype=self.dtype, device=self.device) if c is None else c
 
     @property
     def shift(self) -> Tensor:
         """``δ``: 0-dim or ``(n,)``."""
-        return self._shift
-
-    def _uses_eig(self) -> bool:
-        return self._shift.ndim == 0
+        _, shift = self._affine()
+        return torch.zeros((), dtype=self.dtype, device=self.device) if shift is None else shift
 
     def eigenvalues(self) -> Tensor:
         """``c λ + δ``: eigenvalues of ``A`` (constant shift only), basis ``eigenvectors()``."""
-        if not self._uses_eig():
+        if self._has_vector_shift():
             raise ShapeError("Dense.eigenvalues needs a constant (scalar) diagonal shift.")
-        lam, _ = self._cache.get()
-        return self._c * lam + self._shift
+        return affine(self._cache.get()[0], *self._affine())
 
     def eigenvectors(self) -> Tensor:
         """``Q`` of the base matrix ``M`` (no grad)."""
@@ -100,70 +93,70 @@ class Dense(PSDOperator):
         if self._chol is not None:
             return self._chol
         L = jittered_cholesky(self.to_dense())
-        if not any(t.requires_grad for t in (self._c, self._shift, self._cache.matrix)):
+        tensors = [x for _, x in self._mods] + [self._cache.matrix]
+        if not any(t.requires_grad for t in tensors):
             self._chol = L
         return L
 
     # ------------------------------------------------------------------ algebra
     def matvec(self, v: Tensor) -> Tensor:
         V, vec = self._as_matrix(v)
-        return finish(self._c * (self._cache.matrix @ V) + shift_times(self._shift, V), vec)
+        c, shift = self._affine()
+        out = self._cache.matrix @ V
+        if c is not None:
+            out = c * out
+        if shift is not None:
+            out = out + shift_times(shift, V)
+        return finish(out, vec)
 
     def solve(self, v: Tensor) -> Tensor:
         V, vec = self._as_matrix(v)
-        if self._uses_eig():
+        if self._has_vector_shift():
+            out = torch.cholesky_solve(V, self._cholesky())
+        else:
             Q = self.eigenvectors()
             out = Q @ ((Q.mT @ V) / self.eigenvalues().unsqueeze(-1))
-        else:
-            out = torch.cholesky_solve(V, self._cholesky())
         return finish(out, vec)
 
     def logdet(self) -> Tensor:
-        if self._uses_eig():
-            return self.eigenvalues().log().sum()
-        return 2 * self._cholesky().diagonal().log().sum()
+        if self._has_vector_shift():
+            return 2 * self._cholesky().diagonal().log().sum()
+        return self.eigenvalues().log().sum()
 
     def diagonal(self) -> Tensor:
-        return self._c * self._cache.matrix.diagonal() + self._shift
+        return affine(self._cache.matrix.diagonal(), *self._affine())
 
     def inv_diagonal(self) -> Tensor:
-        if self._uses_eig():
-            Q = self.eigenvectors()
-            return Q.square() @ self.eigenvalues().reciprocal()
-        L = self._cholesky()
-        eye = torch.eye(self.size, dtype=self.dtype, device=self.device)
-        Linv = torch.linalg.solve_triangular(L, eye, upper=False)
-        return Linv.square().sum(0)
+        if self._has_vector_shift():
+            eye = torch.eye(self.size, dtype=self.dtype, device=self.device)
+            Linv = torch.linalg.solve_triangular(self._cholesky(), eye, upper=False)
+            return Linv.square().sum(0)  # diag(L⁻ᵀ L⁻¹)
+        return self.eigenvectors().square() @ self.eigenvalues().reciprocal()
 
     def to_dense(self) -> Tensor:
-        out = self._c * self._cache.matrix
-        if self._shift.ndim == 0:
-            eye = torch.eye(self.size, dtype=self.dtype, device=self.device)
-            return out + self._shift * eye
-        return out + torch.diag(self._shift)
+        c, shift = self._affine()
+        out = self._cache.matrix if c is None else c * self._cache.matrix
+        if shift is None:
+            return out
+        if shift.ndim == 0:
+            return out + shift * torch.eye(self.size, dtype=self.dtype, device=self.device)
+        return out + torch.diag(shift)
 
     def inv_sqrt_matvec(self, z: Tensor) -> Tensor:
         Z, vec = self._as_matrix(z, "z")
-        if self._uses_eig():
-            out = self.eigenvectors() @ (Z * self.eigenvalues().rsqrt().unsqueeze(-1))
-        else:  # R = L⁻ᵀ: R Rᵀ = (L Lᵀ)⁻¹
+        if self._has_vector_shift():  # R = L⁻ᵀ: R Rᵀ = (L Lᵀ)⁻¹
             out = torch.linalg.solve_triangular(self._cholesky().mT, Z, upper=True)
+        else:
+            out = self.eigenvectors() @ (Z * self.eigenvalues().rsqrt().unsqueeze(-1))
         return finish(out, vec)
 
     def sqrt_matvec(self, z: Tensor) -> Tensor:
         Z, vec = self._as_matrix(z, "z")
-        if self._uses_eig():
-            out = self.eigenvectors() @ (Z * self.eigenvalues().sqrt().unsqueeze(-1))
-        else:
+        if self._has_vector_shift():
             out = self._cholesky() @ Z
+        else:
+            out = self.eigenvectors() @ (Z * self.eigenvalues().sqrt().unsqueeze(-1))
         return finish(out, vec)
-
-    def scale(self, c: Scalar) -> Dense:
-        c = self._scalar(c, "c", nonnegative=True)
-        return Dense._from_parts(self._cache, c * self._c, c * self._shift)
-
-    def add_diagonal(self, d: Scalar) -> Dense:
-        return Dense._from_parts(self._cache, self._c, self._shift + self._diag_arg(d))
 
     def to_linear_operator(self) -> LinearOperator:
         return DenseLinearOperator(self.to_dense())

@@ -1,4 +1,4 @@
-"""Diagonal PSD matrix ``A = diag(d)``."""
+"""Diagonal PSD matrix ``A = diag(c · d + δ)``."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from linear_operator.operators import DiagLinearOperator
 from torch import Tensor
 
 from bayescurv.errors import ShapeError
-from bayescurv.linalg.base import PSDOperator, Scalar, finish
+from bayescurv.linalg.base import PSDOperator, affine, finish
 
 __all__ = ["Diagonal"]
 
 
 class Diagonal(PSDOperator):
-    """``A = diag(d)`` with ``d ≥ 0`` of shape ``(n,)``; every operation is ``O(n)`` per column."""
+    """``A = diag(d)`` with ``d > 0`` of shape ``(n,)``; every operation is ``O(n)`` per column."""
 
     def __init__(self, d: Tensor) -> None:
         if not isinstance(d, Tensor) or d.ndim != 1:
@@ -33,39 +33,33 @@ class Diagonal(PSDOperator):
     def device(self) -> torch.device:
         return self._d.device
 
+    def diagonal(self) -> Tensor:
+        return affine(self._d, *self._affine())
+
     def matvec(self, v: Tensor) -> Tensor:
         V, vec = self._as_matrix(v)
-        return finish(self._d.unsqueeze(-1) * V, vec)
+        return finish(self.diagonal().unsqueeze(-1) * V, vec)
 
     def solve(self, v: Tensor) -> Tensor:
         V, vec = self._as_matrix(v)
-        return finish(V / self._d.unsqueeze(-1), vec)
+        return finish(V / self.diagonal().unsqueeze(-1), vec)
 
     def logdet(self) -> Tensor:
-        return self._d.log().sum()
-
-    def diagonal(self) -> Tensor:
-        return self._d
+        return self.diagonal().log().sum()
 
     def inv_diagonal(self) -> Tensor:
-        return self._d.reciprocal()
+        return self.diagonal().reciprocal()
 
     def to_dense(self) -> Tensor:
-        return torch.diag(self._d)
+        return torch.diag(self.diagonal())
 
     def inv_sqrt_matvec(self, z: Tensor) -> Tensor:
         Z, vec = self._as_matrix(z, "z")
-        return finish(Z * self._d.rsqrt().unsqueeze(-1), vec)
+        return finish(Z * self.diagonal().rsqrt().unsqueeze(-1), vec)
 
     def sqrt_matvec(self, z: Tensor) -> Tensor:
         Z, vec = self._as_matrix(z, "z")
-        return finish(Z * self._d.sqrt().unsqueeze(-1), vec)
-
-    def scale(self, c: Scalar) -> Diagonal:
-        return Diagonal(self._scalar(c, "c", nonnegative=True) * self._d)
-
-    def add_diagonal(self, d: Scalar) -> Diagonal:
-        return Diagonal(self._d + self._diag_arg(d))
+        return finish(Z * self.diagonal().sqrt().unsqueeze(-1), vec)
 
     def to_linear_operator(self) -> LinearOperator:
-        return DiagLinearOperator(self._d)
+        return DiagLinearOperator(self.diagonal())

@@ -17,7 +17,7 @@ from linear_operator.operators import (
 from torch import Tensor
 
 from bayescurv.errors import InvalidArgumentError, ShapeError
-from bayescurv.linalg.base import PSDOperator, Scalar, finish
+from bayescurv.linalg.base import PSDOperator, Scalar, affine, finish
 
 __all__ = ["KroneckerEigen", "Kronecker", "kronecker"]
 
@@ -43,8 +43,6 @@ class KroneckerEigen(PSDOperator):
             )
         self._QA, self._QB = QA, QB
         self._lam = eigenvalues.clamp_min(0)
-        self._c = torch.ones((), dtype=QA.dtype, device=QA.device)
-        self._shift = torch.zeros((), dtype=QA.dtype, device=QA.device)
         self._factor_eigs: tuple[Tensor, Tensor] | None = None
 
     @classmethod
@@ -59,12 +57,6 @@ class KroneckerEigen(PSDOperator):
         lam_a, lam_b = lam_a.clamp_min(0), lam_b.clamp_min(0)
         op = cls(QA, QB, torch.outer(lam_a, lam_b))
         op._factor_eigs = (lam_a, lam_b)
-        return op
-
-    def _copy(self, c: Tensor, shift: Tensor) -> KroneckerEigen:
-        op = KroneckerEigen.__new__(KroneckerEigen)
-        op._QA, op._QB, op._lam, op._factor_eigs = self._QA, self._QB, self._lam, self._factor_eigs
-        op._c, op._shift = c, shift
         return op
 
     # ------------------------------------------------------------------ metadata
@@ -98,7 +90,7 @@ class KroneckerEigen(PSDOperator):
     @property
     def eigenvalues(self) -> Tensor:
         """Effective eigenvalues ``c Λ + δ``, shape ``(p, q)`` (differentiable in ``c``, ``δ``)."""
-        return self._c * self._lam + self._shift
+        return affine(self._lam, *self._affine())
 
     @property
     def base_eigenvalues(self) -> Tensor:
@@ -108,12 +100,14 @@ class KroneckerEigen(PSDOperator):
     @property
     def scale_factor(self) -> Tensor:
         """``c`` (0-dim)."""
-        return self._c
+        c, _ = self._affine()
+        return torch.ones((), dtype=self.dtype, device=self.device) if c is None else c
 
     @property
     def shift(self) -> Tensor:
         """``δ`` (0-dim)."""
-        return self._shift
+        _, shift = self._affine()
+        return torch.zeros((), dtype=self.dtype, device=self.device) if shift is None else shift
 
     # ------------------------------------------------------------------ eigenbasis maps
     def _apply(self, v: Tensor, weights: Tensor, name: str = "v") -> Tensor:
@@ -161,10 +155,6 @@ class KroneckerEigen(PSDOperator):
     def sqrt_matvec(self, z: Tensor) -> Tensor:
         return self._rotate_back(z, self.eigenvalues.sqrt())
 
-    def scale(self, c: Scalar) -> KroneckerEigen:
-        c = self._scalar(c, "c", nonnegative=True)
-        return self._copy(c * self._c, c * self._shift)
-
     def add_diagonal(self, d: Scalar) -> KroneckerEigen:
         d = self._diag_arg(d)
         if d.ndim != 0:
@@ -173,14 +163,14 @@ class KroneckerEigen(PSDOperator):
                 "no exact Kronecker eigendecomposition. Use a scalar or per-layer prior precision "
                 "(BlockDiagonal.add_diagonal_per_block), or the 'diag' or 'full' structure."
             )
-        return self._copy(self._c, self._shift + d)
+        return self._modified("shift", d)
 
     def to_linear_operator(self) -> LinearOperator:
         if self._factor_eigs is not None:
             lam_a, lam_b = self._factor_eigs
             A = (self._QA * lam_a) @ self._QA.mT
             B = (self._QB * lam_b) @ self._QB.mT
-            return KroneckerProductLinearOperator(self._c * A, B).add_diagonal(self._shift)
+            return KroneckerProductLinearOperator(self.scale_factor * A, B).add_diagonal(self.shift)
         K = KroneckerProductLinearOperator(self._QA, self._QB)
         root = MatmulLinearOperator(K, DiagLinearOperator(self.eigenvalues.reshape(-1).sqrt()))
         return RootLinearOperator(root)

@@ -18,7 +18,7 @@ from linear_operator.operators import (
 from torch import Tensor
 
 from bayescurv.errors import NumericalError, ShapeError
-from bayescurv.linalg.base import PSDOperator, Scalar, finish
+from bayescurv.linalg.base import PSDOperator, Scalar, affine, finish
 
 __all__ = ["LowRankPlusDiagonal", "LowRank"]
 
@@ -65,13 +65,14 @@ class LowRankPlusDiagonal(PSDOperator):
 
     @property
     def s(self) -> Tensor:
-        """``(k,)`` low-rank weights."""
-        return self._s
+        """Effective ``(k,)`` low-rank weights (``c · s``)."""
+        c, _ = self._affine()
+        return self._s if c is None else c * self._s
 
     @property
     def d(self) -> Tensor:
-        """``(n,)`` diagonal."""
-        return self._d
+        """Effective ``(n,)`` diagonal (``c · d + δ``)."""
+        return affine(self._d, *self._affine())
 
     @property
     def rank(self) -> int:
@@ -80,8 +81,8 @@ class LowRankPlusDiagonal(PSDOperator):
     # ------------------------------------------------------------------ internals
     def _W(self) -> tuple[Tensor, Tensor]:
         """``(W, d^{-1/2})`` with ``W = D^{-1/2} U diag(s)^{1/2}``."""
-        d_isqrt = self._d.rsqrt()
-        return d_isqrt.unsqueeze(-1) * self._U * _safe_sqrt(self._s), d_isqrt
+        d_isqrt = self.d.rsqrt()
+        return d_isqrt.unsqueeze(-1) * self._U * _safe_sqrt(self.s), d_isqrt
 
     def _capacitance_chol(self, W: Tensor) -> Tensor:
         C = W.mT @ W + torch.eye(self.rank, dtype=self.dtype, device=self.device)
@@ -100,7 +101,7 @@ class LowRankPlusDiagonal(PSDOperator):
     # ------------------------------------------------------------------ algebra
     def matvec(self, v: Tensor) -> Tensor:
         V, vec = self._as_matrix(v)
-        out = self._U @ (self._s.unsqueeze(-1) * (self._U.mT @ V)) + self._d.unsqueeze(-1) * V
+        out = self._U @ (self.s.unsqueeze(-1) * (self._U.mT @ V)) + self.d.unsqueeze(-1) * V
         return finish(out, vec)
 
     def solve(self, v: Tensor) -> Tensor:
@@ -113,19 +114,19 @@ class LowRankPlusDiagonal(PSDOperator):
     def logdet(self) -> Tensor:
         W, _ = self._W()
         L = self._capacitance_chol(W)
-        return self._d.log().sum() + 2 * L.diagonal().log().sum()
+        return self.d.log().sum() + 2 * L.diagonal().log().sum()
 
     def diagonal(self) -> Tensor:
-        return self._U.square() @ self._s + self._d
+        return self._U.square() @ self.s + self.d
 
     def inv_diagonal(self) -> Tensor:
         W, _ = self._W()
         L = self._capacitance_chol(W)
         G = torch.linalg.solve_triangular(L, W.mT, upper=False)  # (k, n): rows of W L⁻ᵀ
-        return (1 - G.square().sum(0)) / self._d
+        return (1 - G.square().sum(0)) / self.d
 
     def to_dense(self) -> Tensor:
-        return (self._U * self._s) @ self._U.mT + torch.diag(self._d)
+        return (self._U * self.s) @ self._U.mT + torch.diag(self.d)
 
     def inv_sqrt_matvec(self, z: Tensor) -> Tensor:
         return self._svd_sqrt(z, -0.5)
@@ -133,16 +134,9 @@ class LowRankPlusDiagonal(PSDOperator):
     def sqrt_matvec(self, z: Tensor) -> Tensor:
         return self._svd_sqrt(z, 0.5)
 
-    def scale(self, c: Scalar) -> LowRankPlusDiagonal:
-        c = self._scalar(c, "c", nonnegative=True)
-        return LowRankPlusDiagonal(self._U, c * self._s, c * self._d)
-
-    def add_diagonal(self, d: Scalar) -> LowRankPlusDiagonal:
-        return LowRankPlusDiagonal(self._U, self._s, self._d + self._diag_arg(d))
-
     def to_linear_operator(self) -> LinearOperator:
-        root = LowRankRootLinearOperator(self._U * _safe_sqrt(self._s))
-        return LowRankRootAddedDiagLinearOperator(root, DiagLinearOperator(self._d))
+        root = LowRankRootLinearOperator(self._U * _safe_sqrt(self.s))
+        return LowRankRootAddedDiagLinearOperator(root, DiagLinearOperator(self.d))
 
 
 class LowRank(LowRankPlusDiagonal):
@@ -180,11 +174,13 @@ class LowRank(LowRankPlusDiagonal):
     def sqrt_matvec(self, z: Tensor) -> Tensor:
         """Symmetric root ``V Σ Vᵀ z`` with ``U diag(s)^{1/2} = V Σ Rᵀ``."""
         Z, vec = self._as_matrix(z, "z")
-        V, S, _ = torch.linalg.svd(self._U * _safe_sqrt(self._s), full_matrices=False)
+        V, S, _ = torch.linalg.svd(self._U * _safe_sqrt(self.s), full_matrices=False)
         return finish(V @ (S.unsqueeze(-1) * (V.mT @ Z)), vec)
 
-    def scale(self, c: Scalar) -> LowRank:
-        return LowRank(self._U, self._scalar(c, "c", nonnegative=True) * self._s)
+    def add_diagonal(self, d: Scalar) -> LowRankPlusDiagonal:
+        out = LowRankPlusDiagonal(self._U, self._s, 0.0)
+        out._mods = self._mods
+        return out.add_diagonal(d)
 
     def to_linear_operator(self) -> LinearOperator:
-        return LowRankRootLinearOperator(self._U * _safe_sqrt(self._s))
+        return LowRankRootLinearOperator(self._U * _safe_sqrt(self.s))
