@@ -322,7 +322,9 @@ class Poisson(Likelihood):
         if y.dim() == 1:
             y = y.unsqueeze(-1)
         if y.shape != f.shape:
-            raise ShapeError(f"Poisson targets {tuple(y.shape)} do not fit outputs {tuple(f.shape)}")
+            raise ShapeError(
+                f"Poisson targets {tuple(y.shape)} do not fit outputs {tuple(f.shape)}"
+            )
         if (y < 0).any() or not torch.equal(y, y.round()):
             raise ShapeError("Poisson targets must be non-negative integers")
         return f, y.to(f.dtype)

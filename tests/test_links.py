@@ -63,12 +63,12 @@ def test_probit_sigmoid_against_monte_carlo():
     assert (mc - _gauss_hermite_sigmoid(m, v.squeeze(-1))).abs().max() < 5e-3
 
 
-def test_probit_softmax_two_classes_matches_probit_sigmoid_limit():
-    # With two classes, f2 - f1 of variance v: softmax probit uses per-class variances, so
-    # compare with independent logits where f1 is deterministic (var 0): exact reduction.
+def test_probit_softmax_two_independent_classes_with_one_fixed_logit():
+    # variances only (independent logits, no projection): with f1 deterministic the class-2
+    # probability is exactly the binary probit of f2 - f1
     m = torch.tensor([[0.0, 1.2], [0.0, -0.7]], dtype=DT)
     var = torch.tensor([[0.0, 2.0], [0.0, 5.0]], dtype=DT)
-    p = links.probit_softmax(m, torch.diag_embed(var))
+    p = links.probit_softmax(m, var)
     q = links.probit_sigmoid(m[:, 1:], var[:, 1:])
     torch.testing.assert_close(p[:, 1:], q)
 
@@ -90,7 +90,7 @@ def test_probit_softmax_multiclass_against_monte_carlo():
 def test_zero_covariance_gives_softmax_and_sigmoid_exactly():
     mean, _ = _random_problem()
     zero = torch.zeros(mean.shape[0], mean.shape[1], mean.shape[1], dtype=DT)
-    assert torch.equal(links.probit_softmax(mean, zero), torch.softmax(mean, -1))
+    torch.testing.assert_close(links.probit_softmax(mean, zero), torch.softmax(mean, -1))
     m1 = mean[:, :1]
     assert torch.equal(links.probit_sigmoid(m1, zero[:, :1, :1]), torch.sigmoid(m1))
     assert torch.equal(links.probit_sigmoid(m1.squeeze(-1), zero[:, 0, 0]), torch.sigmoid(m1))
@@ -100,7 +100,8 @@ def test_variances_equal_full_diagonal_covariance():
     mean, cov = _random_problem()
     var = torch.diagonal(cov, dim1=-2, dim2=-1)
     diag_cov = torch.diag_embed(var)
-    torch.testing.assert_close(links.probit_softmax(mean, var), links.probit_softmax(mean, cov))
+    # probit: bare variances mean independent logits and are not projected (by design), so
+    # only the bridge is compared here
     torch.testing.assert_close(
         links.laplace_bridge(mean, var), links.laplace_bridge(mean, diag_cov)
     )
@@ -286,3 +287,22 @@ def test_likelihood_predictives_use_links():
     p1 = b.predictive(mean[:, :1], cov[:, :1, :1], link="probit")
     p2 = b.predictive(mean[:, :1], cov[:, :1, :1], link="mc", num_samples=20, generator=_gen(0))
     assert p1.shape == p2.shape == (5,)
+
+
+def test_probit_softmax_ignores_the_softmax_invariant_direction():
+    """softmax(f + c 1) = softmax(f): variance along 1 must not change the probit output."""
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    a = torch.randn(4, 5, 5, generator=g, dtype=torch.float64)
+    cov = a @ a.mT / 5
+    ones = torch.ones(5, 5, dtype=torch.float64)
+    p1 = links.probit_softmax(mean, cov)
+    p2 = links.probit_softmax(mean + 3.0, cov + 50.0 * ones)
+    torch.testing.assert_close(p1, p2)
+    # and it is closer to Monte Carlo than the uncentred approximation
+    mc = links.mc_expectation(mean, cov + 50.0 * ones, lambda f: torch.softmax(f, -1), 20000,
+                        torch.Generator().manual_seed(1))
+    err_centred = (p2 - mc).abs().max()
+    var = torch.diagonal(cov + 50.0 * ones, dim1=-2, dim2=-1)
+    err_plain = (torch.softmax(mean * links.probit_scale(var), -1) - mc).abs().max()
+    assert err_centred < 0.1 and err_centred < err_plain / 2

@@ -23,14 +23,12 @@ from bayescurv.curvature import STRUCTURES, compute
 from bayescurv.curvature.engine import HookCapture
 from bayescurv.errors import (
     InvalidArgumentError,
-    NonFiniteError,
     NotFittedError,
-    ShapeError,
 )
 from bayescurv.laplace import marglik
 from bayescurv.laplace.predictive import glm_covariance
 from bayescurv.likelihoods import Gaussian, get_likelihood
-from bayescurv.linalg import BlockDiagonal, PSDOperator
+from bayescurv.linalg import PSDOperator
 from bayescurv.params import ParamSet, select
 
 PRED_TYPES = ("glm", "nn")
