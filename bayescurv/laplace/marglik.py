@@ -133,3 +133,65 @@ def optimize(
     if tune_sigma:
         la.sigma_noise = best[2].exp()
     return la.prior_precision
+
+
+def _metric_fn(la: Laplace, metric):
+    from bayescurv import metrics
+
+    if callable(metric):
+        return metric
+    if la.likelihood.name == "regression":
+        if metric != "nll":
+            raise InvalidArgumentError(
+                f"regression grid search supports metric='nll' (Gaussian predictive NLL) or a "
+                f"callable; got {metric!r}"
+            )
+        return lambda pred, y: metrics.gaussian_nll(pred[0], pred[1], y)
+    table = {
+        "nll": metrics.nll,
+        "ece": metrics.ece,
+        "brier": lambda p, y: float(_brier(p, y)),
+    }
+    if metric not in table:
+        raise InvalidArgumentError(f"unknown metric {metric!r}; use one of {sorted(table)}")
+    return table[metric]
+
+
+def _brier(p: Tensor, y: Tensor) -> Tensor:
+    if p.dim() == 1:
+        return ((p - y.to(p.dtype)) ** 2).mean()
+    onehot = torch.nn.functional.one_hot(y.long(), p.shape[-1]).to(p.dtype)
+    return ((p - onehot) ** 2).sum(-1).mean()
+
+
+def gridsearch(la: Laplace, val_loader, metric, grid, link: str, verbose: bool) -> Tensor:
+    """Scalar prior precision minimizing ``metric`` of the GLM predictive on
+    ``val_loader``; the prior is set afresh at every grid point (nothing carries over)."""
+    from bayescurv import batches
+
+    fn = _metric_fn(la, metric)
+    if grid is None:
+        grid = torch.logspace(-4, 4, 21, dtype=la.params.dtype)
+    grid = torch.as_tensor(grid, dtype=la.params.dtype).reshape(-1)
+    if grid.numel() == 0 or (grid <= 0).any():
+        raise InvalidArgumentError("grid must hold positive prior precisions")
+    data = list(batches.iterate(val_loader, device=la.params.device, dtype=la.params.dtype))
+    ys = torch.cat([y for _, y in data])
+    best_value, best_prior = float("inf"), None
+    for prior in grid:
+        la.prior_precision = prior
+        preds = [la.predict(x, link=link) for x, _ in data]
+        if la.likelihood.name == "regression":
+            pred = (torch.cat([p[0] for p in preds]), torch.cat([p[1] for p in preds]))
+        else:
+            pred = torch.cat(preds)
+        value = float(fn(pred, ys))
+        if verbose:
+            print(f"prior {float(prior):.3g}  {metric if isinstance(metric, str) else 'metric'}"
+                  f" {value:.4f}")
+        if value < best_value:
+            best_value, best_prior = value, prior.clone()
+    if best_prior is None:
+        raise NonFiniteError("every grid point gave a non-finite metric")
+    la.prior_precision = best_prior
+    return la.prior_precision

@@ -6,6 +6,7 @@ from bayescurv.linalg.dense import Dense
 from bayescurv.linalg.diagonal import Diagonal
 from bayescurv.linalg.kronecker import Kronecker, KroneckerEigen, kronecker
 from bayescurv.linalg.lowrank import LowRank, LowRankPlusDiagonal
+from bayescurv.linalg.serialize import from_state, to_state
 
 __all__ = [
     "PSDOperator",
@@ -18,4 +19,6 @@ __all__ = [
     "LowRank",
     "LowRankPlusDiagonal",
     "BlockDiagonal",
+    "to_state",
+    "from_state",
 ]

@@ -1,0 +1,84 @@
+"""State dicts of the structured operators: plain tensors, strings and lists, so that they
+save with ``torch.save`` and load with ``torch.load(..., weights_only=True)``.
+
+Only unmodified operators are serialized (no pending ``scale`` / ``add_diagonal``): the
+posteriors store their curvature this way and rebuild the prior-shifted operators.
+Eigendecompositions are stored with the operator, so a loaded one needs none.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bayescurv.errors import InvalidArgumentError
+from bayescurv.linalg.base import PSDOperator
+from bayescurv.linalg.block import BlockDiagonal
+from bayescurv.linalg.dense import Dense
+from bayescurv.linalg.diagonal import Diagonal
+from bayescurv.linalg.kronecker import KroneckerEigen
+from bayescurv.linalg.lowrank import LowRank, LowRankPlusDiagonal
+
+
+def _check_plain(op: PSDOperator) -> None:
+    if getattr(op, "_mods", ()) or getattr(op, "_block_mods", ()):
+        raise InvalidArgumentError(
+            f"{type(op).__name__} has pending scale/add_diagonal modifications; serialize the "
+            "base operator"
+        )
+
+
+def to_state(op: PSDOperator) -> dict[str, Any]:
+    """A ``weights_only``-loadable description of ``op``."""
+    _check_plain(op)
+    if isinstance(op, Diagonal):
+        return {"type": "diagonal", "d": op.diagonal()}
+    if isinstance(op, Dense):
+        lam, q = op._cache.get()
+        return {"type": "dense", "matrix": op.base, "eigenvalues": lam, "eigenvectors": q}
+    if isinstance(op, KroneckerEigen):
+        state = {"type": "kronecker", "QA": op.QA, "QB": op.QB, "eigenvalues": op._lam}
+        if op._factor_eigs is not None:
+            state["factor_eigenvalues"] = list(op._factor_eigs)
+        return state
+    if isinstance(op, LowRank):
+        return {"type": "lowrank", "U": op.U, "s": op.s}
+    if isinstance(op, LowRankPlusDiagonal):
+        return {"type": "lowrank+diag", "U": op.U, "s": op.s, "d": op.d}
+    if isinstance(op, BlockDiagonal):
+        return {"type": "block", "blocks": [to_state(b) for b in op._blocks],
+                "indices": op.indices}
+    raise InvalidArgumentError(f"cannot serialize {type(op).__name__}")
+
+
+def from_state(state: dict[str, Any], device: torch.device | str | None = None) -> PSDOperator:
+    """Rebuild an operator from :func:`to_state`, optionally on another ``device``."""
+
+    def t(x: Tensor) -> Tensor:
+        return x.to(device) if device is not None else x
+
+    kind = state.get("type")
+    if kind == "diagonal":
+        return Diagonal(t(state["d"]))
+    if kind == "dense":
+        op = Dense(t(state["matrix"]))
+        op._cache._eig = (t(state["eigenvalues"]), t(state["eigenvectors"]))
+        return op
+    if kind == "kronecker":
+        op = KroneckerEigen(t(state["QA"]), t(state["QB"]), t(state["eigenvalues"]))
+        if "factor_eigenvalues" in state:
+            op._factor_eigs = tuple(t(e) for e in state["factor_eigenvalues"])
+        return op
+    if kind == "lowrank":
+        return LowRank(t(state["U"]), t(state["s"]))
+    if kind == "lowrank+diag":
+        return LowRankPlusDiagonal(t(state["U"]), t(state["s"]), t(state["d"]))
+    if kind == "block":
+        return BlockDiagonal([from_state(b, device) for b in state["blocks"]],
+                             [t(i) for i in state["indices"]])
+    raise InvalidArgumentError(f"unknown operator state type {kind!r}")
+
+
+__all__ = ["to_state", "from_state"]

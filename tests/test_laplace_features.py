@@ -1,0 +1,109 @@
+"""Serialization, joint functional samples, grid search and online marglik training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from bayescurv import Laplace, errors, metrics
+from bayescurv.laplace.online import marglik_training
+
+DT = torch.float64
+
+
+def setup(task="classification", d_out=3, n=30, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, d_out)).to(DT)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(n, 4, generator=g, dtype=DT)
+    if task == "classification":
+        y = torch.randint(0, d_out, (n,), generator=g)
+    else:
+        y = torch.sin(x[:, :d_out]) + 0.1 * torch.randn(n, d_out, generator=g, dtype=DT)
+    return model, x, y, DataLoader(TensorDataset(x, y), batch_size=8)
+
+
+@pytest.mark.parametrize("structure", ["full", "diag", "kfac", "kfac-reduce", "ekfac"])
+def test_state_dict_round_trip_with_weights_only(structure, tmp_path):
+    model, x, _, dl = setup("regression", d_out=2)
+    la = Laplace(model, "regression", structure=structure, prior_precision=torch.tensor(
+        [0.5, 2.0], dtype=DT), sigma_noise=0.3).fit(dl, progress=False)
+    path = tmp_path / "la.pt"
+    torch.save(la.state_dict(), path)
+    state = torch.load(path, weights_only=True)
+    la2 = Laplace(model, "regression", structure=structure).load_state_dict(state)
+    torch.testing.assert_close(la2.log_marginal_likelihood(), la.log_marginal_likelihood())
+    torch.testing.assert_close(la2.predict(x[:5]), la.predict(x[:5]))
+    torch.testing.assert_close(la2.posterior_precision.to_dense(),
+                               la.posterior_precision.to_dense())
+
+
+def test_state_dict_rejects_other_posteriors():
+    model, _, _, dl = setup()
+    state = Laplace(model, "classification", structure="kfac").fit(dl, progress=False) \
+        .state_dict()
+    with pytest.raises(errors.InvalidArgumentError, match="structure"):
+        Laplace(model, "classification", structure="diag").load_state_dict(state)
+    with pytest.raises(errors.InvalidArgumentError, match="other parameters"):
+        Laplace(model, "classification", subset="last_layer",
+                structure="kfac").load_state_dict(state)
+
+
+def test_functional_samples_are_jointly_correlated():
+    """Samples at two inputs have the posterior's cross-covariance: neither independent nor
+    perfectly correlated (laplace-torch reuses one normal draw across the batch)."""
+    model, x, _, dl = setup("regression", d_out=1)
+    la = Laplace(model, "regression", structure="kfac", prior_precision=1.0).fit(
+        dl, progress=False)
+    xt = torch.stack([x[0], x[0] + 0.5, -x[3]])
+    _, joint = la.functional(xt, joint=True)
+    s = la.functional_samples(xt, 40000, generator=torch.Generator().manual_seed(0))
+    assert s.shape == (40000, 3, 1)
+    emp = torch.cov(s.reshape(40000, 3).T)
+    torch.testing.assert_close(emp, joint, atol=0.04 * joint.abs().max(), rtol=0)
+    corr = joint[0, 1] / (joint[0, 0] * joint[1, 1]).sqrt()
+    emp_corr = emp[0, 1] / (emp[0, 0] * emp[1, 1]).sqrt()
+    assert abs(float(corr)) < 0.999
+    assert abs(float(emp_corr - corr)) < 0.02
+
+
+def test_gridsearch_picks_the_best_grid_point():
+    model, x, y, dl = setup(n=40)
+    la = Laplace(model, "classification", structure="kfac").fit(dl, progress=False)
+    grid = torch.logspace(-2, 2, 9, dtype=DT)
+    best = la.optimize_prior_precision(method="gridsearch", val_loader=dl, grid=grid)
+    values = []
+    for p in grid:
+        la.prior_precision = p
+        values.append(metrics.nll(la.predict(x), y))
+    assert float(best) == pytest.approx(float(grid[int(torch.tensor(values).argmin())]))
+
+
+def test_gridsearch_regression_uses_a_prior_dependent_metric():
+    model, x, y, dl = setup("regression", d_out=1)
+    la = Laplace(model, "regression", structure="full", sigma_noise=0.1).fit(dl, progress=False)
+    la.optimize_prior_precision(method="gridsearch", val_loader=dl)
+    chosen = float(la.prior_precision)
+    la.prior_precision = 1e-4
+    nll_small = metrics.gaussian_nll(*la.predict(x), y)
+    la.prior_precision = chosen
+    assert metrics.gaussian_nll(*la.predict(x), y) <= nll_small
+    with pytest.raises(errors.InvalidArgumentError, match="val_loader"):
+        la.optimize_prior_precision(method="gridsearch")
+    with pytest.raises(errors.InvalidArgumentError, match="metric"):
+        la.optimize_prior_precision(method="gridsearch", val_loader=dl, metric="rmse")
+
+
+def test_online_marglik_training_learns_prior_and_keeps_best():
+    model, x, y, dl = setup("regression", d_out=1, n=60)
+    res = marglik_training(model, dl, "regression", structure="kfac", n_epochs=30,
+                           n_epochs_burnin=5, marglik_frequency=5, n_hypersteps=20, lr=1e-2)
+    assert len(res.history) == 5
+    assert res.log_marglik == pytest.approx(max(v for _, v in res.history))
+    la = res.laplace
+    # the returned posterior is fitted at the best model and reproduces the best evidence
+    assert la.log_marginal_likelihood().item() == pytest.approx(res.log_marglik, rel=1e-6)
+    assert float(la.sigma_noise) < 0.9  # learned from sigma 1.0 towards the noise 0.1
+    assert res.losses[-1] < res.losses[0]
