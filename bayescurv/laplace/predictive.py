@@ -8,6 +8,10 @@ layer by layer, never from a (batch x outputs x parameters) Jacobian of the whol
   Jacobian row of output ``c`` is :math:`g_c \otimes a`, so
   :math:`(J\Sigma J^\top)_{cc'} = \sum_{o,i} \tilde g_{co} \tilde g_{c'o} w_{oi} \tilde a_i^2`
   with :math:`\tilde g = Q_G^\top g`, :math:`\tilde a = Q_A^\top a` — two small matmuls;
+- low rank plus diagonal, :math:`\Lambda = U S U^\top + D`: by Woodbury
+  :math:`J\Sigma J^\top = J D^{-1} J^\top - (JZ) C^{-1} (JZ)^\top` with
+  :math:`Z = D^{-1} U S^{1/2}`, :math:`C = I + S^{1/2} U^\top D^{-1} U S^{1/2}`; ``JZ`` is
+  formed layer by layer;
 - shared weights, embeddings and dense blocks: the per-sample Jacobian *of that layer
   only*;
 - a full :math:`\Sigma` (small nets): the per-sample Jacobian of all parameters.
@@ -21,10 +25,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bayescurv.curvature import layers
-from bayescurv.curvature.accumulate import per_sample_matrix
+from bayescurv.curvature.accumulate import _kron_index, per_sample_matrix
 from bayescurv.curvature.engine import HookCapture, ModuleRecord, jacobian_pass
-from bayescurv.linalg import BlockDiagonal, Diagonal, KroneckerEigen, PSDOperator
+from bayescurv.linalg import (
+    BlockDiagonal,
+    Diagonal,
+    KroneckerEigen,
+    LowRankPlusDiagonal,
+    PSDOperator,
+)
+from bayescurv.params import ParamSet
 
 
 def _rank_one_term(g: Tensor, a: Tensor, w: Tensor, joint: bool) -> Tensor:
@@ -47,8 +57,7 @@ def _explicit_term(jac: Tensor, cov_block: PSDOperator | Tensor, joint: bool) ->
         sj = flat * cov_block
     else:
         sj = cov_block.solve(flat.T).T
-    full = flat @ sj.T  # (B*C, B*C)
-    full = full.reshape(b, c, b, c)
+    full = (flat @ sj.T).reshape(b, c, b, c)
     if joint:
         return full
     return torch.diagonal(full, dim1=0, dim2=2).permute(2, 0, 1)
@@ -70,13 +79,79 @@ def _linear_rank_one(rec: ModuleRecord) -> tuple[Tensor, Tensor] | None:
     return v.g[:, :, 0, :], v.a[:, 0, :]
 
 
-def _diag_layer_variances(rec: ModuleRecord, var: Tensor, params) -> Tensor:
-    """Variances of ``W̃ = [W | b]`` as ``(O, I)``."""
-    w = var[params.slice_of(rec.owned["weight"])].reshape(params.params[rec.owned["weight"]]
-                                                          .shape[0], -1)
-    if rec.with_bias:
-        w = torch.cat([w, var[params.slice_of(rec.owned["bias"])][:, None]], 1)
-    return w
+def _record_index(rec: ModuleRecord, params: ParamSet) -> Tensor:
+    """Flat positions of a record's parameters in the order of its Jacobian columns
+    (``W̃ = [W | b]`` row-major for rank-one linear layers, else owned slices in order)."""
+    if _linear_rank_one(rec) is not None:
+        return _kron_index(params, rec)
+    return torch.cat([torch.arange(params.slice_of(i).start, params.slice_of(i).stop,
+                                   device=params.device) for i in sorted(rec.owned.values())])
+
+
+def _full_jacobian(capture: HookCapture) -> Tensor:
+    """Whole-net per-sample Jacobian ``(C, B, P)`` (dense posteriors, tied parameters)."""
+    c, b = capture.records[0].grads[0].shape[:2]
+    return per_sample_matrix(capture.records, capture.params).reshape(c, b, -1)
+
+
+def _diag_term(capture: HookCapture, var: Tensor, joint: bool) -> Tensor:
+    """``J diag(var) Jᵀ``, layer by layer."""
+    if capture.tied:  # tied parameters: exact, through the whole per-sample matrix
+        return _explicit_term(_full_jacobian(capture), var, joint)
+    cov = 0
+    for rec in capture.records:
+        idx = _record_index(rec, capture.params)
+        r1 = _linear_rank_one(rec)
+        if r1 is not None:
+            g, a = r1
+            cov = cov + _rank_one_term(g, a, var[idx].reshape(g.shape[-1], a.shape[-1]), joint)
+        else:
+            cov = cov + _explicit_term(_record_jacobian(rec), var[idx], joint)
+    return cov
+
+
+def _jacobian_times(capture: HookCapture, z: Tensor) -> Tensor:
+    """``J Z`` for ``Z`` ``(P, k)``: ``(C, B, k)``, layer by layer."""
+    if capture.tied:
+        return _full_jacobian(capture) @ z
+    out = 0
+    for rec in capture.records:
+        zi = z[_record_index(rec, capture.params)]
+        r1 = _linear_rank_one(rec)
+        if r1 is not None:
+            g, a = r1
+            zi = zi.reshape(g.shape[-1], a.shape[-1], -1)
+            out = out + torch.einsum("cbo,bi,oik->cbk", g, a, zi)
+        else:
+            out = out + _record_jacobian(rec) @ zi
+    return out
+
+
+def _lowrank_term(capture: HookCapture, precision: LowRankPlusDiagonal, joint: bool) -> Tensor:
+    d = precision.d
+    root = precision.U * precision.s.clamp_min(0).sqrt()
+    z = root / d.unsqueeze(-1)
+    cap = torch.eye(root.shape[1], dtype=d.dtype, device=d.device) + root.T @ z
+    chol = torch.linalg.cholesky(cap)
+    jz = _jacobian_times(capture, z)  # (C, B, k)
+    y = torch.linalg.solve_triangular(chol, jz.reshape(-1, jz.shape[-1]).T, upper=False)
+    y = y.T.reshape(jz.shape)
+    correction = (torch.einsum("cbk,dek->bced", y, y) if joint
+                  else torch.einsum("cbk,dbk->bcd", y, y))
+    return _diag_term(capture, 1.0 / d, joint) - correction
+
+
+def _blocks_term(capture: HookCapture, precision: BlockDiagonal, joint: bool) -> Tensor:
+    cov = 0
+    for rec, block in zip(capture.records, precision.blocks):
+        r1 = _linear_rank_one(rec)
+        if isinstance(block, KroneckerEigen) and r1 is not None:
+            g, a = r1
+            cov = cov + _rank_one_term(g @ block.QA, a @ block.QB, 1.0 / block.eigenvalues,
+                                       joint)
+        else:
+            cov = cov + _explicit_term(_record_jacobian(rec), block, joint)
+    return cov
 
 
 def glm_covariance(
@@ -84,50 +159,23 @@ def glm_covariance(
 ) -> tuple[Tensor, Tensor]:
     """Mean ``f(x; θ*)`` ``(B, C)`` and covariance ``J Σ Jᵀ`` (``(B, C, C)`` or joint
     ``(B*C, B*C)``) for the posterior precision ``precision`` over ``capture.params``."""
-    params = capture.params
     with capture:
         f = jacobian_pass(capture, x)
         b, c = f.shape
-        shape = (b, c, b, c) if joint else (b, c, c)
-        cov = f.new_zeros(shape)
         if isinstance(precision, Diagonal):
-            var = precision.inv_diagonal()
-            for rec in capture.records:
-                r1 = _linear_rank_one(rec) if not (set(rec.owned.values()) & capture.tied) \
-                    else None
-                if r1 is not None:
-                    cov = cov + _rank_one_term(*r1, _diag_layer_variances(rec, var, params), joint)
-                else:
-                    idx = torch.cat([torch.arange(params.slice_of(i).start,
-                                                  params.slice_of(i).stop, device=f.device)
-                                     for i in sorted(rec.owned.values())])
-                    cov = cov + _explicit_term(_record_jacobian(rec), var[idx], joint)
-            if capture.tied:  # tied parameters: exact, through the whole per-sample matrix
-                cov = _explicit_term(_full_jacobian(capture, c, b), var, joint)
-        elif isinstance(precision, BlockDiagonal) and len(precision.blocks) == len(
+            cov = _diag_term(capture, precision.inv_diagonal(), joint)
+        elif isinstance(precision, LowRankPlusDiagonal):
+            cov = _lowrank_term(capture, precision, joint)
+        elif isinstance(precision, BlockDiagonal) and precision.num_blocks == len(
             capture.records
-        ):
-            for rec, block in zip(capture.records, precision.blocks):
-                r1 = _linear_rank_one(rec)
-                if isinstance(block, KroneckerEigen) and r1 is not None:
-                    g, a = r1
-                    g = g @ block.QA
-                    a = a @ block.QB
-                    cov = cov + _rank_one_term(g, a, 1.0 / block.eigenvalues, joint)
-                else:
-                    cov = cov + _explicit_term(_record_jacobian(rec), block, joint)
-        else:  # dense or unknown structure: whole-net per-sample Jacobian (small nets)
-            cov = _explicit_term(_full_jacobian(capture, c, b), precision, joint)
+        ) and not capture.tied:
+            cov = _blocks_term(capture, precision, joint)
+        else:  # dense: whole-net per-sample Jacobian (small nets)
+            cov = _explicit_term(_full_jacobian(capture), precision, joint)
     if joint:
         cov = cov.reshape(b * c, b * c)
-        cov = 0.5 * (cov + cov.T)
-    else:
-        cov = 0.5 * (cov + cov.transpose(-1, -2))
-    return f, cov
+        return f, 0.5 * (cov + cov.T)
+    return f, 0.5 * (cov + cov.transpose(-1, -2))
 
 
-def _full_jacobian(capture: HookCapture, c: int, b: int) -> Tensor:
-    return per_sample_matrix(capture.records, capture.params).reshape(c, b, -1)
-
-
-__all__ = ["glm_covariance", "layers"]
+__all__ = ["glm_covariance"]
