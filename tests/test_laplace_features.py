@@ -107,3 +107,54 @@ def test_online_marglik_training_learns_prior_and_keeps_best():
     assert la.log_marginal_likelihood().item() == pytest.approx(res.log_marglik, rel=1e-6)
     assert float(la.sigma_noise) < 0.9  # learned from sigma 1.0 towards the noise 0.1
     assert res.losses[-1] < res.losses[0]
+
+
+@pytest.mark.parametrize("structure", ["full", "diag"])
+def test_masked_subnetwork_equals_dense_restriction(structure):
+    model, x, y, dl = setup(n=25)
+    g = torch.Generator().manual_seed(5)
+    masks = {"0.weight": torch.rand(6, 4, generator=g) < 0.3,
+             "2.bias": torch.tensor([True, False, True])}
+    la = Laplace(model, "classification", subset=masks, structure=structure,
+                 prior_precision=0.8).fit(dl, progress=False)
+    from bayescurv.params import select
+
+    ps = select(model, "all")
+    flat = torch.cat([masks.get(n, torch.zeros_like(p, dtype=torch.bool)).reshape(-1)
+                      for n, p in zip(ps.names, ps.params)])
+    idx = flat.nonzero().squeeze(-1)
+    assert la.num_params == idx.numel()
+    jac = torch.func.jacrev(lambda v: ps.functional_call(v, x))(ps.vector())[..., idx]
+    p = torch.softmax(model(x), -1).detach()
+    h = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    ggn = torch.einsum("ncp,ncd,ndq->pq", jac, h, jac)
+    if structure == "diag":
+        ggn = torch.diag(ggn.diagonal())
+    lam = ggn + 0.8 * torch.eye(idx.numel(), dtype=DT)
+    torch.testing.assert_close(la.posterior_precision.to_dense(), lam)
+    theta = ps.vector()[idx]
+    loglik = -torch.nn.functional.cross_entropy(model(x), y, reduction="sum")
+    ref = loglik - 0.4 * (theta**2).sum() + 0.5 * idx.numel() * torch.log(
+        torch.tensor(0.8, dtype=DT)) - 0.5 * torch.logdet(lam)
+    torch.testing.assert_close(la.log_marginal_likelihood(), ref)
+    xt = x[:4]
+    jt = torch.func.jacrev(lambda v: ps.functional_call(v, xt))(ps.vector())[..., idx]
+    cov_ref = torch.einsum("ncp,pq,ndq->ncd", jt, torch.linalg.inv(lam), jt)
+    torch.testing.assert_close(la.functional(xt)[1], cov_ref)
+    s = la.sample(3, generator=torch.Generator().manual_seed(0))
+    assert s.shape == (3, idx.numel())
+    la.predict(xt, pred_type="nn", num_samples=3)
+    torch.testing.assert_close(ps.vector()[idx], theta)  # weights restored
+
+
+def test_masked_subnetwork_bad_input():
+    model, _, _, _ = setup()
+    with pytest.raises(errors.InvalidArgumentError, match="structure"):
+        Laplace(model, "classification", subset={"0.bias": torch.ones(6, dtype=torch.bool)},
+                structure="kfac")
+    with pytest.raises(errors.ShapeError, match="shape"):
+        Laplace(model, "classification", subset={"0.bias": torch.ones(5, dtype=torch.bool)},
+                structure="full")
+    with pytest.raises(errors.InvalidArgumentError, match="no parameter entry"):
+        Laplace(model, "classification", subset={"0.bias": torch.zeros(6, dtype=torch.bool)},
+                structure="full")

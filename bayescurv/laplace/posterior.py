@@ -25,11 +25,11 @@ from bayescurv.errors import (
     InvalidArgumentError,
     NotFittedError,
 )
-from bayescurv.laplace import marglik
+from bayescurv.laplace import marglik, subnetwork
 from bayescurv.laplace.predictive import glm_covariance
 from bayescurv.likelihoods import Gaussian, get_likelihood
 from bayescurv.linalg import PSDOperator, from_state, to_state
-from bayescurv.params import ParamSet, select
+from bayescurv.params import select
 
 PRED_TYPES = ("glm", "nn")
 
@@ -85,8 +85,19 @@ class Laplace:
         self.num_samples = num_samples
         self.generator = generator
         self.unknown_layers = unknown_layers
-        self.params: ParamSet = select(model, subset, last_layer_name=last_layer_name)
+        self.index: Tensor | None = None  # masked subnetwork: flat positions in self.params
+        if subnetwork.is_mask_subset(subset):
+            self.params, self.index = subnetwork.parse_masks(model, subset)
+            if structure not in subnetwork.MASK_STRUCTURES:
+                raise InvalidArgumentError(
+                    f"a masked subnetwork supports structure in {subnetwork.MASK_STRUCTURES}, "
+                    f"got {structure!r}"
+                )
+        else:
+            self.params = select(model, subset, last_layer_name=last_layer_name)
         self.layer_index = marglik.layer_index(self.params)
+        if self.index is not None:
+            self.layer_index = self.layer_index[self.index]
         self.prior_precision = prior_precision
         self.sigma_noise = sigma_noise
         self._H: PSDOperator | None = None
@@ -98,7 +109,8 @@ class Laplace:
     # hyperparameters ---------------------------------------------------------------------
     @property
     def num_params(self) -> int:
-        return self.params.numel
+        """Number of parameters in the posterior (entries selected by a mask, if any)."""
+        return self.params.numel if self.index is None else self.index.numel()
 
     @property
     def num_layers(self) -> int:
@@ -147,13 +159,17 @@ class Laplace:
         ``loader`` and store ``θ*``. Regression curvature is computed at unit noise and
         scaled by ``1/σ²`` afterwards, so ``σ`` can be tuned without refitting."""
         unit = Gaussian(1.0) if self.likelihood.name == "regression" else self.likelihood
-        curv = compute(
-            self.model, unit, loader, structure=self.structure, kind=self.kind,
-            params=self.params, num_samples=self.num_samples, generator=self.generator,
-            unknown_layers=self.unknown_layers, x_key=x_key, y_key=y_key, progress=progress,
-        )
+        options = dict(kind=self.kind, num_samples=self.num_samples, generator=self.generator,
+                       unknown_layers=self.unknown_layers, x_key=x_key, y_key=y_key,
+                       progress=progress)
+        if self.index is None:
+            curv = compute(self.model, unit, loader, structure=self.structure,
+                           params=self.params, **options)
+        else:
+            curv = subnetwork.masked_curvature(self.params, self.index, unit, loader,
+                                               self.structure, **options)
         self._H = curv.matrix
-        self.mean = self.params.vector()
+        self.mean = self._embed_or_select(self.params.vector())
         self.num_data = curv.num_data
         self.loss = curv.loss
         self._out_dim()
@@ -306,7 +322,8 @@ class Laplace:
         )
         capture = HookCapture(self.params, self.structure, self.unknown_layers,
                               differentiable=needs_grad)
-        return glm_covariance(capture, self.posterior_precision, x, joint=joint)
+        return glm_covariance(capture, self.posterior_precision, x, joint=joint,
+                              index=self.index)
 
     def predict(
         self,
@@ -338,12 +355,13 @@ class Laplace:
         thetas = self.sample(num_samples, generator)
         outs = []
         try:
+            full = self.params.vector()
             for theta in thetas:
-                self.params.assign(theta)
+                self.params.assign(self._embed(theta, full))
                 f = self.model(**x) if isinstance(x, dict) else self.model(x)
                 outs.append(self.likelihood.check_outputs(f))
         finally:
-            self.params.assign(self.mean)
+            self.params.assign(self._embed(self.mean, full))
         f = torch.stack(outs)
         if self.likelihood.name == "regression":
             var = f.var(0, unbiased=False) + self._sigma**2
@@ -379,6 +397,7 @@ class Laplace:
             "structure": self.structure,
             "kind": self.kind,
             "param_names": list(self.params.names),
+            "index": self.index,
             "mean": self.mean,
             "prior_precision": self._prior,
             "sigma_noise": self._sigma,
@@ -406,6 +425,11 @@ class Laplace:
                 f"{state['param_names'][:5]}... vs {self.params.names[:5]}..."
             )
         dev, dt = self.params.device, self.params.dtype
+        saved = state.get("index")
+        if (saved is None) != (self.index is None) or (
+            saved is not None and not torch.equal(saved.to(dev), self.index)
+        ):
+            raise InvalidArgumentError("state was saved for another subnetwork mask")
         self._H = from_state(state["curvature"], device=dev)
         self.mean = state["mean"].to(device=dev, dtype=dt)
         self.prior_precision = state["prior_precision"].to(device=dev)
@@ -417,8 +441,21 @@ class Laplace:
             self._sse = state["sse"].to(device=dev)
         return self
 
+    def _embed_or_select(self, full: Tensor) -> Tensor:
+        """The posterior's entries of a full flat vector of ``self.params``."""
+        return full if self.index is None else full[self.index]
+
+    def _embed(self, theta: Tensor, full: Tensor) -> Tensor:
+        """A full flat vector with the posterior's entries replaced by ``theta``."""
+        if self.index is None:
+            return theta
+        out = full.clone()
+        out[self.index] = theta
+        return out
+
     def sample(self, n: int = 100, generator: torch.Generator | None = None) -> Tensor:
-        """``n`` parameter vectors from the posterior, ``(n, num_params)`` in flat order."""
+        """``n`` parameter vectors from the posterior, ``(n, num_params)`` in flat order
+        (for a masked subnetwork: the masked entries, in flat order)."""
         self._check_fitted()
         if not isinstance(n, int) or n < 1:
             raise InvalidArgumentError(f"n must be a positive integer, got {n}")

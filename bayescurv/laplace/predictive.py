@@ -155,14 +155,26 @@ def _blocks_term(capture: HookCapture, precision: BlockDiagonal, joint: bool) ->
 
 
 def glm_covariance(
-    capture: HookCapture, precision: PSDOperator, x, joint: bool = False
+    capture: HookCapture,
+    precision: PSDOperator,
+    x,
+    joint: bool = False,
+    index: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Mean ``f(x; θ*)`` ``(B, C)`` and covariance ``J Σ Jᵀ`` (``(B, C, C)`` or joint
-    ``(B*C, B*C)``) for the posterior precision ``precision`` over ``capture.params``."""
+    ``(B*C, B*C)``) for the posterior precision ``precision`` over ``capture.params`` (or over
+    the entries ``index`` of it: a masked subnetwork, all other entries fixed)."""
     with capture:
         f = jacobian_pass(capture, x)
         b, c = f.shape
-        if isinstance(precision, Diagonal):
+        if index is not None:
+            if isinstance(precision, Diagonal):
+                var = torch.zeros(capture.params.numel, dtype=f.dtype, device=f.device)
+                var[index] = precision.inv_diagonal()
+                cov = _diag_term(capture, var, joint)
+            else:
+                cov = _explicit_term(_full_jacobian(capture)[..., index], precision, joint)
+        elif isinstance(precision, Diagonal):
             cov = _diag_term(capture, precision.inv_diagonal(), joint)
         elif isinstance(precision, LowRankPlusDiagonal):
             cov = _lowrank_term(capture, precision, joint)
