@@ -21,11 +21,8 @@ from torch import Tensor, nn
 from bayescurv import batches
 from bayescurv.curvature import STRUCTURES, compute
 from bayescurv.curvature.engine import HookCapture
-from bayescurv.errors import (
-    InvalidArgumentError,
-    NotFittedError,
-)
-from bayescurv.laplace import marglik, subnetwork
+from bayescurv.errors import InvalidArgumentError, NotFittedError, ShapeError
+from bayescurv.laplace import marglik, noise, subnetwork
 from bayescurv.laplace.predictive import glm_covariance
 from bayescurv.likelihoods import Gaussian, get_likelihood
 from bayescurv.linalg import PSDOperator, from_state, to_state
@@ -101,6 +98,7 @@ class Laplace:
         self.prior_precision = prior_precision
         self.sigma_noise = sigma_noise
         self._H: PSDOperator | None = None
+        self._H_outputs: list[PSDOperator] | None = None  # per-output noise: [H_c]
         self.mean: Tensor | None = None
         self.loss: Tensor | None = None
         self.num_data = 0
@@ -128,7 +126,12 @@ class Laplace:
 
     @property
     def sigma_noise(self) -> Tensor:
+        """Observation noise: ``()`` or one value per output ``(C,)``."""
         return self._sigma
+
+    @property
+    def per_output_noise(self) -> bool:
+        return self._sigma.numel() > 1
 
     @sigma_noise.setter
     def sigma_noise(self, value: float | Tensor) -> None:
@@ -137,6 +140,19 @@ class Laplace:
             raise InvalidArgumentError(f"sigma_noise must be finite and positive, got {value}")
         if self.likelihood.name != "regression" and not torch.all(s == 1):
             raise InvalidArgumentError("sigma_noise applies to likelihood='regression' only")
+        if s.dim() > 1:
+            raise ShapeError(f"sigma_noise must be a scalar or (outputs,), got {tuple(s.shape)}")
+        if hasattr(self, "_sigma") and s.numel() != self._sigma.numel():
+            raise ShapeError("sigma_noise cannot change between scalar and per-output after "
+                             "construction; build a new Laplace")
+        if s.numel() > 1 and self.structure not in noise.PER_OUTPUT_STRUCTURES:
+            raise InvalidArgumentError(
+                f"per-output sigma_noise needs structure in {noise.PER_OUTPUT_STRUCTURES} (a "
+                "per-output weighting breaks the Kronecker factorisation); use a scalar noise "
+                f"with structure={self.structure!r}"
+            )
+        if s.numel() > 1 and self.index is not None:
+            raise InvalidArgumentError("per-output sigma_noise is not available with masks")
         self._sigma = s
         if isinstance(self.likelihood, Gaussian):
             self.likelihood.sigma_noise = s.detach()
@@ -172,16 +188,20 @@ class Laplace:
         self.mean = self._embed_or_select(self.params.vector())
         self.num_data = curv.num_data
         self.loss = curv.loss
-        self._out_dim()
         if isinstance(self.likelihood, Gaussian):
-            # unit-noise NLL = SSE/2 + N C/2 log 2π  ->  keep the sum of squared errors
-            self._sse = 2 * (curv.loss - 0.5 * self.num_data * self.num_outputs
-                             * math.log(2 * math.pi))
+            # per-output sums of squared residuals: log p(D|θ*) for any noise level
+            self._sse = noise.sum_of_squares(self.params, loader, x_key, y_key)
+            self.num_outputs = self._sse.numel()
+            if self.per_output_noise:
+                if self._sigma.numel() != self.num_outputs:
+                    raise ShapeError(
+                        f"sigma_noise has {self._sigma.numel()} entries but the network has "
+                        f"{self.num_outputs} outputs"
+                    )
+                self._H_outputs = noise.per_output_curvatures(
+                    self.params, loader, self.structure, self.num_outputs,
+                    **{k: v for k, v in options.items() if k != "progress"})
         return self
-
-    def _out_dim(self) -> None:
-        last = self.params.modules()[-1][1]
-        self.num_outputs = getattr(last, "out_features", 0) or 0
 
     def _check_fitted(self) -> None:
         if self._H is None:
@@ -203,12 +223,12 @@ class Laplace:
         sigma = self._sigma if sigma_noise is None else sigma_noise
         h = self._H
         if self.likelihood.name == "regression":
-            if sigma.dim() > 0 and sigma.numel() > 1:
-                raise InvalidArgumentError(
-                    "per-output sigma_noise is not supported by the posterior precision yet; "
-                    "use a scalar"
-                )
-            h = h.scale(1.0 / sigma.reshape(()) ** 2)
+            if self._H_outputs is not None:
+                h = noise.combine(self._H_outputs, sigma)
+                if self.structure == "full":  # a vector shift keeps the graph through H(σ)
+                    prior = marglik.expand_prior(prior, self.layer_index)
+            else:
+                h = h.scale(1.0 / sigma.reshape(()) ** 2)
         return marglik.add_prior(h, prior, self.layer_index, self.num_layers)
 
     @property
@@ -225,9 +245,11 @@ class Laplace:
         self._check_fitted()
         if self.likelihood.name != "regression":
             return -self.loss
-        s = (self._sigma if sigma_noise is None else sigma_noise).reshape(())
-        nc = self.num_data * max(self.num_outputs, 1)
-        return -0.5 * self._sse / s**2 - nc * torch.log(s) - 0.5 * nc * math.log(2 * math.pi)
+        s = (self._sigma if sigma_noise is None else sigma_noise).reshape(-1)
+        s = s.expand(self.num_outputs)
+        n, c = self.num_data, self.num_outputs
+        return (-0.5 * (self._sse / s**2).sum() - n * torch.log(s).sum()
+                - 0.5 * n * c * math.log(2 * math.pi))
 
     def log_marginal_likelihood(
         self, prior_precision: Tensor | None = None, sigma_noise: Tensor | None = None
@@ -402,6 +424,8 @@ class Laplace:
             "prior_precision": self._prior,
             "sigma_noise": self._sigma,
             "curvature": to_state(self._H),
+            "curvature_outputs": None if self._H_outputs is None else [
+                to_state(h) for h in self._H_outputs],
             "loss": self.loss,
             "num_data": self.num_data,
             "num_outputs": self.num_outputs,
@@ -431,6 +455,8 @@ class Laplace:
         ):
             raise InvalidArgumentError("state was saved for another subnetwork mask")
         self._H = from_state(state["curvature"], device=dev)
+        outs = state.get("curvature_outputs")
+        self._H_outputs = None if outs is None else [from_state(h, device=dev) for h in outs]
         self.mean = state["mean"].to(device=dev, dtype=dt)
         self.prior_precision = state["prior_precision"].to(device=dev)
         self.sigma_noise = state["sigma_noise"].to(device=dev)
