@@ -28,7 +28,7 @@ def dense_curvature(
     lik = get_likelihood(likelihood)
     pset = params if isinstance(params, ParamSet) else select(model, params)
     theta = pset.vector()
-    out = torch.zeros(pset.numel, pset.numel, dtype=pset.dtype)
+    out = torch.zeros(pset.numel, pset.numel, dtype=pset.dtype, device=pset.device)
     for x, y in batches.iterate(data, device=pset.device, dtype=pset.dtype):
 
         def f(v: Tensor, x=x) -> Tensor:

@@ -100,7 +100,8 @@ def test_logml_differentiable_in_prior_and_noise():
         lambda p, s: la.log_marginal_likelihood(p, s), (prior, sigma))
 
 
-@pytest.mark.parametrize("structure", ["full", "diag", "kfac", "kfac-reduce", "ekfac"])
+@pytest.mark.parametrize("structure", ["full", "diag", "kfac", "kfac-reduce", "ekfac", "lowrank",
+                                       "diag+lowrank"])
 @pytest.mark.parametrize("subset", ["all", "last_layer"])
 def test_functional_covariance_matches_dense_jacobian(structure, subset):
     model = mlp()
@@ -342,3 +343,43 @@ def test_bad_hyperparameters():
         la.optimize_prior_precision(granularity="block")
     with pytest.raises(errors.InvalidArgumentError, match="link"):
         la.predict(torch.randn(2, 4, dtype=DT), link="logit")
+
+
+@pytest.mark.parametrize("structure", ["full", "diag"])
+def test_per_output_noise_matches_dense(structure):
+    model = mlp(d_out=2)
+    x, y, dl = data(d_out=2, task="regression")
+    sigma = torch.tensor([0.5, 2.0], dtype=DT)
+    la = Laplace(model, "regression", structure=structure, prior_precision=0.7,
+                 sigma_noise=sigma).fit(dl, progress=False)
+    ps = select(model, "all")
+    jac = torch.func.jacrev(lambda v: ps.functional_call(v, x))(ps.vector())
+    ggn = torch.einsum("ncp,c,ncq->pq", jac, 1 / sigma**2, jac)
+    if structure == "diag":
+        ggn = torch.diag(ggn.diagonal())
+    lam = ggn + 0.7 * torch.eye(ggn.shape[0], dtype=DT)
+    torch.testing.assert_close(la.posterior_precision.to_dense(), lam)
+    theta = ps.vector()
+    loglik = torch.distributions.Normal(model(x), sigma).log_prob(y).sum()
+    ref = (loglik - 0.35 * (theta**2).sum() + 0.5 * theta.numel() * math.log(0.7)
+           - 0.5 * torch.logdet(lam))
+    torch.testing.assert_close(la.log_marginal_likelihood(), ref)
+    s = torch.tensor([0.8, 1.3], dtype=DT, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda s: la.log_marginal_likelihood(sigma_noise=s), (s,))
+    mean, var = la.predict(x[:3])
+    assert var.shape == (3, 2)
+    la.optimize_prior_precision(tune_sigma_noise=True, n_steps=20)
+    assert la.sigma_noise.shape == (2,)
+
+
+def test_per_output_noise_refused_for_kronecker():
+    with pytest.raises(errors.InvalidArgumentError, match="per-output"):
+        Laplace(mlp(d_out=2), "regression", structure="kfac",
+                sigma_noise=torch.tensor([0.5, 1.0]))
+
+
+def test_per_output_noise_must_fit_the_outputs():
+    _, _, dl = data(d_out=2, task="regression")
+    with pytest.raises(errors.ShapeError, match="3 entries"):
+        Laplace(mlp(d_out=2), "regression", structure="full",
+                sigma_noise=torch.tensor([0.5, 1.0, 2.0], dtype=DT)).fit(dl, progress=False)

@@ -66,12 +66,10 @@ class DiagAccumulator:
     def update(self, records: list[ModuleRecord]) -> None:
         tied_parts: dict[int, Tensor] = {}
         for rec in records:
+            if not rec.called:
+                continue
             if rec.route == "linear" and not (set(rec.owned.values()) & self.tied):
-                d = layers.linear_diag(rec.linear_view())  # (O, I)
-                if rec.with_bias:
-                    self._add(rec.owned["bias"], d[:, -1])
-                    d = d[:, :-1]
-                self._add(rec.owned["weight"], d)
+                self._update_linear(rec)
                 continue
             for i, t in rec.per_sample().items():
                 if i in self.tied:
@@ -80,6 +78,22 @@ class DiagAccumulator:
                     self._add(i, t.square().sum((0, 1)))
         for i, t in tied_parts.items():
             self._add(i, t.square().sum((0, 1)))
+
+    def _update_linear(self, rec: ModuleRecord) -> None:
+        v = rec.linear_view(augment=False)
+        wi = rec.owned["weight"]
+        if v.a.shape[1] == 1:  # no sharing: Σ_b (Σ_k g²)ᵀ a², written in place
+            g2 = v.g[:, :, 0, :].square().sum(0)  # (B, O)
+            w = self.diag[self.params.slice_of(wi)].view(g2.shape[1], -1)
+            w.addmm_(g2.T, v.a[:, 0, :].square())
+            if rec.with_bias:
+                self._add(rec.owned["bias"], g2.sum(0))
+            return
+        d = layers.linear_diag(rec.linear_view())  # (O, I), shared weights: per sample
+        if rec.with_bias:
+            self._add(rec.owned["bias"], d[:, -1])
+            d = d[:, :-1]
+        self._add(wi, d)
 
     def _add(self, index: int, values: Tensor) -> None:
         self.diag[self.params.slice_of(index)] += values.reshape(-1)
@@ -125,40 +139,64 @@ class KFACAccumulator:
             )
         self.params = capture.params
         self.flavour = flavour
-        self.state: dict[str, dict[str, Tensor]] = {}
+        # running sums, allocated up front from the module shapes so that every rank holds
+        # the same tensors for the all-reduce, whichever modules its data reached
+        self.state = {rec.name: self._zeros(rec) for rec in capture.records}
 
-    def _acc(self, rec: ModuleRecord, key: str, value: Tensor) -> None:
-        st = self.state.setdefault(rec.name, {})
-        st[key] = st[key] + value if key in st else value
+    def _zeros(self, rec: ModuleRecord) -> dict[str, Tensor]:
+        def z(*shape: int) -> Tensor:
+            return torch.zeros(shape, dtype=self.params.dtype, device=self.params.device)
+
+        if rec.route == "linear":
+            w = rec.module.weight
+            o, i = w.shape[0], w[0].numel()
+            st = {"A": z(i, i), "G": z(o, o), "count": z()}
+            if rec.with_bias:
+                st["a_sum"] = z(i)
+            return st
+        if rec.route == "embedding":
+            return {"A": z(rec.module.num_embeddings), "G": z(*[rec.module.embedding_dim] * 2),
+                    "count": z()}
+        p = sum(self.params.params[i].numel() for i in rec.owned.values())
+        return {"block": z(p, p), "count": z()}
+
+    def called(self, rec: ModuleRecord) -> bool:
+        """Whether the module saw any data (otherwise its block is zero)."""
+        return bool(self.state[rec.name]["count"] > 0)
+
+    def _acc(self, rec: ModuleRecord, key: str, value: Tensor | float) -> None:
+        self.state[rec.name][key].add_(value)
+
+    def _acc_gram(self, rec: ModuleRecord, key: str, x: Tensor) -> None:
+        """``state[key] += xᵀ x`` in place (``x``: ``(rows, d)``)."""
+        self.state[rec.name][key].addmm_(x.T, x)
 
     def update(self, records: list[ModuleRecord]) -> None:
         for rec in records:
+            if not rec.called:
+                continue
             if rec.route == "linear":
-                v = rec.linear_view()
+                v = rec.linear_view(augment=False)
                 a, g = v.a, v.g
-                b = a.shape[0]
                 if self.flavour == "reduce":
                     a = a.mean(1, keepdim=True)
                     g = g.sum(2, keepdim=True)
                 a2 = a.reshape(-1, a.shape[-1])
-                g2 = g.reshape(-1, g.shape[-1])
-                self._acc(rec, "A", a2.T @ a2)
-                self._acc(rec, "count", torch.tensor(float(a2.shape[0] if self.flavour ==
-                                                           "expand" else b),
-                                                     dtype=a.dtype, device=a.device))
-                self._acc(rec, "G", g2.T @ g2)
+                self._acc_gram(rec, "A", a2)
+                if rec.with_bias:  # the bias column of ones: Σ a and the count
+                    self._acc(rec, "a_sum", a2.sum(0))
+                self._acc(rec, "count", a2.shape[0])
+                self._acc_gram(rec, "G", g.reshape(-1, g.shape[-1]))
             elif rec.route == "embedding":
                 for x, g in zip(rec.inputs, rec.grads):
-                    g2 = g.reshape(-1, g.shape[-1])
                     self._acc(rec, "A", layers.embedding_counts(rec.module, x).to(g.dtype))
-                    self._acc(rec, "count", torch.tensor(float(x.numel()), dtype=g.dtype,
-                                                         device=g.device))
-                    self._acc(rec, "G", g2.T @ g2)
+                    self._acc(rec, "count", x.numel())
+                    self._acc_gram(rec, "G", g.reshape(-1, g.shape[-1]))
             else:
                 ps = rec.per_sample()
                 v = torch.cat([ps[i] for i in sorted(ps)], -1)
-                v = v.reshape(-1, v.shape[-1])
-                self._acc(rec, "block", v.T @ v)
+                self._acc_gram(rec, "block", v.reshape(-1, v.shape[-1]))
+                self._acc(rec, "count", v.shape[0] * v.shape[1])
 
     def tensors(self) -> list[Tensor]:
         return [t for st in self.state.values() for _, t in sorted(st.items())]
@@ -168,7 +206,12 @@ class KFACAccumulator:
         st = self.state[rec.name]
         count = st["count"].clamp_min(1)
         if rec.route == "linear":
-            return st["G"], st["A"] / count
+            a = st["A"]
+            if rec.with_bias:  # augmented input [a, 1]: [[Σ a aᵀ, Σ a], [Σ aᵀ, count]]
+                s = st["a_sum"][:, None]
+                a = torch.cat([torch.cat([a, s], 1), torch.cat([s.T, st["count"].reshape(1, 1)],
+                                                                1)], 0)
+            return st["G"], a / count
         return torch.diag(st["A"] / count), st["G"]  # embedding: (V, D) row-major -> A ⊗ G
 
     def index(self, rec: ModuleRecord) -> Tensor:
@@ -182,7 +225,7 @@ class KFACAccumulator:
     def finalize_blocks(self, records: list[ModuleRecord]) -> BlockDiagonal:
         blocks, indices = [], []
         for rec in records:
-            if rec.name not in self.state:  # never called in the forward pass: no curvature
+            if not self.called(rec):  # never called in the forward pass: no curvature
                 idx = self.index(rec)
                 blocks.append(Diagonal(torch.zeros(idx.numel(), dtype=self.params.dtype,
                                                    device=self.params.device)))
@@ -209,7 +252,7 @@ class EKFACCorrection:
         self.bases: dict[str, tuple[Tensor, Tensor]] = {}
         self.scales: dict[str, Tensor] = {}
         for rec in records:
-            if rec.route in ("linear", "embedding") and rec.name in kfac.state:
+            if rec.route in ("linear", "embedding") and kfac.called(rec):
                 f1, f2 = kfac.factors(rec)
                 q1 = torch.linalg.eigh(f1)[1]
                 q2 = torch.linalg.eigh(f2)[1]
@@ -219,7 +262,7 @@ class EKFACCorrection:
 
     def update(self, records: list[ModuleRecord]) -> None:
         for rec in records:
-            if rec.name not in self.bases:
+            if rec.name not in self.bases or not rec.called:
                 continue
             q1, q2 = self.bases[rec.name]
             if rec.route == "linear":
@@ -243,7 +286,7 @@ class EKFACCorrection:
     def finalize_blocks(self, records: list[ModuleRecord]) -> BlockDiagonal:
         blocks, indices = [], []
         for rec in records:
-            if rec.name not in self.kfac.state:
+            if not self.kfac.called(rec):
                 idx = self.kfac.index(rec)
                 blocks.append(Diagonal(torch.zeros(idx.numel(), dtype=self.kfac.params.dtype,
                                                    device=self.kfac.params.device)))

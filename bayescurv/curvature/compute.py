@@ -10,15 +10,17 @@ import torch
 from torch import Tensor, nn
 
 from bayescurv import batches
-from bayescurv.curvature import accumulate
+from bayescurv.curvature import accumulate, lowrank
 from bayescurv.curvature.engine import KINDS, HookCapture, stream
-from bayescurv.errors import InvalidArgumentError
+from bayescurv.errors import InvalidArgumentError, NonFiniteError
 from bayescurv.likelihoods import Likelihood, get_likelihood
-from bayescurv.linalg import Dense, Diagonal, PSDOperator
+from bayescurv.linalg import Dense, Diagonal, LowRank, LowRankPlusDiagonal, PSDOperator
 from bayescurv.params import ParamSet, select
 
-STRUCTURES = ("full", "diag", "kfac", "kfac-reduce", "ekfac")
+STRUCTURES = ("full", "diag", "kfac", "kfac-reduce", "ekfac", "lowrank", "diag+lowrank",
+              "diag-hesscale")
 ALL_KINDS = (*KINDS, "hessian")
+LOWRANK = ("lowrank", "diag+lowrank")
 
 
 @dataclass
@@ -42,18 +44,54 @@ class Curvature:
     kind: str
 
 
-def _check_options(structure: str, kind: str, num_samples: int) -> None:
+def _check_options(
+    structure: str, kind: str, num_samples: int, rank: int, lowrank_method: str
+) -> None:
     if structure not in STRUCTURES:
         raise InvalidArgumentError(f"unknown structure {structure!r}; use one of {STRUCTURES}")
     if kind not in ALL_KINDS:
         raise InvalidArgumentError(f"unknown curvature kind {kind!r}; use one of {ALL_KINDS}")
-    if kind == "hessian" and structure not in ("full", "diag"):
-        raise InvalidArgumentError(
-            f"the Hessian has no {structure!r} structure here; use structure='full' or 'diag' "
-            "(small nets), or the matrix-free HessianLinearOperator"
-        )
     if not isinstance(num_samples, int) or num_samples < 1:
         raise InvalidArgumentError(f"num_samples must be a positive integer, got {num_samples}")
+    if structure in LOWRANK:
+        if lowrank_method not in lowrank.METHODS:
+            raise InvalidArgumentError(
+                f"unknown lowrank_method {lowrank_method!r}; use one of {lowrank.METHODS}"
+            )
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise InvalidArgumentError(f"rank must be a positive integer, got {rank!r}")
+        matfree = lowrank_method != "sqrt"
+        if matfree and kind == "mc":
+            raise InvalidArgumentError(
+                "kind='mc' has no matrix-free operator; use lowrank_method='sqrt' or kind='ggn'"
+            )
+        if not matfree and kind == "hessian":
+            raise InvalidArgumentError(
+                "the Hessian has no square root; use lowrank_method='lanczos' or 'randomized'"
+            )
+        if structure == "diag+lowrank" and kind == "hessian":
+            raise InvalidArgumentError(
+                "structure='diag+lowrank' needs a PSD curvature; use kind='ggn', 'mc' or 'ef'"
+            )
+    elif structure == "diag-hesscale" and kind != "ggn":
+        raise InvalidArgumentError(
+            "structure='diag-hesscale' backpropagates the GGN diagonal; use kind='ggn'"
+        )
+    elif kind == "hessian" and structure not in ("full", "diag"):
+        raise InvalidArgumentError(
+            f"the Hessian has no {structure!r} structure here; use structure='full' or 'diag' "
+            "(small nets), structure='lowrank' with lowrank_method='lanczos', or the "
+            "matrix-free CurvatureLinearOperator(kind='hessian')"
+        )
+
+
+def _check_params(pset: ParamSet) -> None:
+    bad = [n for n, p in zip(pset.names, pset.params) if not torch.isfinite(p).all()]
+    if bad:
+        raise NonFiniteError(
+            f"parameters {bad[:5]} hold NaN or Inf; the curvature at such a point is "
+            "meaningless. Check the training run"
+        )
 
 
 def compute(
@@ -68,6 +106,8 @@ def compute(
     generator: torch.Generator | None = None,
     reduction: str = "sum",
     unknown_layers: str = "error",
+    rank: int = 10,
+    lowrank_method: str = "sqrt",
     x_key: str = "x",
     y_key: str = "y",
     progress: bool = False,
@@ -80,62 +120,140 @@ def compute(
         likelihood: ``"classification"``, ``"regression"``, ``"binary"``, ``"poisson"`` or
             a :class:`~bayescurv.likelihoods.Likelihood`.
         data: an iterable of ``(x, y)`` batches or dicts (a DataLoader), any batch sizes;
-            EKFAC iterates it twice.
+            EKFAC and the matrix-free low-rank methods iterate it several times.
         structure: ``"full"`` (dense ``P x P``), ``"diag"`` (exact diagonal), ``"kfac"``
-            (K-FAC expand), ``"kfac-reduce"``, ``"ekfac"``.
+            (K-FAC expand), ``"kfac-reduce"``, ``"ekfac"``, ``"lowrank"`` (top-``rank``
+            eigenpairs, :class:`~bayescurv.linalg.LowRank`), ``"diag+lowrank"`` (those
+            plus the diagonal of the remainder, so the diagonal is exact:
+            :class:`~bayescurv.linalg.LowRankPlusDiagonal`), or ``"diag-hesscale"``: an
+            **approximate** GGN diagonal backpropagated Becker & LeCun / HesScale style
+            (``nn.Sequential`` models only, about one backward pass; see
+            :mod:`bayescurv.curvature.hesscale`).
         kind: ``"ggn"`` (exact GGN, :math:`\sum_n J_n^\top H_n J_n`), ``"mc"`` (Monte-Carlo
             GGN / Fisher with ``num_samples`` sampled targets per point), ``"ef"``
-            (empirical Fisher :math:`\sum_n g_n g_n^\top`), ``"hessian"`` (full/diag only).
+            (empirical Fisher :math:`\sum_n g_n g_n^\top`), ``"hessian"`` (full/diag, dense
+            by ``torch.func``; lowrank with a matrix-free ``lowrank_method``).
         params: which parameters (``"all"``, ``"last_layer"``, names, or a ParamSet).
-        generator: random source of ``"mc"``, for reproducibility.
+        generator: random source of ``"mc"`` and of the randomized low-rank methods.
         reduction: ``"sum"`` (the convention above) or ``"mean"`` (divide by N).
         unknown_layers: ``"error"`` (refuse modules of unknown type, naming them) or
             ``"per_sample"`` (opt in to per-sample gradients of that module by
             ``torch.func``; exact for modules acting on each data point separately).
+        rank: number of eigenpairs of the low-rank structures.
+        lowrank_method: ``"sqrt"`` (exact low-rank root from the hooks, ViViT-style; exact
+            when ``N * K <= rank``), ``"lanczos"`` or ``"randomized"`` (matrix-free GGN /
+            EF / Hessian products); see :mod:`bayescurv.curvature.lowrank`.
         progress: show a progress bar.
 
     The result is summed across ``torch.distributed`` ranks when a process group is
     initialized, so each rank holds the curvature of the whole data set.
     """
-    _check_options(structure, kind, num_samples)
+    _check_options(structure, kind, num_samples, rank, lowrank_method)
     batches.check_reduction(reduction)
     lik = get_likelihood(likelihood)
     pset = params if isinstance(params, ParamSet) else select(model, params)
-    if kind == "hessian":
+    _check_params(pset)
+    if kind == "hessian" and structure not in LOWRANK:
         return _dense_hessian(pset, lik, data, structure, reduction, x_key, y_key)
-    capture = HookCapture(pset, structure, unknown_layers)
+    if structure == "diag-hesscale":
+        return _hesscale(pset, lik, data, reduction, x_key, y_key)
+    opts = dict(kind=kind, num_samples=num_samples, generator=generator, x_key=x_key,
+                y_key=y_key, progress=progress)
+    accs: dict[str, object] = {}
+    matfree_lowrank = structure in LOWRANK and lowrank_method != "sqrt"
+    # matrix-free low rank alone needs no hooks (and accepts any layer)
+    capture = None if structure == "lowrank" and matfree_lowrank else HookCapture(
+        pset, structure, unknown_layers)
     if structure == "full":
-        acc = accumulate.FullAccumulator(capture)
-    elif structure == "diag":
-        acc = accumulate.DiagAccumulator(capture)
-    else:
-        acc = accumulate.KFACAccumulator(
+        accs["full"] = accumulate.FullAccumulator(capture)
+    if structure in ("diag", "diag+lowrank"):
+        accs["diag"] = accumulate.DiagAccumulator(capture)
+    if structure in LOWRANK and not matfree_lowrank:
+        accs["lowrank"] = lowrank.LowRankAccumulator(capture, rank)
+    if structure in ("kfac", "kfac-reduce", "ekfac"):
+        accs["kfac"] = accumulate.KFACAccumulator(
             capture, "reduce" if structure == "kfac-reduce" else "expand"
         )
     stats = torch.zeros(2, dtype=pset.dtype, device=pset.device)  # loss, count
-    opts = dict(kind=kind, num_samples=num_samples, generator=generator, x_key=x_key,
-                y_key=y_key, progress=progress)
-    for res in stream(capture, lik, data, **opts):
-        acc.update(res.records)
-        stats[0] += res.loss.detach()
-        stats[1] += res.batch_size
-    batches.all_reduce_([*acc.tensors(), stats])
+    if accs:
+        for res in stream(capture, lik, data, **opts):
+            for acc in accs.values():
+                acc.update(res.records)
+            stats[0] += res.loss.detach()
+            stats[1] += res.batch_size
+    else:  # matrix-free low rank alone: one forward pass for the loss and the count
+        _loss_pass(pset, lik, data, stats, x_key, y_key)
+    reduced = [t for k, acc in accs.items() if k != "lowrank" for t in acc.tensors()]
+    batches.all_reduce_([*reduced, stats])
+    _check_finite(reduced)
+    matrix: PSDOperator
     if structure in ("kfac", "kfac-reduce"):
-        matrix = acc.finalize_blocks(capture.records)
+        matrix = accs["kfac"].finalize_blocks(capture.records)
     elif structure == "ekfac":
-        corr = accumulate.EKFACCorrection(acc, capture.records)
+        corr = accumulate.EKFACCorrection(accs["kfac"], capture.records)
         for res in stream(capture, lik, data, **opts):
             corr.update(res.records)
         batches.all_reduce_(corr.tensors())
         matrix = corr.finalize_blocks(capture.records)
+    elif structure in LOWRANK:
+        if matfree_lowrank:
+            from bayescurv.curvature.matfree import CurvatureLinearOperator
+
+            op = CurvatureLinearOperator(model, lik, data, params=pset, kind=kind,
+                                         x_key=x_key, y_key=y_key, progress=progress)
+            u, s = lowrank.matfree_eigen(op, min(rank, pset.numel), lowrank_method, generator)
+        else:
+            u, s = accs["lowrank"].finalize()
+        if structure == "lowrank":
+            matrix = LowRank(u, s)
+        else:  # the diagonal of the remainder G - U diag(s) Uᵀ, so the diagonal is exact
+            d = (accs["diag"].diag - u.square() @ s).clamp_min(0)
+            matrix = LowRankPlusDiagonal(u, s, d)
     else:
-        matrix = acc.finalize()
+        matrix = next(iter(accs.values())).finalize()
     n = int(stats[1].item())
     loss = stats[0]
     if reduction == "mean":
         matrix = matrix.scale(1.0 / n)
         loss = loss / n
     return Curvature(matrix, loss, n, pset, structure, kind)
+
+
+def _hesscale(
+    pset: ParamSet, lik: Likelihood, data: Iterable, reduction: str, x_key: str, y_key: str
+) -> Curvature:
+    """Approximate backpropagated diagonal (:mod:`bayescurv.curvature.hesscale`)."""
+    from bayescurv.curvature.hesscale import hesscale_diagonal
+
+    diag, loss, n = hesscale_diagonal(pset, lik, data, x_key, y_key)
+    stats = torch.tensor([loss.item(), float(n)], dtype=pset.dtype, device=pset.device)
+    batches.all_reduce_([diag, stats])
+    _check_finite([diag])
+    n = int(stats[1].item())
+    matrix: PSDOperator = Diagonal(diag)
+    loss = stats[0]
+    if reduction == "mean":
+        matrix, loss = matrix.scale(1.0 / n), loss / n
+    return Curvature(matrix, loss, n, pset, "diag-hesscale", "ggn")
+
+
+def _check_finite(tensors: list[Tensor]) -> None:
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        raise NonFiniteError(
+            "the curvature holds NaN or Inf (overflow in the network or the loss); check "
+            "the inputs' scale and the parameters, or compute in float64"
+        )
+
+
+@torch.no_grad()
+def _loss_pass(pset: ParamSet, lik: Likelihood, data: Iterable, stats: Tensor, x_key: str,
+               y_key: str) -> None:
+    """Accumulate the summed NLL and the number of data points into ``stats``."""
+    for x, y in batches.iterate(data, device=pset.device, dtype=pset.dtype, x_key=x_key,
+                                y_key=y_key):
+        f = pset.model(**x) if isinstance(x, dict) else pset.model(x)
+        stats[0] += lik.nll(*lik.check(lik.check_outputs(f), y))
+        stats[1] += batches.batch_size(x)
 
 
 def _dense_hessian(

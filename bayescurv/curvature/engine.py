@@ -46,15 +46,22 @@ class ModuleRecord:
     def with_bias(self) -> bool:
         return "bias" in self.owned
 
+    @property
+    def called(self) -> bool:
+        """Whether the module ran in this batch (a module may be skipped by the forward)."""
+        return bool(self.inputs)
+
     def clear(self) -> None:
         self.inputs.clear()
         self.outputs.clear()
         self.grads.clear()
 
     # views ------------------------------------------------------------------------------
-    def linear_view(self) -> layers.LinearView:
-        """Unfolded inputs and gradients, calls of a reused module stacked along ``T``."""
-        a = [layers.linear_inputs(self.module, x, self.with_bias) for x in self.inputs]
+    def linear_view(self, augment: bool = True) -> layers.LinearView:
+        """Unfolded inputs and gradients, calls of a reused module stacked along ``T``;
+        ``augment=False`` leaves out the column of ones of the bias."""
+        a = [layers.linear_inputs(self.module, x, self.with_bias and augment)
+             for x in self.inputs]
         g = [layers.linear_grads(self.module, gi) for gi in self.grads]
         if len(a) == 1:
             return layers.LinearView(a[0], g[0])
@@ -63,7 +70,7 @@ class ModuleRecord:
     def per_sample(self) -> dict[int, Tensor]:
         """Per-sample, per-column gradients ``{param index: (K, B, numel)}``."""
         out: dict[int, Tensor] = {}
-        if self.route == "linear":
+        if self.route == "linear" and self.called:
             ps = layers.linear_per_sample(self.linear_view())  # (K, B, O, I)
             k, b = ps.shape[:2]
             if self.with_bias:
@@ -160,10 +167,15 @@ class HookCapture:
         captured layer output in one batched pass; fills ``record.grads``."""
         outs = [o for rec in self.records for o in rec.outputs]
         try:
-            grads = torch.autograd.grad(
-                f, outs, cols, is_grads_batched=True, allow_unused=True,
-                create_graph=self.differentiable,
-            )
+            if cols.shape[0] == 1:  # one column (MC with one sample, EF): no vmap needed
+                grads = torch.autograd.grad(f, outs, cols[0], allow_unused=True,
+                                            create_graph=self.differentiable)
+                grads = [None if g is None else g.unsqueeze(0) for g in grads]
+            else:
+                grads = torch.autograd.grad(
+                    f, outs, cols, is_grads_batched=True, allow_unused=True,
+                    create_graph=self.differentiable,
+                )
         except RuntimeError as err:  # an op without a batching rule: one pass per column
             if "vmap" not in str(err) and "batch" not in str(err).lower():
                 raise
@@ -232,13 +244,16 @@ def stream(
     square root, one batched backward to the layer outputs; yield the records."""
     params = capture.params
     model = params.model
-    it = batches.iterate(data, device=params.device, dtype=params.dtype, x_key=x_key, y_key=y_key)
+    it = batches.iterate(data, device=params.device, dtype=params.dtype, x_key=x_key,
+                         y_key=y_key, check=False)
     if progress:
         from tqdm.auto import tqdm
 
         it = tqdm(it, desc=f"curvature ({kind})", leave=False)
     with capture:
         for x, y in it:
+            _check_finite_fast(x, "inputs")
+            _check_finite_fast(y, "targets")
             capture.clear()
             with torch.enable_grad():
                 f = model(**x) if isinstance(x, dict) else model(x)
@@ -249,6 +264,14 @@ def stream(
                 cols = loss_sqrt(likelihood, fc, yc, kind, num_samples, generator)
                 capture.backward(fc, cols)
             yield BatchResult(capture.records, fc.shape[0], loss)
+
+
+def _check_finite_fast(t: Tensor | dict[str, Tensor], what: str) -> None:
+    """:func:`batches.check_finite` behind a one-reduction test: a finite sum means finite
+    entries; only when the sum is not finite (NaN/Inf, or overflow) are entries checked."""
+    for v in t.values() if isinstance(t, dict) else [t]:
+        if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v.sum()):
+            batches.check_finite(v, what)
 
 
 def jacobian_pass(capture: HookCapture, x: Tensor | dict[str, Tensor]) -> Tensor:
