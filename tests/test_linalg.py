@@ -509,3 +509,18 @@ def test_float32_smoke(kind):
         assert ours.dtype == torch.float32
         torch.testing.assert_close(ours.double(), ref, rtol=1e-4, atol=1e-4)
     assert op32.sample_inverse(4).dtype == torch.float32
+
+
+def test_kronecker_from_factors_decomposes_lazily_once(monkeypatch):
+    calls = []
+    real = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda m: calls.append(1) or real(m))
+    a = torch.eye(3, dtype=torch.float64) * 2
+    b = torch.eye(4, dtype=torch.float64) * 3
+    op = KroneckerEigen.from_factors(a, b)
+    assert op.size == 12 and op.dtype == torch.float64 and not calls
+    shifted = op.scale(0.5).add_diagonal(1.0)
+    torch.testing.assert_close(shifted.logdet(), 12 * torch.log(torch.tensor(4.0,
+                                                                             dtype=torch.float64)))
+    op.logdet()
+    assert len(calls) == 2  # one eigh per factor, shared by the copies

@@ -22,6 +22,24 @@ from bayescurv.linalg.base import PSDOperator, Scalar, affine, finish
 __all__ = ["KroneckerEigen", "Kronecker", "kronecker"]
 
 
+class _Eig:
+    """Eigendecomposition of two Kronecker factors, computed once on first use."""
+
+    def __init__(self, A: Tensor | None, B: Tensor | None) -> None:
+        self.A, self.B = A, B
+        self.value: tuple | None = None
+
+    def get(self) -> tuple:
+        if self.value is None:
+            with torch.no_grad():
+                lam_a, qa = torch.linalg.eigh(self.A)
+                lam_b, qb = torch.linalg.eigh(self.B)
+            lam_a, lam_b = lam_a.clamp_min(0), lam_b.clamp_min(0)
+            self.value = (qa, qb, torch.outer(lam_a, lam_b), (lam_a, lam_b))
+            self.A = self.B = None
+        return self.value
+
+
 class KroneckerEigen(PSDOperator):
     """``A = (Q_A ⊗ Q_B) diag(vec_r(c Λ + δ)) (Q_A ⊗ Q_B)ᵀ``.
 
@@ -41,41 +59,60 @@ class KroneckerEigen(PSDOperator):
                 f"eigenvalues must have shape {(QA.shape[0], QB.shape[0])}, "
                 f"got {tuple(eigenvalues.shape)}."
             )
-        self._QA, self._QB = QA, QB
-        self._lam = eigenvalues.clamp_min(0)
-        self._factor_eigs: tuple[Tensor, Tensor] | None = None
+        self._eig = _Eig(None, None)
+        self._eig.value = (QA, QB, eigenvalues.clamp_min(0), None)
+        self._sizes = (QA.shape[0], QB.shape[0])
+        self._meta = QA
 
     @classmethod
     def from_factors(cls, A: Tensor, B: Tensor) -> KroneckerEigen:
-        """``kron(A, B)`` for PSD ``A`` ``(p, p)``, ``B`` ``(q, q)``; one eigh each, no grad."""
+        """``kron(A, B)`` for PSD ``A`` ``(p, p)``, ``B`` ``(q, q)``. The two eigh (no grad)
+        run lazily, on the first operation that needs them, and are shared by every scaled
+        or shifted copy: building the curvature costs no decomposition until a posterior
+        uses it."""
         for name, F in (("A", A), ("B", B)):
             if F.ndim != 2 or F.shape[0] != F.shape[1]:
                 raise ShapeError(f"Kronecker factor {name} must be square, got {tuple(F.shape)}.")
-        with torch.no_grad():
-            lam_a, QA = torch.linalg.eigh(A.detach())
-            lam_b, QB = torch.linalg.eigh(B.detach())
-        lam_a, lam_b = lam_a.clamp_min(0), lam_b.clamp_min(0)
-        op = cls(QA, QB, torch.outer(lam_a, lam_b))
-        op._factor_eigs = (lam_a, lam_b)
+        op = cls.__new__(cls)
+        op._eig = _Eig(A.detach(), B.detach())
+        op._sizes = (A.shape[0], B.shape[0])
+        op._meta = A
         return op
+
+    # lazily decomposed state ---------------------------------------------------------
+    @property
+    def _QA(self) -> Tensor:
+        return self._eig.get()[0]
+
+    @property
+    def _QB(self) -> Tensor:
+        return self._eig.get()[1]
+
+    @property
+    def _lam(self) -> Tensor:
+        return self._eig.get()[2]
+
+    @property
+    def _factor_eigs(self) -> tuple[Tensor, Tensor] | None:
+        return self._eig.get()[3]
 
     # ------------------------------------------------------------------ metadata
     @property
     def size(self) -> int:
-        return self._QA.shape[0] * self._QB.shape[0]
+        return self._sizes[0] * self._sizes[1]
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._QA.dtype
+        return self._meta.dtype
 
     @property
     def device(self) -> torch.device:
-        return self._QA.device
+        return self._meta.device
 
     @property
     def factor_sizes(self) -> tuple[int, int]:
         """``(p, q)``."""
-        return (self._QA.shape[0], self._QB.shape[0])
+        return self._sizes
 
     @property
     def QA(self) -> Tensor:

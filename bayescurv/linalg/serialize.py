@@ -69,7 +69,8 @@ def from_state(state: dict[str, Any], device: torch.device | str | None = None) 
     if kind == "kronecker":
         op = KroneckerEigen(t(state["QA"]), t(state["QB"]), t(state["eigenvalues"]))
         if "factor_eigenvalues" in state:
-            op._factor_eigs = tuple(t(e) for e in state["factor_eigenvalues"])
+            qa, qb, lam, _ = op._eig.get()
+            op._eig.value = (qa, qb, lam, tuple(t(e) for e in state["factor_eigenvalues"]))
         return op
     if kind == "lowrank":
         return LowRank(t(state["U"]), t(state["s"]))
