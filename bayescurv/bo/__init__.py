@@ -1,0 +1,17 @@
+"""BoTorch surrogate and GPyTorch kernel from the linearized Laplace posterior.
+
+- :class:`LaplaceModel`: a ``botorch`` model whose posterior is the linearized-Laplace GP.
+- :class:`ConditionedLaplaceModel`: a (batch of) exact linearized updates, from ``fantasize``.
+- :class:`NTKKernel`: ``k(x, x') = J(x) Σ J(x')ᵀ`` as a ``gpytorch`` kernel.
+"""
+
+from bayescurv.bo.kernel import NTKKernel
+from bayescurv.bo.model import (
+    ConditionedLaplaceModel,
+    LaplaceModel,
+    default_network,
+    train_map,
+)
+
+__all__ = ["LaplaceModel", "ConditionedLaplaceModel", "NTKKernel", "default_network",
+           "train_map"]

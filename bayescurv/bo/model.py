@@ -1,0 +1,586 @@
+r"""A BoTorch surrogate whose posterior is the linearized-Laplace GP of a neural network.
+
+After MAP training and a Laplace fit, the network linearized at :math:`\theta^*`,
+:math:`f_{lin}(x) = f(x;\theta^*) + J(x)(\theta - \theta^*)` with
+:math:`\theta \sim N(\theta^*, \Sigma)`, is a Gaussian process with mean
+:math:`f(x;\theta^*)` and kernel :math:`k(x, x') = J(x)\,\Sigma\,J(x')^\top` (the empirical NTK
+under the posterior covariance). :class:`LaplaceModel` exposes that GP to BoTorch: the joint
+covariance over the ``q`` points of each t-batch, observation noise, transforms, gradients in
+``X`` and fantasies.
+
+Conditioning has two routes:
+
+- **real data** (``condition_on_observations`` with plain ``n' x d`` / ``n' x m`` tensors): the
+  MAP network is refined from its current weights on old + new data (a short Adam run) and the
+  curvature is refit, with the prior precision and noise warm-started — a new
+  :class:`LaplaceModel`, no retraining from scratch;
+- **fantasies** (``fantasize``, or batched / differentiable observations): the exact Bayesian
+  update of the *linearized* model, :math:`\Lambda' = \Lambda + J'^\top N^{-1} J'` and one
+  Gauss-Newton step from :math:`\theta^*` (exact MAP for the linearized model), which in function
+  space is GP conditioning with the kernel above:
+
+  .. math::
+      \mu'(x) = \mu(x) + k(x, X')(K' + N)^{-1}(Y' - \mu(X')),\quad
+      k'(x, x') = k(x, x') - k(x, X')(K' + N)^{-1}k(X', x').
+
+  It is cheap, batched over any number of fantasy samples and differentiable in ``X'`` —
+  what :class:`~botorch.acquisition.qKnowledgeGradient` needs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from botorch import settings
+from botorch.exceptions.errors import BotorchTensorDimensionError, InputDataError
+from botorch.models.model import FantasizeMixin, Model
+from botorch.models.transforms.input import InputTransform
+from botorch.models.transforms.outcome import OutcomeTransform
+from botorch.models.utils import fantasize as fantasize_flag
+from botorch.posteriors.gpytorch import GPyTorchPosterior
+from botorch.sampling.base import MCSampler
+from linear_operator.utils.cholesky import psd_safe_cholesky
+from torch import Tensor, nn
+
+from bayescurv.bo._joint import check_inputs, expand_noise, joint_functional, make_mvn
+from bayescurv.laplace import Laplace
+
+NetworkSpec = nn.Module | Callable[[int, int], nn.Module] | None
+ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU}
+
+
+def default_network(
+    input_dim: int, num_outputs: int, hidden: tuple[int, ...] = (50, 50),
+    activation: str = "tanh",
+) -> nn.Sequential:
+    """MLP ``d -> hidden... -> m`` with ``activation`` between linear layers."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; use one of {list(ACTIVATIONS)}")
+    layers: list[nn.Module] = []
+    width = input_dim
+    for h in hidden:
+        layers += [nn.Linear(width, h), ACTIVATIONS[activation]()]
+        width = h
+    layers.append(nn.Linear(width, num_outputs))
+    return nn.Sequential(*layers)
+
+
+def train_map(
+    net: nn.Module,
+    X: Tensor,
+    Y: Tensor,
+    weight_decay: float,
+    *,
+    steps: int = 2000,
+    lr: float = 1e-2,
+    batch_size: int = 512,
+    patience: int = 100,
+    rel_tol: float = 1e-4,
+    generator: torch.Generator | None = None,
+) -> float:
+    r"""Minimize :math:`\frac{1}{2N}\sum_i \|y_i - f(x_i)\|^2 + \frac{\lambda}{2}\|\theta\|^2`
+    with Adam and a cosine schedule; full batch when ``N <= batch_size``.
+
+    With :math:`\lambda = \sigma_0^2\delta_0/N` this is the negative log joint
+    :math:`\sum_i \|y_i - f\|^2/(2\sigma_0^2) + \delta_0\|\theta\|^2/2` times
+    :math:`\sigma_0^2/N`, i.e. the MAP under the Laplace prior. Early stopping: every 10 steps
+    the (running) training objective is compared with the best so far; after ``patience``
+    steps without a relative improvement of ``rel_tol`` training stops and the best weights
+    are restored. Returns the final objective.
+    """
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    n = X.shape[0]
+    full = n <= batch_size
+    best, best_state, since, running = math.inf, None, 0, None
+    net.train()
+    for step in range(steps):
+        if full:
+            xb, yb = X, Y
+        else:
+            idx = torch.randint(n, (batch_size,), generator=generator).to(X.device)
+            xb, yb = X[idx], Y[idx]
+        opt.zero_grad()
+        fit = 0.5 * (net(xb) - yb).square().sum(-1).mean()
+        reg = 0.5 * weight_decay * sum(p.square().sum() for p in params)
+        loss = fit + reg
+        loss.backward()
+        opt.step()
+        sched.step()
+        value = loss.item()
+        running = value if running is None or full else 0.9 * running + 0.1 * value
+        if step % 10 == 9 or step == steps - 1:
+            if running < best * (1 - rel_tol) or best_state is None:
+                best, since = running, 0
+                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            else:
+                since += 10
+                if since >= patience:
+                    break
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    net.eval()
+    return best
+
+
+class _LinearizedMixin:
+    """Shared helpers of the two models (they both hold ``self.la``)."""
+
+    la: Laplace
+
+    @property
+    def sigma2(self) -> Tensor:
+        """Observation-noise variance (outcome-transformed space)."""
+        return self.la.sigma_noise.reshape(()) ** 2
+
+    def _finish(self, mvn, X: Tensor, posterior_transform) -> GPyTorchPosterior:
+        posterior = GPyTorchPosterior(distribution=mvn)
+        if hasattr(self, "outcome_transform"):
+            posterior = self.outcome_transform.untransform_posterior(posterior, X=X)
+        if posterior_transform is not None:
+            return posterior_transform(posterior=posterior, X=X)
+        return posterior
+
+
+class LaplaceModel(_LinearizedMixin, Model, FantasizeMixin):
+    r"""Linearized-Laplace neural network as a BoTorch model.
+
+    Args:
+        train_X: ``n x d`` training inputs.
+        train_Y: ``n x m`` training targets (explicit output dimension).
+        network: an ``nn.Module`` (copied, then trained), a factory ``(d, m) -> nn.Module``, or
+            ``None`` for :func:`default_network` with ``hidden`` and ``activation``.
+        subset: ``"all"`` or ``"last_layer"`` weights in the posterior.
+        structure: ``"kfac"``, ``"full"``, ``"diag"`` or ``"ekfac"`` posterior precision.
+        prior_precision, sigma_noise: initial :math:`\delta_0, \sigma_0`; the MAP objective uses
+            weight decay :math:`\sigma_0^2\delta_0/N`, then both are tuned by marginal
+            likelihood (``marglik_steps`` Adam steps, ``prior_granularity`` "scalar"/"layer").
+        noise: ``"marglik"`` (tune :math:`\sigma` with the prior precision), ``"residual"``
+            (:math:`\sigma^2` = the MAP fit's training MSE) or a fixed float; in all cases
+            :math:`\sigma \ge` ``min_noise`` (outcome-transformed units).
+        steps, lr, batch_size, patience: MAP training (see :func:`train_map`).
+        refine_steps: Adam steps of the warm-started refinement in
+            :meth:`condition_on_observations`.
+        input_transform, outcome_transform: BoTorch transforms (e.g. ``Normalize``,
+            ``Standardize``), learned on the training data as BoTorch models do.
+        seed: seeds the network initialization and mini-batch draws.
+    """
+
+    _num_outputs: int
+
+    def __init__(
+        self,
+        train_X: Tensor,
+        train_Y: Tensor,
+        network: NetworkSpec = None,
+        *,
+        subset: str = "all",
+        structure: str = "kfac",
+        hidden: tuple[int, ...] = (50, 50),
+        activation: str = "tanh",
+        prior_precision: float = 1.0,
+        sigma_noise: float = 0.1,
+        prior_granularity: str = "layer",
+        steps: int = 2000,
+        lr: float = 1e-2,
+        batch_size: int = 512,
+        patience: int = 100,
+        marglik_steps: int = 100,
+        noise: str | float = "marglik",
+        min_noise: float = 1e-3,
+        refine_steps: int = 300,
+        input_transform: InputTransform | None = None,
+        outcome_transform: OutcomeTransform | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        self._validate_training_data(train_X, train_Y)
+        n, d = train_X.shape
+        m = train_Y.shape[-1]
+        self._num_outputs = m
+        self._input_dim = d
+        self._config = dict(
+            subset=subset, structure=structure, steps=steps, lr=lr, batch_size=batch_size,
+            patience=patience, marglik_steps=marglik_steps, refine_steps=refine_steps,
+            prior_granularity=prior_granularity, noise=noise, min_noise=min_noise,
+        )
+        if not (noise in ("marglik", "residual") or isinstance(noise, (int, float))):
+            raise ValueError(f"noise must be 'marglik', 'residual' or a float, got {noise!r}")
+        self._generator = torch.Generator()
+        if seed is not None:
+            self._generator.manual_seed(seed)
+        with torch.no_grad():
+            if input_transform is not None:
+                input_transform.to(train_X)
+                input_transform.train()
+                X_tf = input_transform(train_X)
+                self.input_transform = input_transform
+            else:
+                X_tf = train_X
+            if outcome_transform is not None:
+                outcome_transform.train()
+                Y_tf, _ = outcome_transform(train_Y, X=X_tf)
+                self.outcome_transform = outcome_transform
+            else:
+                Y_tf = train_Y
+        self._original_train_X = train_X.detach()
+        self.train_X = X_tf.detach()
+        self.train_Y = Y_tf.detach()
+        self.net = self._make_network(network, d, m, hidden, activation, seed).to(train_X)
+        self._fit(self._config["steps"], prior_precision, sigma_noise)
+        self.eval()
+
+    # construction ------------------------------------------------------------------------
+    @staticmethod
+    def _validate_training_data(train_X: Tensor, train_Y: Tensor) -> None:
+        """BoTorch conventions: tensors, ``n x d`` / ``n x m``, one dtype, no NaN."""
+        if not (torch.is_tensor(train_X) and torch.is_tensor(train_Y)):
+            raise InputDataError("train_X and train_Y must be tensors")
+        if train_X.dim() != train_Y.dim():
+            if train_X.dim() - train_Y.dim() == 1 and train_X.shape[:-1] == train_Y.shape:
+                raise BotorchTensorDimensionError(
+                    "An explicit output dimension is required for targets. Expected Y with "
+                    f"dimension {train_X.dim()} (got {train_Y.dim()}); use train_Y.unsqueeze(-1)"
+                )
+            raise BotorchTensorDimensionError(
+                f"Expected X and Y to have the same number of dimensions (got X with dimension "
+                f"{train_X.dim()} and Y with dimension {train_Y.dim()})."
+            )
+        if train_X.dim() != 2:
+            raise BotorchTensorDimensionError(
+                "LaplaceModel takes unbatched training data train_X n x d, train_Y n x m; "
+                f"got {tuple(train_X.shape)} and {tuple(train_Y.shape)}"
+            )
+        if train_X.shape[0] != train_Y.shape[0]:
+            raise BotorchTensorDimensionError(
+                f"train_X has {train_X.shape[0]} points but train_Y has {train_Y.shape[0]}"
+            )
+        if train_X.shape[0] == 0:
+            raise InputDataError("no training data: train_X has 0 rows")
+        if not (train_X.is_floating_point() and train_Y.is_floating_point()):
+            raise InputDataError("train_X and train_Y must be floating-point tensors")
+        if train_X.dtype != train_Y.dtype:
+            raise InputDataError(
+                "Expected all inputs to share the same dtype. Got "
+                f"{train_X.dtype} for X and {train_Y.dtype} for Y."
+            )
+        if train_X.device != train_Y.device:
+            raise InputDataError(
+                f"train_X is on {train_X.device} but train_Y on {train_Y.device}"
+            )
+        for name, t in (("train_X", train_X), ("train_Y", train_Y)):
+            if torch.isnan(t).any():
+                raise InputDataError(f"Input data contains NaN values ({name}).")
+            if torch.isinf(t).any():
+                raise InputDataError(f"Input data contains infinite values ({name}).")
+
+    @staticmethod
+    def _make_network(network: NetworkSpec, d: int, m: int, hidden, activation, seed):
+        if seed is not None:
+            torch.manual_seed(seed)
+        if network is None:
+            return default_network(d, m, tuple(hidden), activation)
+        if isinstance(network, nn.Module):
+            return copy.deepcopy(network)
+        if callable(network):
+            net = network(d, m)
+            if not isinstance(net, nn.Module):
+                raise InputDataError(
+                    f"the network factory must return an nn.Module, got {type(net).__name__}"
+                )
+            return net
+        raise InputDataError(
+            f"network must be an nn.Module, a factory (d, m) -> nn.Module or None; got "
+            f"{type(network).__name__}"
+        )
+
+    def _fit(self, steps: int, prior_precision, sigma_noise, marglik_steps=None) -> None:
+        """MAP training (``steps`` Adam steps from the current weights), Laplace fit and
+        marginal-likelihood tuning of prior precision and noise."""
+        cfg = self._config
+        X, Y = self.train_X, self.train_Y
+        n = X.shape[0]
+        prior = torch.as_tensor(prior_precision, dtype=X.dtype, device=X.device)
+        sigma = torch.as_tensor(sigma_noise, dtype=X.dtype, device=X.device).reshape(())
+        wd = float((sigma**2 * prior.mean()).item()) / n
+        self.train_loss = train_map(
+            self.net, X, Y, wd, steps=steps, lr=cfg["lr"], batch_size=cfg["batch_size"],
+            patience=cfg["patience"], generator=self._generator,
+        )
+        mode = cfg["noise"]
+        if mode == "residual":  # sigma^2 = training MSE (floored): the MAP fit's own noise level
+            with torch.no_grad():
+                mse = (self.net(X) - Y).square().mean()
+            sigma = mse.clamp_min(cfg["min_noise"] ** 2).sqrt()
+        elif mode != "marglik":
+            sigma = torch.as_tensor(float(mode), dtype=X.dtype, device=X.device)
+        la = Laplace(self.net, "regression", subset=cfg["subset"], structure=cfg["structure"],
+                     prior_precision=prior, sigma_noise=sigma)
+        chunk = 2048
+        la.fit([(X[i:i + chunk], Y[i:i + chunk]) for i in range(0, n, chunk)], progress=False)
+        steps_ml = cfg["marglik_steps"] if marglik_steps is None else marglik_steps
+        if steps_ml > 0:
+            gran = cfg["prior_granularity"]
+            la.optimize_prior_precision(granularity=gran, n_steps=steps_ml, lr=0.1,
+                                        tune_sigma_noise=mode == "marglik")
+            if mode == "marglik" and la.sigma_noise < cfg["min_noise"]:
+                la.sigma_noise = cfg["min_noise"]
+        self.la = la
+
+    # BoTorch model API -------------------------------------------------------------------
+    @property
+    def num_outputs(self) -> int:
+        return self._num_outputs
+
+    @property
+    def batch_shape(self) -> torch.Size:
+        return torch.Size([])
+
+    def _set_transformed_inputs(self) -> None:  # training inputs are stored transformed
+        pass
+
+    def _revert_to_original_inputs(self) -> None:
+        pass
+
+    def posterior(
+        self,
+        X: Tensor,
+        output_indices: list[int] | None = None,
+        observation_noise: bool | Tensor = False,
+        posterior_transform: Any | None = None,
+        **kwargs: Any,
+    ) -> GPyTorchPosterior:
+        r"""Joint linearized-Laplace posterior at ``X`` (``batch_shape x q x d``).
+
+        ``observation_noise``: ``False`` the latent :math:`f`; ``True`` plus the learned
+        :math:`\sigma^2`; a tensor (``batch_shape x q x m``, outcome-transformed space) plus
+        that noise. Differentiable in ``X``.
+        """
+        self.eval()
+        check_inputs(X, self._input_dim, self.train_X.dtype)
+        Xt = self.transform_inputs(X)
+        batch = Xt.shape[:-2]
+        q = Xt.shape[-2]
+        m = self.num_outputs
+        mean, cov = joint_functional(self.la, Xt.reshape(-1, q, Xt.shape[-1]))
+        mean = mean.reshape(*batch, q, m)
+        cov = cov.reshape(*batch, q * m, q * m)
+        noise = expand_noise(observation_noise, self.sigma2, mean.shape)
+        if noise is not None:
+            cov = cov + torch.diag_embed(noise.reshape(*mean.shape[:-2], q * m))
+        mvn = make_mvn(mean, cov, output_indices)
+        return self._finish(mvn, Xt, posterior_transform)
+
+    def _transform_observations(
+        self, X: Tensor, Y: Tensor, noise: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        check_inputs(X, self._input_dim, self.train_X.dtype)
+        if not torch.is_tensor(Y) or Y.dtype != X.dtype:
+            raise InputDataError(
+                f"Expected all inputs to share the same dtype. Got {X.dtype} for X and "
+                f"{getattr(Y, 'dtype', type(Y))} for Y."
+            )
+        if Y.dim() < 2 or Y.shape[-1] != self.num_outputs or Y.shape[-2] != X.shape[-2]:
+            raise BotorchTensorDimensionError(
+                f"Y must have shape batch_shape x {X.shape[-2]} x {self.num_outputs} "
+                f"(an explicit output dimension), got {tuple(Y.shape)}"
+            )
+        if torch.isnan(Y).any():
+            raise InputDataError("Input data contains NaN values (Y).")
+        Xt = self.transform_inputs(X)
+        if hasattr(self, "outcome_transform"):
+            self.outcome_transform.eval()
+            Y, _ = self.outcome_transform(Y, X=Xt)
+        return Xt, Y
+
+    def condition_on_observations(
+        self, X: Tensor, Y: Tensor, noise: Tensor | None = None, refine: bool | None = None,
+        **kwargs: Any,
+    ) -> Model:
+        r"""The model conditioned on ``(X, Y)`` (raw, untransformed space).
+
+        ``refine=True`` (default for unbatched data): warm-started MAP refinement on old + new
+        data (``refine_steps`` Adam steps) and a curvature refit; returns a
+        :class:`LaplaceModel`. ``refine=False`` (default for batched ``Y``, e.g. fantasies, or
+        when ``X``/``Y`` need gradients): the exact linearized update (module docstring);
+        returns a :class:`ConditionedLaplaceModel` whose batch shape is the broadcast of the
+        batch shapes of ``X`` and ``Y``. ``noise`` (outcome-transformed, shape of ``Y``)
+        defaults to the learned :math:`\sigma^2`.
+        """
+        Xt, Yt = self._transform_observations(X, Y, noise)
+        batched = Xt.dim() > 2 or Yt.dim() > 2
+        differentiable = torch.is_grad_enabled() and (X.requires_grad or Y.requires_grad)
+        if refine is None:
+            refine = not (batched or differentiable)
+        if not refine:
+            return ConditionedLaplaceModel(self, Xt, Yt, noise)
+        if batched:
+            raise BotorchTensorDimensionError(
+                "refine=True needs unbatched observations X n' x d, Y n' x m; use refine=False "
+                "for batched (fantasy) observations"
+            )
+        return self._refined(X.detach(), Xt.detach(), Yt.detach())
+
+    def _refined(self, X_raw: Tensor, Xt: Tensor, Yt: Tensor) -> LaplaceModel:
+        new = self.__class__.__new__(self.__class__)
+        Model.__init__(new)
+        new._num_outputs = self._num_outputs
+        new._input_dim = self._input_dim
+        new._config = dict(self._config)
+        new._generator = self._generator
+        for name in ("input_transform", "outcome_transform"):
+            if hasattr(self, name):
+                setattr(new, name, copy.deepcopy(getattr(self, name)))
+        new._original_train_X = torch.cat([self._original_train_X, X_raw])
+        new.train_X = torch.cat([self.train_X, Xt])
+        new.train_Y = torch.cat([self.train_Y, Yt])
+        new.net = copy.deepcopy(self.net)
+        new._fit(self._config["refine_steps"], self.la.prior_precision, self.la.sigma_noise,
+                 marglik_steps=max(self._config["marglik_steps"] // 2, 1))
+        new.eval()
+        return new
+
+    def fantasize(
+        self, X: Tensor, sampler: MCSampler, observation_noise: Tensor | None = None,
+        **kwargs: Any,
+    ) -> ConditionedLaplaceModel:
+        """Fantasy model: sample ``Y ~ p(y | X)`` (with observation noise) with ``sampler`` and
+        condition the linearized model on every sample; batch shape
+        ``sampler.sample_shape x X.batch_shape``. ``observation_noise`` (outcome-transformed,
+        broadcastable to ``batch x n' x m``) replaces the learned noise."""
+        if observation_noise is not None and not torch.is_tensor(observation_noise):
+            raise InputDataError("observation_noise must be None or a tensor")
+        propagate_grads = kwargs.pop("propagate_grads", False)
+        with fantasize_flag(), settings.propagate_grads(propagate_grads):
+            post = self.posterior(
+                X, observation_noise=True if observation_noise is None else observation_noise
+            )
+            Y = sampler(post)  # sample_shape x batch x n' x m (raw outcome space)
+            Xt = self.transform_inputs(X)
+            if hasattr(self, "outcome_transform"):
+                self.outcome_transform.eval()
+                Y, _ = self.outcome_transform(Y, X=Xt)
+            noise = None
+            if observation_noise is not None:
+                noise = observation_noise.expand(Y.shape[1:])
+            return ConditionedLaplaceModel(self, Xt, Y, noise)
+
+    def __repr__(self) -> str:
+        return (f"LaplaceModel(n={self.train_X.shape[0]}, d={self._input_dim}, "
+                f"m={self.num_outputs}, {self.la!r})")
+
+
+class ConditionedLaplaceModel(_LinearizedMixin, Model):
+    r"""A :class:`LaplaceModel` conditioned on (possibly batched) observations through the exact
+    update of its linearized model (GP conditioning with the NTK kernel
+    :math:`J\Sigma J^\top`). ``X_cond`` (``batch x n' x d``) is in transformed input space,
+    ``Y_cond`` (``batch' x n' x m``) and ``noise`` in transformed outcome space.
+    """
+
+    def __init__(
+        self, base: LaplaceModel, X_cond: Tensor, Y_cond: Tensor, noise: Tensor | None = None
+    ) -> None:
+        super().__init__()
+        self.base = [base]  # a list: keep the base out of this module's children
+        self.la = base.la
+        for name in ("input_transform", "outcome_transform"):
+            if hasattr(base, name):
+                setattr(self, name, getattr(base, name))
+        try:
+            self._batch_shape = torch.broadcast_shapes(X_cond.shape[:-2], Y_cond.shape[:-2])
+        except RuntimeError as e:
+            raise BotorchTensorDimensionError(
+                f"batch shapes of X {tuple(X_cond.shape)} and Y {tuple(Y_cond.shape)} do not "
+                "broadcast"
+            ) from e
+        self.X_cond = X_cond
+        self.Y_cond = Y_cond
+        self.noise = noise
+
+    @property
+    def num_outputs(self) -> int:
+        return self.base[0].num_outputs
+
+    @property
+    def batch_shape(self) -> torch.Size:
+        return self._batch_shape
+
+    def _set_transformed_inputs(self) -> None:
+        pass
+
+    def _revert_to_original_inputs(self) -> None:
+        pass
+
+    def posterior(
+        self,
+        X: Tensor,
+        output_indices: list[int] | None = None,
+        observation_noise: bool | Tensor = False,
+        posterior_transform: Any | None = None,
+        **kwargs: Any,
+    ) -> GPyTorchPosterior:
+        """Conditioned joint posterior at ``X`` (``batch x q x d`` broadcastable with the
+        model's batch shape)."""
+        self.eval()
+        base = self.base[0]
+        check_inputs(X, base._input_dim, base.train_X.dtype)
+        Xt = self.transform_inputs(X)
+        q, d = Xt.shape[-2:]
+        n = self.X_cond.shape[-2]
+        m = self.num_outputs
+        try:
+            batch = torch.broadcast_shapes(Xt.shape[:-2], self._batch_shape)
+        except RuntimeError as e:
+            raise BotorchTensorDimensionError(
+                f"X batch shape {tuple(Xt.shape[:-2])} does not broadcast with the model "
+                f"batch shape {tuple(self._batch_shape)}"
+            ) from e
+        Xc = self.X_cond.expand(*batch, n, d)
+        Xq = Xt.expand(*batch, q, d)
+        pts = torch.cat([Xc, Xq], -2).reshape(-1, n + q, d)
+        mu, K = joint_functional(self.la, pts)  # (T, n+q, m), (T, (n+q)m, (n+q)m)
+        nm = n * m
+        mu1, mu2 = mu[:, :n].reshape(-1, nm), mu[:, n:].reshape(-1, q * m)
+        K11, K12, K22 = K[:, :nm, :nm], K[:, :nm, nm:], K[:, nm:, nm:]
+        y = self.Y_cond.expand(*batch, n, m).reshape(-1, nm)
+        if self.noise is None:
+            nz = self.sigma2.expand(y.shape)
+        else:
+            nz = self.noise.expand(*batch, n, m).reshape(-1, nm)
+        L = psd_safe_cholesky(K11 + torch.diag_embed(nz))
+        A = torch.linalg.solve_triangular(L, K12, upper=False)  # (T, nm, qm)
+        r = torch.linalg.solve_triangular(L, (y - mu1).unsqueeze(-1), upper=False)
+        mean = mu2 + (A.transpose(-1, -2) @ r).squeeze(-1)
+        cov = K22 - A.transpose(-1, -2) @ A
+        mean = mean.reshape(*batch, q, m)
+        cov = cov.reshape(*batch, q * m, q * m)
+        obs = expand_noise(observation_noise, self.sigma2, mean.shape)
+        if obs is not None:
+            cov = cov + torch.diag_embed(obs.reshape(*batch, q * m))
+        mvn = make_mvn(mean, cov, output_indices)
+        return self._finish(mvn, Xt, posterior_transform)
+
+    def condition_on_observations(
+        self, X: Tensor, Y: Tensor, noise: Tensor | None = None, **kwargs: Any
+    ) -> ConditionedLaplaceModel:
+        """Condition further (the linearized update is associative: the data are stacked)."""
+        base = self.base[0]
+        Xt, Yt = base._transform_observations(X, Y, noise)
+        batch = torch.broadcast_shapes(self._batch_shape, Xt.shape[:-2], Yt.shape[:-2])
+        n0, n1 = self.X_cond.shape[-2], Xt.shape[-2]
+        m = self.num_outputs
+        Xc = torch.cat([self.X_cond.expand(*batch, n0, Xt.shape[-1]),
+                        Xt.expand(*batch, n1, Xt.shape[-1])], -2)
+        Yc = torch.cat([self.Y_cond.expand(*batch, n0, m), Yt.expand(*batch, n1, m)], -2)
+        nz = None
+        if self.noise is not None or noise is not None:
+            old = self.noise if self.noise is not None else self.sigma2
+            new = noise if noise is not None else self.sigma2
+            nz = torch.cat([torch.as_tensor(old).expand(*batch, n0, m),
+                            torch.as_tensor(new).expand(*batch, n1, m)], -2)
+        return ConditionedLaplaceModel(base, Xc, Yc, nz)
