@@ -158,3 +158,39 @@ def test_masked_subnetwork_bad_input():
     with pytest.raises(errors.InvalidArgumentError, match="no parameter entry"):
         Laplace(model, "classification", subset={"0.bias": torch.zeros(6, dtype=torch.bool)},
                 structure="full")
+
+
+class Branchy(nn.Module):
+    """A module the forward pass skips for some inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+        self.b = nn.Linear(4, 3)
+        self.use_b = True
+
+    def forward(self, x):
+        out = self.a(x)
+        return out + self.b(x) if self.use_b else out
+
+
+@pytest.mark.parametrize("structure", ["kfac", "diag", "full"])
+def test_predict_with_a_module_skipped_and_with_frozen_weights(structure):
+    model = Branchy().to(DT)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20, 4, generator=g, dtype=DT)
+    y = torch.randint(0, 3, (20,), generator=g)
+    la = Laplace(model, "classification", structure=structure).fit(
+        DataLoader(TensorDataset(x, y), batch_size=10), progress=False)
+    model.use_b = False  # prediction path without model.b: its Jacobian is zero
+    from bayescurv.params import select
+
+    ps = select(model, "all")
+    jac = torch.func.jacrev(lambda v: ps.functional_call(v, x[:3]))(ps.vector())
+    ref = torch.einsum("ncp,pq,ndq->ncd", jac, torch.linalg.inv(
+        la.posterior_precision.to_dense()), jac)
+    torch.testing.assert_close(la.functional(x[:3])[1], ref)
+    for p in model.parameters():  # frozen after fitting: prediction still works
+        p.requires_grad_(False)
+    torch.testing.assert_close(la.functional(x[:3])[1], ref)
+    assert not any(p.requires_grad for p in model.parameters())

@@ -131,6 +131,11 @@ class HookCapture:
         return [self.params.names[i] for i in sorted(self.tied)]
 
     def __enter__(self) -> HookCapture:
+        # the layer outputs must carry a graph even if the user froze the parameters after
+        # selecting them (e.g. a BoTorch model evaluated with frozen weights); restored on exit
+        self._frozen = [p for p in self.params.params if not p.requires_grad]
+        for p in self._frozen:
+            p.requires_grad_(True)
         for rec in self.records:
             self._handles.append(
                 rec.module.register_forward_hook(self._hook(rec, self.differentiable))
@@ -141,6 +146,9 @@ class HookCapture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for p in getattr(self, "_frozen", []):
+            p.requires_grad_(False)
+        self._frozen = []
         self.clear()
 
     def clear(self) -> None:

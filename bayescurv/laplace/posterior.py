@@ -42,6 +42,9 @@ class Laplace:
         prior_precision: scalar, one value per layer, or one per parameter.
         sigma_noise: observation noise (regression), scalar or one per output.
         kind: curvature kind, ``"ggn"`` (default), ``"mc"`` or ``"ef"``.
+        rank, lowrank_method: for ``"lowrank"`` / ``"diag+lowrank"``: number of eigenpairs and
+            how they are found (``"sqrt"``, ``"lanczos"``, ``"randomized"``; see
+            :func:`bayescurv.compute`).
 
     Usage::
 
@@ -65,6 +68,8 @@ class Laplace:
         num_samples: int = 1,
         generator: torch.Generator | None = None,
         unknown_layers: str = "error",
+        rank: int = 10,
+        lowrank_method: str = "sqrt",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InvalidArgumentError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -82,6 +87,8 @@ class Laplace:
         self.num_samples = num_samples
         self.generator = generator
         self.unknown_layers = unknown_layers
+        self.curvature_options = {"rank": rank, "lowrank_method": lowrank_method} \
+            if structure in ("lowrank", "diag+lowrank") else {}
         self.index: Tensor | None = None  # masked subnetwork: flat positions in self.params
         if subnetwork.is_mask_subset(subset):
             self.params, self.index = subnetwork.parse_masks(model, subset)
@@ -180,7 +187,7 @@ class Laplace:
                        progress=progress)
         if self.index is None:
             curv = compute(self.model, unit, loader, structure=self.structure,
-                           params=self.params, **options)
+                           params=self.params, **options, **self.curvature_options)
         else:
             curv = subnetwork.masked_curvature(self.params, self.index, unit, loader,
                                                self.structure, **options)

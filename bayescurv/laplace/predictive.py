@@ -63,15 +63,19 @@ def _explicit_term(jac: Tensor, cov_block: PSDOperator | Tensor, joint: bool) ->
     return torch.diagonal(full, dim1=0, dim2=2).permute(2, 0, 1)
 
 
-def _record_jacobian(rec: ModuleRecord) -> Tensor:
-    """Per-sample Jacobian of one module's parameters ``(C, B, p)`` in flat order."""
+def _record_jacobian(rec: ModuleRecord, like: Tensor) -> Tensor:
+    """Per-sample Jacobian of one module's parameters ``(C, B, p)`` in flat order; zero for
+    a module the forward pass did not call (``like``: any ``(C, B, ·)`` tensor)."""
+    if not rec.called:
+        p = sum(rec.module.get_parameter(n).numel() for n in rec.owned)
+        return like.new_zeros(*like.shape[:2], p)
     ps = rec.per_sample()
     return torch.cat([ps[i] for i in sorted(ps)], -1)
 
 
 def _linear_rank_one(rec: ModuleRecord) -> tuple[Tensor, Tensor] | None:
     """``(g (C, B, O), a (B, I))`` when the layer's Jacobian rows are rank one."""
-    if rec.route != "linear":
+    if rec.route != "linear" or not rec.called:
         return None
     v = rec.linear_view()
     if v.a.shape[1] != 1:
@@ -88,9 +92,14 @@ def _record_index(rec: ModuleRecord, params: ParamSet) -> Tensor:
                                    device=params.device) for i in sorted(rec.owned.values())])
 
 
+def _ref(capture: HookCapture) -> Tensor:
+    """Some ``(C, B, ...)`` output gradient of the pass (for shapes, dtype, device)."""
+    return next(r.grads[0] for r in capture.records if r.called)
+
+
 def _full_jacobian(capture: HookCapture) -> Tensor:
     """Whole-net per-sample Jacobian ``(C, B, P)`` (dense posteriors, tied parameters)."""
-    c, b = capture.records[0].grads[0].shape[:2]
+    c, b = _ref(capture).shape[:2]
     return per_sample_matrix(capture.records, capture.params).reshape(c, b, -1)
 
 
@@ -98,7 +107,7 @@ def _diag_term(capture: HookCapture, var: Tensor, joint: bool) -> Tensor:
     """``J diag(var) Jᵀ``, layer by layer."""
     if capture.tied:  # tied parameters: exact, through the whole per-sample matrix
         return _explicit_term(_full_jacobian(capture), var, joint)
-    cov = 0
+    cov, ref = 0, _ref(capture)
     for rec in capture.records:
         idx = _record_index(rec, capture.params)
         r1 = _linear_rank_one(rec)
@@ -106,7 +115,7 @@ def _diag_term(capture: HookCapture, var: Tensor, joint: bool) -> Tensor:
             g, a = r1
             cov = cov + _rank_one_term(g, a, var[idx].reshape(g.shape[-1], a.shape[-1]), joint)
         else:
-            cov = cov + _explicit_term(_record_jacobian(rec), var[idx], joint)
+            cov = cov + _explicit_term(_record_jacobian(rec, ref), var[idx], joint)
     return cov
 
 
@@ -114,7 +123,7 @@ def _jacobian_times(capture: HookCapture, z: Tensor) -> Tensor:
     """``J Z`` for ``Z`` ``(P, k)``: ``(C, B, k)``, layer by layer."""
     if capture.tied:
         return _full_jacobian(capture) @ z
-    out = 0
+    out, ref = 0, _ref(capture)
     for rec in capture.records:
         zi = z[_record_index(rec, capture.params)]
         r1 = _linear_rank_one(rec)
@@ -123,7 +132,7 @@ def _jacobian_times(capture: HookCapture, z: Tensor) -> Tensor:
             zi = zi.reshape(g.shape[-1], a.shape[-1], -1)
             out = out + torch.einsum("cbo,bi,oik->cbk", g, a, zi)
         else:
-            out = out + _record_jacobian(rec) @ zi
+            out = out + _record_jacobian(rec, ref) @ zi
     return out
 
 
@@ -142,7 +151,7 @@ def _lowrank_term(capture: HookCapture, precision: LowRankPlusDiagonal, joint: b
 
 
 def _blocks_term(capture: HookCapture, precision: BlockDiagonal, joint: bool) -> Tensor:
-    cov = 0
+    cov, ref = 0, _ref(capture)
     for rec, block in zip(capture.records, precision.blocks):
         r1 = _linear_rank_one(rec)
         if isinstance(block, KroneckerEigen) and r1 is not None:
@@ -150,7 +159,7 @@ def _blocks_term(capture: HookCapture, precision: BlockDiagonal, joint: bool) ->
             cov = cov + _rank_one_term(g @ block.QA, a @ block.QB, 1.0 / block.eigenvalues,
                                        joint)
         else:
-            cov = cov + _explicit_term(_record_jacobian(rec), block, joint)
+            cov = cov + _explicit_term(_record_jacobian(rec, ref), block, joint)
     return cov
 
 
