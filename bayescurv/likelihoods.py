@@ -30,6 +30,29 @@ from torch.nn import functional as F
 from bayescurv.errors import InvalidArgumentError, NonFiniteError, ShapeError
 
 
+def class_indices(y: Tensor, batch: int, num_classes: int) -> Tensor:
+    """Validate class-index targets: shape ``(batch,)`` (or ``(batch, 1)``), integer values in
+    ``[0, num_classes - 1]``; returns them as a long tensor."""
+    if not torch.is_tensor(y):
+        y = torch.as_tensor(y)
+    if y.dim() == 2 and y.shape[1] == 1:
+        y = y.squeeze(1)
+    if y.dim() != 1 or y.shape[0] != batch:
+        raise ShapeError(
+            f"classification targets must be class indices of shape ({batch},); got "
+            f"{tuple(y.shape)}"
+        )
+    if y.is_floating_point() and not torch.equal(y, y.round()):
+        raise ShapeError("classification targets must be integer class indices")
+    y = y.long()
+    if y.numel() and (y.min() < 0 or y.max() >= num_classes):
+        raise ShapeError(
+            f"class indices must lie in [0, {num_classes - 1}] for {num_classes} classes; "
+            f"got range [{int(y.min())}, {int(y.max())}]"
+        )
+    return y
+
+
 class Likelihood:
     """Base class. Subclasses set ``name`` and implement the methods below."""
 
@@ -204,23 +227,7 @@ class Categorical(Likelihood):
 
     def check(self, f: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         f = self.check_outputs(f)
-        if y.dim() == 2 and y.shape[1] == 1:
-            y = y.squeeze(1)
-        if y.dim() != 1 or y.shape[0] != f.shape[0]:
-            raise ShapeError(
-                f"classification targets must be class indices of shape (batch,); got "
-                f"{tuple(y.shape)} for outputs {tuple(f.shape)}"
-            )
-        if y.is_floating_point():
-            if not torch.equal(y, y.round()):
-                raise ShapeError("classification targets must be integer class indices")
-            y = y.long()
-        if y.numel() and (y.min() < 0 or y.max() >= f.shape[1]):
-            raise ShapeError(
-                f"class indices must lie in [0, {f.shape[1] - 1}] for a network with "
-                f"{f.shape[1]} outputs; got range [{int(y.min())}, {int(y.max())}]"
-            )
-        return f, y
+        return f, class_indices(y, f.shape[0], f.shape[1])
 
     def log_prob(self, f, y):
         f, y = self.check(f, y)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from bayescurv.errors import EmptyDataError, InvalidArgumentError, ShapeError
+from bayescurv.likelihoods import class_indices
 
 _EPS = 1e-12
 
@@ -42,25 +43,9 @@ def _as_class_probs(probs: Tensor) -> Tensor:
 
 
 def _as_labels(y: Tensor, probs: Tensor) -> Tensor:
-    if not torch.is_tensor(y):
-        y = torch.as_tensor(y)
-    if y.dim() == 2 and y.shape[1] == 1:
-        y = y.squeeze(1)
-    if y.dim() != 1 or y.shape[0] != probs.shape[0]:
-        raise ShapeError(
-            f"labels must have shape ({probs.shape[0]},) to fit probs {tuple(probs.shape)}; "
-            f"got {tuple(y.shape)}"
-        )
-    if y.is_floating_point():
-        if not torch.equal(y, y.round()):
-            raise ShapeError("labels must be integer class indices")
-    y = y.to(device=probs.device, dtype=torch.long)
-    if y.numel() and (y.min() < 0 or y.max() >= probs.shape[1]):
-        raise ShapeError(
-            f"labels must lie in [0, {probs.shape[1] - 1}]; "
-            f"got range [{int(y.min())}, {int(y.max())}]"
-        )
-    return y
+    if torch.is_tensor(y):
+        y = y.to(device=probs.device)
+    return class_indices(y, probs.shape[0], probs.shape[1])
 
 
 def _check_num_bins(num_bins: int) -> None:
