@@ -166,6 +166,19 @@ class PSDOperator(ABC):
     def _reset_caches(self) -> None:  # noqa: B027 - optional hook
         """Drop per-instance caches that depend on the modification chain (hook)."""
 
+    @property
+    def scale_factor(self) -> Tensor:
+        """``c`` of the pending ``scale`` modifications (0-dim; 1 when none)."""
+        c, _ = self._affine()
+        return torch.ones((), dtype=self.dtype, device=self.device) if c is None else c
+
+    @property
+    def shift(self) -> Tensor:
+        """``δ`` of the pending ``add_diagonal`` modifications: 0-dim or ``(n,)`` (0 when
+        none)."""
+        _, shift = self._affine()
+        return torch.zeros((), dtype=self.dtype, device=self.device) if shift is None else shift
+
     def _affine(self) -> tuple[Tensor | None, Tensor | None]:
         """Effective ``(c, δ)`` of ``A = c · A_base + diag(δ)``; ``None`` stands for 1 / 0."""
         c: Tensor | None = None

@@ -66,18 +66,6 @@ class Dense(PSDOperator):
         """The (symmetrised) base matrix ``M``."""
         return self._cache.matrix
 
-    @property
-    def scale_factor(self) -> Tensor:
-        """``c`` (0-dim)."""
-        c, _ = self._affine()
-        return torch.ones((), dtype=self.dtype, device=self.device) if c is None else c
-
-    @property
-    def shift(self) -> Tensor:
-        """``δ``: 0-dim or ``(n,)``."""
-        _, shift = self._affine()
-        return torch.zeros((), dtype=self.dtype, device=self.device) if shift is None else shift
-
     def eigenvalues(self) -> Tensor:
         """``c λ + δ``: eigenvalues of ``A`` (constant shift only), basis ``eigenvectors()``."""
         if self._has_vector_shift():

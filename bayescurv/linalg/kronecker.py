@@ -134,18 +134,6 @@ class KroneckerEigen(PSDOperator):
         """Unscaled, unshifted ``Λ``, shape ``(p, q)``."""
         return self._lam
 
-    @property
-    def scale_factor(self) -> Tensor:
-        """``c`` (0-dim)."""
-        c, _ = self._affine()
-        return torch.ones((), dtype=self.dtype, device=self.device) if c is None else c
-
-    @property
-    def shift(self) -> Tensor:
-        """``δ`` (0-dim)."""
-        _, shift = self._affine()
-        return torch.zeros((), dtype=self.dtype, device=self.device) if shift is None else shift
-
     # ------------------------------------------------------------------ eigenbasis maps
     def _apply(self, v: Tensor, weights: Tensor, name: str = "v") -> Tensor:
         """``(Q_A ⊗ Q_B) diag(vec_r(weights)) (Q_A ⊗ Q_B)ᵀ v``."""
