@@ -383,3 +383,18 @@ def test_per_output_noise_must_fit_the_outputs():
     with pytest.raises(errors.ShapeError, match="3 entries"):
         Laplace(mlp(d_out=2), "regression", structure="full",
                 sigma_noise=torch.tensor([0.5, 1.0, 2.0], dtype=DT)).fit(dl, progress=False)
+
+
+@pytest.mark.parametrize("kind", ["ggn", "ef"])
+def test_regression_curvature_scales_correctly_with_noise(kind):
+    """Fitted at unit noise and rescaled: GGN by 1/σ², empirical Fisher by 1/σ⁴."""
+    from bayescurv import compute
+    from bayescurv.likelihoods import Gaussian
+
+    model = mlp(d_out=2)
+    _, _, dl = data(d_out=2, task="regression")
+    la = Laplace(model, "regression", structure="full", kind=kind, sigma_noise=0.5,
+                 prior_precision=1.0).fit(dl, progress=False)
+    ref = compute(model, Gaussian(0.5), dl, structure="full", kind=kind).matrix.to_dense()
+    torch.testing.assert_close(la.posterior_precision.to_dense(),
+                               ref + torch.eye(ref.shape[0], dtype=DT))

@@ -60,13 +60,38 @@ def check_prior(
     return t
 
 
+def _is_per_parameter(prior: Tensor, index: Tensor) -> bool:
+    return prior.numel() == index.numel() and prior.numel() != int(index.max()) + 1
+
+
 def expand_prior(prior: Tensor, index: Tensor) -> Tensor:
-    """Prior precision as a ``(P,)`` vector."""
+    """Prior precision as a ``(P,)`` vector. Per-layer values are repeated segment-wise when
+    the layers are contiguous in the flat order (the usual case), whose backward is a
+    segment sum; a gather's backward scatters P values into a few slots, far slower."""
     if prior.dim() == 0:
         return prior.expand(index.numel())
-    if prior.numel() == index.numel() and prior.numel() != int(index.max()) + 1:
+    if _is_per_parameter(prior, index):
         return prior
+    if bool((index[1:] >= index[:-1]).all()):
+        counts = torch.bincount(index, minlength=prior.numel())
+        return torch.repeat_interleave(prior, counts, output_size=index.numel())
     return prior[index]
+
+
+def log_prior(prior: Tensor, theta: Tensor, index: Tensor) -> Tensor:
+    r""":math:`\log N(\theta; 0, diag(\delta)^{-1}) + \tfrac{P}{2}\log 2\pi
+    = -\tfrac12 \theta^\top diag(\delta)\theta + \tfrac12 \log\det diag(\delta)`,
+    computed per layer for scalar and per-layer priors (no length-``P`` vector in the graph,
+    so one evidence step costs ``O(L)`` here)."""
+    sq = theta.detach() ** 2
+    if prior.dim() == 0:
+        return -0.5 * prior * sq.sum() + 0.5 * theta.numel() * torch.log(prior)
+    if _is_per_parameter(prior, index):
+        return -0.5 * (prior * sq).sum() + 0.5 * torch.log(prior).sum()
+    per_layer = torch.zeros(prior.numel(), dtype=sq.dtype, device=sq.device).index_add_(
+        0, index, sq)
+    counts = torch.bincount(index, minlength=prior.numel()).to(sq.dtype)
+    return -0.5 * (prior * per_layer).sum() + 0.5 * (counts * torch.log(prior)).sum()
 
 
 def add_prior(h: PSDOperator, prior: Tensor, index: Tensor, num_layers: int) -> PSDOperator:

@@ -158,6 +158,11 @@ class Laplace:
                 "per-output weighting breaks the Kronecker factorisation); use a scalar noise "
                 f"with structure={self.structure!r}"
             )
+        if s.numel() > 1 and self.kind != "ggn":
+            raise InvalidArgumentError(
+                "per-output sigma_noise needs kind='ggn' (the sampled and empirical Fisher "
+                "do not split into per-output terms)"
+            )
         if s.numel() > 1 and self.index is not None:
             raise InvalidArgumentError("per-output sigma_noise is not available with masks")
         self._sigma = s
@@ -235,7 +240,10 @@ class Laplace:
                 if self.structure == "full":  # a vector shift keeps the graph through H(σ)
                     prior = marglik.expand_prior(prior, self.layer_index)
             else:
-                h = h.scale(1.0 / sigma.reshape(()) ** 2)
+                # GGN and Fisher scale as 1/σ²; the empirical Fisher, a sum of squared
+                # gradients (f - y)/σ², as 1/σ⁴
+                power = 4 if self.kind == "ef" else 2
+                h = h.scale(1.0 / sigma.reshape(()) ** power)
         return marglik.add_prior(h, prior, self.layer_index, self.num_layers)
 
     @property
@@ -277,12 +285,10 @@ class Laplace:
             self.params.device, allow_grad=True)
         sigma = self._sigma if sigma_noise is None else torch.as_tensor(
             sigma_noise, dtype=self.params.dtype, device=self.params.device)
-        delta = self.prior_diagonal(prior)
         lam = self.posterior_precision_at(prior, sigma)
         return (
             self.log_likelihood_at(sigma)
-            - 0.5 * (delta * self.mean**2).sum()
-            + 0.5 * torch.log(delta).sum()
+            + marglik.log_prior(prior, self.mean, self.layer_index)
             - 0.5 * lam.logdet()
         )
 
