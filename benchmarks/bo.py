@@ -56,6 +56,22 @@ def problems():
     return {"Branin": Branin(negate=True).to(DT), "Hartmann6": Hartmann(dim=6, negate=True).to(DT)}
 
 
+class Center(nn.Module):
+    """``x -> 2x - 1``: maps the ``Normalize``d unit box to ``[-1, 1]^d`` so the network (and
+    its NTK) is centred on the search box instead of on one corner."""
+
+    def forward(self, x):
+        return 2 * x - 1
+
+
+def ours_net(hidden=(16, 16), activation="relu"):
+    """Network factory for the BO loop: centring + a small MLP (few parameters, so the full
+    GGN is cheap and its rank is bounded by the data, not inflated as with K-FAC)."""
+    from bayescurv.bo import default_network
+
+    return lambda d, m: nn.Sequential(Center(), *default_network(d, m, hidden, activation))
+
+
 def lbo_net(d: int) -> nn.Module:
     return nn.Sequential(nn.Linear(d, 50), nn.ReLU(), nn.Linear(50, 50), nn.ReLU(),
                          nn.Linear(50, 1)).to(DT)
@@ -135,8 +151,8 @@ def bo_run(f, method: str, seed: int, n_init: int, n_evals: int, acq_opts: dict,
 
 
 def regret_section(args, cfg) -> dict:
-    methods = ["ours", "laplace-bayesopt", "gp", "random"]
-    if LaplaceBoTorch is None:
+    methods = [m for m in ["ours", "laplace-bayesopt", "gp", "random"] if m in args.methods]
+    if LaplaceBoTorch is None and "laplace-bayesopt" in methods:
         methods.remove("laplace-bayesopt")
         print("laplace-bayesopt not importable: skipped")
     acq_opts = dict(num_restarts=args.restarts, raw_samples=args.raw, options={"maxiter": 50})
@@ -291,6 +307,8 @@ def main() -> None:
                    help="cap on SingleTaskGP hyperparameter fitting (s): GP times are lower bounds")
     p.add_argument("--cond-n", type=int, default=2000)
     p.add_argument("--cond-lbo-epochs", type=int, default=20)
+    p.add_argument("--out", default="outputs/bo", help="output folder")
+    p.add_argument("--methods", nargs="+", default=["ours", "laplace-bayesopt", "gp", "random"])
     p.add_argument("--skip", nargs="*", default=[], choices=["regret", "scaling", "condition"])
     args = p.parse_args()
     if args.quick:
@@ -298,11 +316,15 @@ def main() -> None:
         args.sizes, args.n_test, args.cond_n, args.lbo_epochs = [200, 400], 100, 300, 5
         args.cond_lbo_epochs = 5
     cfg = {
-        "ours": dict(hidden=(50, 50), steps=500, refine_steps=100, marglik_steps=30),
+        # full GGN on a small centred ReLU net, MAP-II noise with the LogNormal(-4, 1) prior
+        "ours": dict(network=ours_net((16, 16), "relu"), structure="full", steps=500,
+                     refine_steps=100, marglik_steps=30),
         "lbo": dict(n_epochs=args.lbo_epochs),
         "ours_scale": dict(hidden=(50, 50), steps=500, refine_steps=100, marglik_steps=30,
                            batch_size=512),
     }
+    global OUT
+    OUT = Path(args.out)
     OUT.mkdir(parents=True, exist_ok=True)
     print(f"threads={torch.get_num_threads()} config={vars(args)}")
     res = {"args": vars(args)}

@@ -128,6 +128,66 @@ def train_map(
     return best
 
 
+def noise_log_prior(noise_prior, sigma: Tensor) -> Tensor:
+    r"""Log density of the noise hyperprior at the noise variance :math:`\sigma^2` (as GPyTorch
+    places priors on the noise variance; no Jacobian of the log parametrization, the MAP-II
+    convention of BoTorch's GPs). ``noise_prior`` is a ``torch.distributions.Distribution`` over
+    :math:`\sigma^2` or ``None`` (returns 0)."""
+    if noise_prior is None:
+        return sigma.new_zeros(())
+    return noise_prior.log_prob(sigma.reshape(()) ** 2).sum()
+
+
+def default_noise_prior(dtype=torch.float64, device=None):
+    r"""LogNormal(-4, 1) on :math:`\sigma^2` in standardized outcome units: BoTorch's default
+    noise prior for ``SingleTaskGP`` (median :math:`\sigma^2 = e^{-4}`, i.e.
+    :math:`\sigma \approx 0.14`)."""
+    return torch.distributions.LogNormal(torch.tensor(-4.0, dtype=dtype, device=device),
+                                         torch.tensor(1.0, dtype=dtype, device=device))
+
+
+def tune_hyperparameters(
+    la: Laplace, granularity: str, n_steps: int, lr: float = 0.1, tune_sigma: bool = True,
+    noise_prior=None,
+) -> float:
+    r"""MAP-II: maximize :math:`\log p(D \mid \delta, \sigma) + \log p(\sigma^2)` (Laplace
+    evidence plus the noise hyperprior) with Adam on :math:`\log\delta` (one per layer for
+    ``granularity="layer"``, else one) and :math:`\log\sigma`. Keeps the best iterate and
+    stores it in ``la``; returns the best objective."""
+    cur = la.prior_precision
+    size = la.num_layers if granularity == "layer" else 0
+    if size == 0:
+        init = cur.mean().reshape(())
+    elif cur.dim() == 1 and cur.numel() == size:
+        init = cur.clone()
+    else:
+        init = cur.mean().expand(size).clone()
+    log_prior = init.log().clone().requires_grad_(True)
+    log_sigma = la.sigma_noise.reshape(()).log().clone().requires_grad_(tune_sigma)
+    variables = [log_prior] + ([log_sigma] if tune_sigma else [])
+    opt = torch.optim.Adam(variables, lr=lr)
+
+    def objective():
+        sigma = log_sigma.exp()
+        lml = la.log_marginal_likelihood(log_prior.exp(), sigma)
+        return lml + (noise_log_prior(noise_prior, sigma) if tune_sigma else 0.0)
+
+    best = (-math.inf, log_prior.detach().clone(), log_sigma.detach().clone())
+    for step in range(n_steps + 1):
+        opt.zero_grad()
+        obj = objective()
+        if torch.isfinite(obj) and obj.item() > best[0]:
+            best = (obj.item(), log_prior.detach().clone(), log_sigma.detach().clone())
+        if step == n_steps:
+            break
+        (-obj).backward()
+        opt.step()
+    la.prior_precision = best[1].exp()
+    if tune_sigma:
+        la.sigma_noise = best[2].exp()
+    return best[0]
+
+
 class _LinearizedMixin:
     """Shared helpers of the two models (they both hold ``self.la``)."""
 
@@ -163,6 +223,10 @@ class LaplaceModel(_LinearizedMixin, Model, FantasizeMixin):
         noise: ``"marglik"`` (tune :math:`\sigma` with the prior precision), ``"residual"``
             (:math:`\sigma^2` = the MAP fit's training MSE) or a fixed float; in all cases
             :math:`\sigma \ge` ``min_noise`` (outcome-transformed units).
+        noise_prior: hyperprior on :math:`\sigma^2` for ``noise="marglik"`` (MAP-II, see
+            :func:`tune_hyperparameters`): ``"default"`` (LogNormal(-4, 1), BoTorch's
+            ``SingleTaskGP`` noise prior), a ``torch.distributions.Distribution`` over
+            :math:`\sigma^2`, or ``None`` (type-II maximum likelihood).
         steps, lr, batch_size, patience: MAP training (see :func:`train_map`).
         refine_steps: Adam steps of the warm-started refinement in
             :meth:`condition_on_observations`.
@@ -193,6 +257,7 @@ class LaplaceModel(_LinearizedMixin, Model, FantasizeMixin):
         marglik_steps: int = 100,
         noise: str | float = "marglik",
         min_noise: float = 1e-3,
+        noise_prior: Any = "default",
         refine_steps: int = 300,
         input_transform: InputTransform | None = None,
         outcome_transform: OutcomeTransform | None = None,
@@ -208,6 +273,7 @@ class LaplaceModel(_LinearizedMixin, Model, FantasizeMixin):
             subset=subset, structure=structure, steps=steps, lr=lr, batch_size=batch_size,
             patience=patience, marglik_steps=marglik_steps, refine_steps=refine_steps,
             prior_granularity=prior_granularity, noise=noise, min_noise=min_noise,
+            noise_prior=noise_prior,
         )
         if not (noise in ("marglik", "residual") or isinstance(noise, (int, float))):
             raise ValueError(f"noise must be 'marglik', 'residual' or a float, got {noise!r}")
@@ -326,8 +392,11 @@ class LaplaceModel(_LinearizedMixin, Model, FantasizeMixin):
         steps_ml = cfg["marglik_steps"] if marglik_steps is None else marglik_steps
         if steps_ml > 0:
             gran = cfg["prior_granularity"]
-            la.optimize_prior_precision(granularity=gran, n_steps=steps_ml, lr=0.1,
-                                        tune_sigma_noise=mode == "marglik")
+            prior_ = cfg["noise_prior"]
+            if isinstance(prior_, str):  # "default"
+                prior_ = default_noise_prior(X.dtype, X.device)
+            tune_hyperparameters(la, gran, steps_ml, lr=0.1, tune_sigma=mode == "marglik",
+                                 noise_prior=prior_)
             if mode == "marglik" and la.sigma_noise < cfg["min_noise"]:
                 la.sigma_noise = cfg["min_noise"]
         self.la = la
