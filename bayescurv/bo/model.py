@@ -193,6 +193,12 @@ class _LinearizedMixin:
 
     la: Laplace
 
+    def _set_transformed_inputs(self) -> None:  # training inputs are stored transformed
+        pass
+
+    def _revert_to_original_inputs(self) -> None:
+        pass
+
     @property
     def sigma2(self) -> Tensor:
         """Observation-noise variance (outcome-transformed space)."""
@@ -410,12 +416,6 @@ class LaplaceModel(_LinearizedMixin, Model, FantasizeMixin):
     def batch_shape(self) -> torch.Size:
         return torch.Size([])
 
-    def _set_transformed_inputs(self) -> None:  # training inputs are stored transformed
-        pass
-
-    def _revert_to_original_inputs(self) -> None:
-        pass
-
     def posterior(
         self,
         X: Tensor,
@@ -578,12 +578,6 @@ class ConditionedLaplaceModel(_LinearizedMixin, Model):
     @property
     def batch_shape(self) -> torch.Size:
         return self._batch_shape
-
-    def _set_transformed_inputs(self) -> None:
-        pass
-
-    def _revert_to_original_inputs(self) -> None:
-        pass
 
     def posterior(
         self,
