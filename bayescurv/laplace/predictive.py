@@ -83,10 +83,10 @@ def _linear_rank_one(rec: ModuleRecord) -> tuple[Tensor, Tensor] | None:
     return v.g[:, :, 0, :], v.a[:, 0, :]
 
 
-def _record_index(rec: ModuleRecord, params: ParamSet) -> Tensor:
+def _record_index(rec: ModuleRecord, params: ParamSet, rank_one: bool) -> Tensor:
     """Flat positions of a record's parameters in the order of its Jacobian columns
     (``W̃ = [W | b]`` row-major for rank-one linear layers, else owned slices in order)."""
-    if _linear_rank_one(rec) is not None:
+    if rank_one:
         return _kron_index(params, rec)
     return torch.cat([torch.arange(params.slice_of(i).start, params.slice_of(i).stop,
                                    device=params.device) for i in sorted(rec.owned.values())])
@@ -109,8 +109,8 @@ def _diag_term(capture: HookCapture, var: Tensor, joint: bool) -> Tensor:
         return _explicit_term(_full_jacobian(capture), var, joint)
     cov, ref = 0, _ref(capture)
     for rec in capture.records:
-        idx = _record_index(rec, capture.params)
         r1 = _linear_rank_one(rec)
+        idx = _record_index(rec, capture.params, r1 is not None)
         if r1 is not None:
             g, a = r1
             cov = cov + _rank_one_term(g, a, var[idx].reshape(g.shape[-1], a.shape[-1]), joint)
@@ -125,8 +125,8 @@ def _jacobian_times(capture: HookCapture, z: Tensor) -> Tensor:
         return _full_jacobian(capture) @ z
     out, ref = 0, _ref(capture)
     for rec in capture.records:
-        zi = z[_record_index(rec, capture.params)]
         r1 = _linear_rank_one(rec)
+        zi = z[_record_index(rec, capture.params, r1 is not None)]
         if r1 is not None:
             g, a = r1
             zi = zi.reshape(g.shape[-1], a.shape[-1], -1)
