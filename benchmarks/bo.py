@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -46,9 +47,13 @@ from bayescurv.bo import LaplaceModel
 DT = torch.float64
 OUT = Path("outputs/bo")
 
+# benchmarks/laplace.py would shadow laplace-torch's ``laplace`` package (imported by
+# laplace-bayesopt): drop this script's folder from the import path first
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
 try:  # laplace-bayesopt is optional (installed with --no-deps)
     from laplace_bayesopt.botorch import LaplaceBoTorch
-except Exception:  # pragma: no cover - depends on the environment
+except Exception as exc:  # pragma: no cover - depends on the environment
+    print(f"laplace-bayesopt not importable ({exc!r})")
     LaplaceBoTorch = None
 
 
@@ -169,15 +174,20 @@ def regret_section(args, cfg) -> dict:
             reg = torch.tensor([r["regret"] for r in runs])
             print(f"  {name:9s} {method:17s} final median regret {reg[:, -1].median():.4f}  "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    # table
-    lines = [f"| function | method | median regret @10 | @25 | @{args.evals} (final) | "
+    report(results, args.seeds, args.evals)
+    return {f"{k[0]}/{k[1]}": v for k, v in results.items()}
+
+
+def report(results: dict, seeds: int, evals: int) -> None:
+    """Regret table (markdown) and median/IQR curves (PNG) into ``OUT``."""
+    lines = [f"| function | method | median regret @10 | @25 | @{evals} (final) | "
              "IQR final | s / iteration |", "|---|---|---|---|---|---|---|"]
     for (name, method), runs in results.items():
         reg = torch.tensor([r["regret"] for r in runs])
         med = reg.median(0).values
         q25, q75 = reg[:, -1].quantile(0.25).item(), reg[:, -1].quantile(0.75).item()
         tpi = sum(r["time_per_iter"] for r in runs) / len(runs)
-        i10, i25 = min(10, args.evals), min(25, args.evals)
+        i10, i25 = min(10, evals), min(25, evals)
         lines.append(f"| {name} | {method} | {med[i10]:.4f} | {med[i25]:.4f} | {med[-1]:.4f} | "
                      f"[{q25:.4f}, {q75:.4f}] | {tpi:.3f} |")
     table = "\n".join(lines)
@@ -198,7 +208,7 @@ def regret_section(args, cfg) -> dict:
                 ax.semilogy(range(len(med)), med.clamp_min(1e-6), label=method)
                 ax.fill_between(range(len(med)), reg.quantile(0.25, 0).clamp_min(1e-6),
                                 reg.quantile(0.75, 0).clamp_min(1e-6), alpha=0.15)
-            ax.set(title=f"{name} ({args.seeds} seeds)", xlabel="evaluations after init",
+            ax.set(title=f"{name} ({seeds} seeds)", xlabel="evaluations after init",
                    ylabel="simple regret (median, IQR)")
             ax.legend()
         fig.tight_layout()
@@ -207,7 +217,20 @@ def regret_section(args, cfg) -> dict:
     except ImportError:
         print("matplotlib not installed: no PNG")
     (OUT / "regret.md").write_text(table + "\n")
-    return {f"{k[0]}/{k[1]}": v for k, v in results.items()}
+
+
+def merge(paths: list[str]) -> None:
+    """One regret table and PNG from the ``results-regret.json`` of several runs (e.g. the
+    methods run as parallel processes with the same seeds and evaluations)."""
+    results, seeds, evals = {}, None, None
+    for path in paths:
+        res = json.loads((Path(path) / "results-regret.json").read_text())
+        seeds, evals = res["args"]["seeds"], res["args"]["evals"]
+        for key, runs in res["regret"].items():
+            results[tuple(key.split("/"))] = runs
+    order = ["ours", "laplace-bayesopt", "gp", "random"]
+    results = dict(sorted(results.items(), key=lambda kv: (kv[0][0], order.index(kv[0][1]))))
+    report(results, seeds, evals)
 
 
 # scaling --------------------------------------------------------------------------------
@@ -308,6 +331,10 @@ def main() -> None:
     p.add_argument("--cond-n", type=int, default=2000)
     p.add_argument("--cond-lbo-epochs", type=int, default=20)
     p.add_argument("--out", default="outputs/bo", help="output folder")
+    p.add_argument("--merge", nargs="+", metavar="DIR",
+                   help="only merge the regret results of earlier runs (their --out folders)")
+    p.add_argument("--mlp", action="store_true",
+                   help="our surrogate on a centred 16-16 ReLU MLP instead of the defaults")
     p.add_argument("--methods", nargs="+", default=["ours", "laplace-bayesopt", "gp", "random"])
     p.add_argument("--skip", nargs="*", default=[], choices=["regret", "scaling", "condition"])
     args = p.parse_args()
@@ -316,16 +343,21 @@ def main() -> None:
         args.sizes, args.n_test, args.cond_n, args.lbo_epochs = [200, 400], 100, 300, 5
         args.cond_lbo_epochs = 5
     cfg = {
-        # full GGN on a small centred ReLU net, MAP-II noise with the LogNormal(-4, 1) prior
-        "ours": dict(network=ours_net((16, 16), "relu"), structure="full", steps=500,
-                     refine_steps=100, marglik_steps=30),
+        # library defaults: Fourier-feature networks at six lengthscales, selected by the exact
+        # evidence of the linearized model (MAP-II with the LogNormal(-4, 1) noise prior)
+        "ours": dict(),
         "lbo": dict(n_epochs=args.lbo_epochs),
-        "ours_scale": dict(hidden=(50, 50), steps=500, refine_steps=100, marglik_steps=30,
-                           batch_size=512),
+        "ours_scale": dict(),
     }
+    if args.mlp:  # the previous benchmark configuration, for comparison
+        cfg["ours"] = dict(network=ours_net((16, 16), "relu"), structure="full", steps=500,
+                           refine_steps=100, marglik_steps=30)
     global OUT
     OUT = Path(args.out)
     OUT.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        merge(args.merge)
+        return
     print(f"threads={torch.get_num_threads()} config={vars(args)}")
     res = {"args": vars(args)}
     t0 = time.perf_counter()

@@ -77,7 +77,10 @@ def test_posterior_joint_matches_dense(case_model):
         J = _dense_jac(model, Xq[b])
         ref = J @ S @ J.T  # (4m, 4m), interleaved
         torch.testing.assert_close(mvn.covariance_matrix[b], ref, rtol=1e-6, atol=1e-9)
-        torch.testing.assert_close(post.mean[b], model.net(Xq[b]), rtol=1e-10, atol=1e-10)
+        want = model.net(Xq[b])
+        if model.glm is not None:  # evidence="linearized": the linear model's posterior mean
+            want = want + (J @ (model.theta_bar - model.la.mean)).reshape(4, m)
+        torch.testing.assert_close(post.mean[b], want, rtol=1e-9, atol=1e-9)
 
 
 def test_output_indices_and_noise(case_model):
@@ -129,6 +132,7 @@ def test_transforms():
     post = model.posterior(Xq)
     xt = model.input_transform(Xq.reshape(4, 2))
     f, c = model.la.functional(xt)
+    f = _lin_mean(model, xt)
     std, mu = model.outcome_transform.stdvs, model.outcome_transform.means
     torch.testing.assert_close(post.mean.reshape(4), (f.reshape(4) * std + mu).reshape(4))
     torch.testing.assert_close(post.variance.reshape(4), c.reshape(4) * std.reshape(()) ** 2)
@@ -150,13 +154,13 @@ def test_fantasy_equals_weight_space_update(model_1d):
     Jn = _dense_jac(model_1d, Xn)
     lam = model_1d.la.posterior_precision.to_dense() + Jn.T @ Jn / s2
     S = torch.linalg.inv(lam)
-    fn = model_1d.net(Xn).reshape(-1)
+    fn = _lin_mean(model_1d, Xn).reshape(-1)
     for k in range(3):
         y = fm.Y_cond[k].reshape(-1)
         dtheta = S @ Jn.T @ (y - fn) / s2
         J = _dense_jac(model_1d, Xq[k])
-        torch.testing.assert_close(post.mean[k].reshape(-1), model_1d.net(Xq[k]).reshape(-1)
-                                   + J @ dtheta, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(post.mean[k].reshape(-1), _lin_mean(model_1d, Xq[k])
+                                   .reshape(-1) + J @ dtheta, rtol=1e-6, atol=1e-8)
         torch.testing.assert_close(post.distribution.covariance_matrix[k], J @ S @ J.T,
                                    rtol=1e-6, atol=1e-9)
     # chaining equals conditioning on everything at once
@@ -184,13 +188,19 @@ def test_condition_refines_without_retraining():
 
 
 # kernel --------------------------------------------------------------------------------
+def _lin_mean(model, x):
+    """The linearized posterior mean: f(x; θ*) (+ J(x)(θ̄ - θ*) with evidence="linearized")."""
+    off = model._mean_offset(x[None])
+    return model.net(x) + (off[0] if torch.is_tensor(off) else off)
+
+
 class _NetMean(gpytorch.means.Mean):
-    def __init__(self, net, m):
+    def __init__(self, model):
         super().__init__()
-        self.net, self.m = net, m
+        self.model, self.m = model, model.num_outputs
 
     def forward(self, x):
-        f = self.net(x)
+        f = _lin_mean(self.model, x)
         return f.squeeze(-1) if self.m == 1 else f
 
 
@@ -200,7 +210,7 @@ class _PriorGP(gpytorch.models.GP):
     def __init__(self, model):
         super().__init__()
         self.m = model.num_outputs
-        self.mean_module = _NetMean(model.net, self.m)
+        self.mean_module = _NetMean(model)
         self.covar_module = NTKKernel(model.la)
 
     def forward(self, x):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -47,9 +48,13 @@ from linear_operator.utils.cholesky import psd_safe_cholesky
 from torch import Tensor, nn
 
 from bayescurv.bo._joint import check_inputs, expand_noise, joint_functional, make_mvn
+from bayescurv.bo.features import fourier_network
 from bayescurv.laplace import Laplace
+from bayescurv.laplace.glm import GaussianGLM
 
 NetworkSpec = nn.Module | Callable[[int, int], nn.Module] | None
+#: lengthscales (unit-cube input units) the default Fourier-feature network is selected from
+LENGTHSCALES = (0.1, 0.175, 0.25, 0.35, 0.5, 0.7)
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU}
 
 
@@ -148,12 +153,15 @@ def default_noise_prior(dtype=torch.float64, device=None):
 
 def tune_hyperparameters(
     la: Laplace, granularity: str, n_steps: int, lr: float = 0.1, tune_sigma: bool = True,
-    noise_prior=None,
+    noise_prior=None, evidence: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> float:
-    r"""MAP-II: maximize :math:`\log p(D \mid \delta, \sigma) + \log p(\sigma^2)` (Laplace
+    r"""MAP-II: maximize :math:`\log p(D \mid \delta, \sigma) + \log p(\sigma^2)` (the
     evidence plus the noise hyperprior) with Adam on :math:`\log\delta` (one per layer for
-    ``granularity="layer"``, else one) and :math:`\log\sigma`. Keeps the best iterate and
-    stores it in ``la``; returns the best objective."""
+    ``granularity="layer"``, else one) and :math:`\log\sigma`. ``evidence(prior, sigma)``
+    defaults to the Laplace evidence ``la.log_marginal_likelihood`` (e.g.
+    :meth:`GaussianGLM.log_marginal_likelihood` instead). Keeps the best iterate and stores
+    it in ``la``; returns the best objective."""
+    evidence = la.log_marginal_likelihood if evidence is None else evidence
     cur = la.prior_precision
     size = la.num_layers if granularity == "layer" else 0
     if size == 0:
@@ -169,7 +177,7 @@ def tune_hyperparameters(
 
     def objective():
         sigma = log_sigma.exp()
-        lml = la.log_marginal_likelihood(log_prior.exp(), sigma)
+        lml = evidence(log_prior.exp(), sigma)
         return lml + (noise_log_prior(noise_prior, sigma) if tune_sigma else 0.0)
 
     best = (-math.inf, log_prior.detach().clone(), log_sigma.detach().clone())
@@ -192,6 +200,16 @@ class _LinearizedMixin:
     """Shared helpers of the two models (they both hold ``self.la``)."""
 
     la: Laplace
+    glm: GaussianGLM | None = None
+    theta_bar: Tensor | None = None
+
+    def _mean_offset(self, X: Tensor) -> Tensor | float:
+        r""":math:`J(X)(\bar\theta - \theta^*)` for ``X`` of shape ``(T, n, d)`` when the mean
+        is the exact linearized-model posterior mean (``evidence="linearized"``), else 0."""
+        if self.glm is None:
+            return 0.0
+        t, n, d = X.shape
+        return self.glm.mean_offset(X.reshape(t * n, d), self.theta_bar).reshape(t, n, -1)
 
     def _set_transformed_inputs(self) -> None:  # training inputs are stored transformed
         pass
@@ -219,10 +237,21 @@ class LaplaceModel(_LinearizedMixin, Model, FantasizeMixin):
     Args:
         train_X: ``n x d`` training inputs.
         train_Y: ``n x m`` training targets (explicit output dimension).
-        network: an ``nn.Module`` (copied, then trained), a factory ``(d, m) -> nn.Module``, or
-            ``None`` for :func:`default_network` with ``hidden`` and ``activation``.
+        network: an ``nn.Module`` (copied, then trained), a factory ``(d, m) -> nn.Module``, a
+            list of these (each is fitted; the one with the best tuned MAP-II objective is
+            kept: model selection by the evidence), or ``None``: with ``hidden=None`` the
+            Fourier-feature networks :func:`~bayescurv.bo.features.fourier_network`
+            (``num_features``) at each of ``lengthscales`` (inputs assumed in about the unit
+            cube, e.g. after ``Normalize``), selected by the evidence; with ``hidden`` the MLP
+            :func:`default_network` (``hidden``, ``activation``).
         subset: ``"all"`` or ``"last_layer"`` weights in the posterior.
-        structure: ``"kfac"``, ``"full"``, ``"diag"`` or ``"ekfac"`` posterior precision.
+        structure: ``"full"``, ``"kfac"``, ``"diag"`` or ``"ekfac"`` posterior precision.
+        evidence: ``"linearized"`` (default with ``structure="full"``): hyperparameters by the
+            exact evidence of the linearized Gaussian model and the predictive mean its
+            posterior mean (:class:`~bayescurv.laplace.glm.GaussianGLM`; this re-solves the
+            mean for every noise level, so noiseless objectives get interpolating fits);
+            ``"laplace"`` (the only choice for other structures): the Laplace evidence at the
+            MAP, predictive mean :math:`f(x;\theta^*)`.
         prior_precision, sigma_noise: initial :math:`\delta_0, \sigma_0`; the MAP objective uses
             weight decay :math:`\sigma_0^2\delta_0/N`, then both are tuned by marginal
             likelihood (``marglik_steps`` Adam steps, ``prior_granularity`` "scalar"/"layer").
@@ -250,9 +279,12 @@ class LaplaceModel(_LinearizedMixin, Model, FantasizeMixin):
         network: NetworkSpec = None,
         *,
         subset: str = "all",
-        structure: str = "kfac",
-        hidden: tuple[int, ...] = (50, 50),
+        structure: str = "full",
+        hidden: tuple[int, ...] | None = None,
         activation: str = "tanh",
+        num_features: int = 512,
+        lengthscales: tuple[float, ...] = LENGTHSCALES,
+        evidence: str | None = None,
         prior_precision: float = 1.0,
         sigma_noise: float = 0.1,
         prior_granularity: str = "layer",
@@ -280,7 +312,13 @@ class LaplaceModel(_LinearizedMixin, Model, FantasizeMixin):
             patience=patience, marglik_steps=marglik_steps, refine_steps=refine_steps,
             prior_granularity=prior_granularity, noise=noise, min_noise=min_noise,
             noise_prior=noise_prior,
+            evidence=("linearized" if structure == "full" else "laplace") if evidence is None
+            else evidence,
         )
+        if self._config["evidence"] not in ("linearized", "laplace"):
+            raise ValueError(f"evidence must be 'linearized' or 'laplace', got {evidence!r}")
+        if self._config["evidence"] == "linearized" and structure != "full":
+            raise ValueError("evidence='linearized' needs structure='full'")
         if not (noise in ("marglik", "residual") or isinstance(noise, (int, float))):
             raise ValueError(f"noise must be 'marglik', 'residual' or a float, got {noise!r}")
         self._generator = torch.Generator()
@@ -303,8 +341,25 @@ class LaplaceModel(_LinearizedMixin, Model, FantasizeMixin):
         self._original_train_X = train_X.detach()
         self.train_X = X_tf.detach()
         self.train_Y = Y_tf.detach()
-        self.net = self._make_network(network, d, m, hidden, activation, seed).to(train_X)
-        self._fit(self._config["steps"], prior_precision, sigma_noise)
+        # the default Fourier network is linear in its trainable weights (the head): its
+        # linearized model is exact, and with evidence="linearized" the posterior mean is solved
+        # in closed form, so there is nothing for MAP training to do
+        self._config["train"] = not (network is None and hidden is None
+                                     and self._config["evidence"] == "linearized")
+        if network is None and hidden is None:
+            network = [partial(fourier_network, num_features=num_features, lengthscale=ell,
+                               seed=seed) for ell in lengthscales]
+        specs = list(network) if isinstance(network, (list, tuple)) else [network]
+        if not specs:
+            raise InputDataError("network: an empty list of candidates")
+        best = None
+        for spec in specs:
+            self.net = self._make_network(spec, d, m, hidden, activation, seed).to(train_X)
+            objective = self._fit(self._config["steps"], prior_precision, sigma_noise)
+            if best is None or objective > best[0]:
+                best = (objective, self.net, self.la, self.glm, self.theta_bar,
+                        self.train_loss)
+        self.log_evidence, self.net, self.la, self.glm, self.theta_bar, self.train_loss = best
         self.eval()
 
     # construction ------------------------------------------------------------------------
@@ -371,19 +426,22 @@ class LaplaceModel(_LinearizedMixin, Model, FantasizeMixin):
             f"{type(network).__name__}"
         )
 
-    def _fit(self, steps: int, prior_precision, sigma_noise, marglik_steps=None) -> None:
+    def _fit(self, steps: int, prior_precision, sigma_noise, marglik_steps=None) -> float:
         """MAP training (``steps`` Adam steps from the current weights), Laplace fit and
-        marginal-likelihood tuning of prior precision and noise."""
+        marginal-likelihood tuning of prior precision and noise; returns the MAP-II objective
+        (log evidence + log noise prior)."""
         cfg = self._config
         X, Y = self.train_X, self.train_Y
         n = X.shape[0]
         prior = torch.as_tensor(prior_precision, dtype=X.dtype, device=X.device)
         sigma = torch.as_tensor(sigma_noise, dtype=X.dtype, device=X.device).reshape(())
         wd = float((sigma**2 * prior.mean()).item()) / n
-        self.train_loss = train_map(
-            self.net, X, Y, wd, steps=steps, lr=cfg["lr"], batch_size=cfg["batch_size"],
-            patience=cfg["patience"], generator=self._generator,
-        )
+        self.train_loss = math.nan
+        if cfg.get("train", True):
+            self.train_loss = train_map(
+                self.net, X, Y, wd, steps=steps, lr=cfg["lr"], batch_size=cfg["batch_size"],
+                patience=cfg["patience"], generator=self._generator,
+            )
         mode = cfg["noise"]
         if mode == "residual":  # sigma^2 = training MSE (floored): the MAP fit's own noise level
             with torch.no_grad():
@@ -394,18 +452,27 @@ class LaplaceModel(_LinearizedMixin, Model, FantasizeMixin):
         la = Laplace(self.net, "regression", subset=cfg["subset"], structure=cfg["structure"],
                      prior_precision=prior, sigma_noise=sigma)
         chunk = 2048
-        la.fit([(X[i:i + chunk], Y[i:i + chunk]) for i in range(0, n, chunk)], progress=False)
+        data = [(X[i:i + chunk], Y[i:i + chunk]) for i in range(0, n, chunk)]
+        la.fit(data, progress=False)
+        glm = GaussianGLM(la, data) if cfg["evidence"] == "linearized" else None
+        evidence = la.log_marginal_likelihood if glm is None else glm.log_marginal_likelihood
         steps_ml = cfg["marglik_steps"] if marglik_steps is None else marglik_steps
+        prior_ = cfg["noise_prior"]
+        if isinstance(prior_, str):  # "default"
+            prior_ = default_noise_prior(X.dtype, X.device)
+        tune_sigma = mode == "marglik"
         if steps_ml > 0:
-            gran = cfg["prior_granularity"]
-            prior_ = cfg["noise_prior"]
-            if isinstance(prior_, str):  # "default"
-                prior_ = default_noise_prior(X.dtype, X.device)
-            tune_hyperparameters(la, gran, steps_ml, lr=0.1, tune_sigma=mode == "marglik",
-                                 noise_prior=prior_)
-            if mode == "marglik" and la.sigma_noise < cfg["min_noise"]:
+            tune_hyperparameters(la, cfg["prior_granularity"], steps_ml, lr=0.1,
+                                 tune_sigma=tune_sigma, noise_prior=prior_, evidence=evidence)
+            if tune_sigma and la.sigma_noise < cfg["min_noise"]:
                 la.sigma_noise = cfg["min_noise"]
-        self.la = la
+        with torch.no_grad():
+            objective = evidence(la.prior_precision, la.sigma_noise)
+            if tune_sigma:
+                objective = objective + noise_log_prior(prior_, la.sigma_noise)
+        self.la, self.glm = la, glm
+        self.theta_bar = None if glm is None else glm.posterior_mean().detach()
+        return float(objective)
 
     # BoTorch model API -------------------------------------------------------------------
     @property
@@ -436,8 +503,9 @@ class LaplaceModel(_LinearizedMixin, Model, FantasizeMixin):
         batch = Xt.shape[:-2]
         q = Xt.shape[-2]
         m = self.num_outputs
-        mean, cov = joint_functional(self.la, Xt.reshape(-1, q, Xt.shape[-1]))
-        mean = mean.reshape(*batch, q, m)
+        pts = Xt.reshape(-1, q, Xt.shape[-1])
+        mean, cov = joint_functional(self.la, pts)
+        mean = (mean + self._mean_offset(pts)).reshape(*batch, q, m)
         cov = cov.reshape(*batch, q * m, q * m)
         noise = expand_noise(observation_noise, self.sigma2, mean.shape)
         if noise is not None:
@@ -509,8 +577,9 @@ class LaplaceModel(_LinearizedMixin, Model, FantasizeMixin):
         new.train_X = torch.cat([self.train_X, Xt])
         new.train_Y = torch.cat([self.train_Y, Yt])
         new.net = copy.deepcopy(self.net)
-        new._fit(self._config["refine_steps"], self.la.prior_precision, self.la.sigma_noise,
-                 marglik_steps=max(self._config["marglik_steps"] // 2, 1))
+        new.log_evidence = new._fit(
+            self._config["refine_steps"], self.la.prior_precision, self.la.sigma_noise,
+            marglik_steps=max(self._config["marglik_steps"] // 2, 1))
         new.eval()
         return new
 
@@ -556,7 +625,7 @@ class ConditionedLaplaceModel(_LinearizedMixin, Model):
     ) -> None:
         super().__init__()
         self.base = [base]  # a list: keep the base out of this module's children
-        self.la = base.la
+        self.la, self.glm, self.theta_bar = base.la, base.glm, base.theta_bar
         for name in ("input_transform", "outcome_transform"):
             if hasattr(base, name):
                 setattr(self, name, getattr(base, name))
@@ -607,6 +676,7 @@ class ConditionedLaplaceModel(_LinearizedMixin, Model):
         Xq = Xt.expand(*batch, q, d)
         pts = torch.cat([Xc, Xq], -2).reshape(-1, n + q, d)
         mu, K = joint_functional(self.la, pts)  # (T, n+q, m), (T, (n+q)m, (n+q)m)
+        mu = mu + base._mean_offset(pts)
         nm = n * m
         mu1, mu2 = mu[:, :n].reshape(-1, nm), mu[:, n:].reshape(-1, q * m)
         K11, K12, K22 = K[:, :nm, :nm], K[:, :nm, nm:], K[:, nm:, nm:]

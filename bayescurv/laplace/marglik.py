@@ -101,6 +101,8 @@ def add_prior(h: PSDOperator, prior: Tensor, index: Tensor, num_layers: int) -> 
     per_layer = prior.numel() == num_layers and not (
         prior.numel() == index.numel() and num_layers != index.numel()
     )
+    if per_layer and num_layers == 1:  # one layer: a scalar shift keeps Dense's eigenbasis
+        return h.add_diagonal(prior.reshape(()))
     if per_layer and isinstance(h, BlockDiagonal) and h.num_blocks == num_layers:
         return h.add_diagonal_per_block(prior)
     return h.add_diagonal(expand_prior(prior, index))
