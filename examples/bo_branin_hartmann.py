@@ -34,9 +34,8 @@ def optimize(f, n_init: int, n_evals: int, seed: int) -> torch.Tensor:
     model = None
     for it in range(n_evals):
         if model is None or it % 10 == 0:
-            model = LaplaceModel(
-                X, Y, hidden=(50, 50), structure="kfac", steps=500, refine_steps=100,
-                marglik_steps=30, input_transform=Normalize(d, bounds=f.bounds),
+            model = LaplaceModel(  # defaults: Fourier features, lengthscale by the evidence
+                X, Y, input_transform=Normalize(d, bounds=f.bounds),
                 outcome_transform=Standardize(1), seed=seed + it,
             )
         else:

@@ -419,3 +419,71 @@ def test_noise_hyperprior_map2():
     la.sigma_noise, la.prior_precision = 1.0, 1.0
     tune_hyperparameters(la, "layer", 200, tune_sigma=True, noise_prior=prior)
     assert la.sigma_noise.item() < s_ml
+
+
+# default surrogate: Fourier features selected by the linearized evidence -------------------
+def test_fourier_features_approximate_the_rbf_kernel():
+    from bayescurv.bo.features import FourierFeatures
+
+    g = torch.Generator().manual_seed(0)
+    ff = FourierFeatures(3, 20000, lengthscale=0.4, generator=g).to(DT)
+    x = torch.rand(6, 3, dtype=DT, generator=g)
+    K = ff(x) @ ff(x).T
+    ref = torch.exp(-torch.cdist(x, x).square() / (2 * 0.4**2))
+    torch.testing.assert_close(K, ref, atol=0.03, rtol=0)  # Monte Carlo error ~ 1/sqrt(F)
+    assert not any(p.requires_grad for p in ff.parameters())  # frozen: buffers only
+    ard = FourierFeatures(2, 8, lengthscale=[0.5, 2.0], generator=g)
+    assert ard.weight.shape == (8, 2)
+    with pytest.raises(ValueError, match="lengthscale"):
+        FourierFeatures(2, 8, lengthscale=[0.5, 1.0, 2.0])
+
+
+def test_default_model_is_exact_bayesian_linear_regression_on_the_selected_features():
+    """Theorem: the default surrogate is linear in its trainable weights, so its posterior is
+    Bayesian linear regression on the features; mean, covariance and evidence are checked
+    against the closed forms, and the kept lengthscale has the best MAP-II objective."""
+    X, Y = _data(n=15)
+    grid = (0.1, 0.3, 1.0)
+    model = LaplaceModel(X, Y, seed=0, num_features=64, lengthscales=grid)
+    feats, head = model.net[0], model.net[1]
+    Phi = torch.cat([feats(X), torch.ones(15, 1, dtype=DT)], 1)  # weight then bias order
+    delta, s2 = model.la.prior_precision.reshape(()), model.la.sigma_noise ** 2
+    A = Phi.T @ Phi / s2 + delta * torch.eye(65, dtype=DT)
+    w = torch.linalg.solve(A, Phi.T @ Y / s2).squeeze(-1)
+    Xq = torch.rand(5, 2, dtype=DT)
+    Pq = torch.cat([feats(Xq), torch.ones(5, 1, dtype=DT)], 1)
+    post = model.posterior(Xq[:, None])
+    torch.testing.assert_close(post.mean.reshape(5), Pq @ w, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(post.variance.reshape(5),
+                               (Pq @ torch.linalg.solve(A, Pq.T)).diagonal(), rtol=1e-6, atol=1e-9)
+    cov = Phi @ Phi.T / delta + s2 * torch.eye(15, dtype=DT)
+    ev = torch.distributions.MultivariateNormal(torch.zeros(15, dtype=DT), cov).log_prob(Y[:, 0])
+    from bayescurv.bo.model import default_noise_prior, noise_log_prior
+
+    objective = ev + noise_log_prior(default_noise_prior(), model.la.sigma_noise)
+    torch.testing.assert_close(torch.as_tensor(model.log_evidence, dtype=DT), objective,
+                               rtol=1e-8, atol=1e-8)
+    assert head.weight.requires_grad and not feats.weight.requires_grad
+    scores = [LaplaceModel(X, Y, seed=0, num_features=64, lengthscales=(ell,)).log_evidence
+              for ell in grid]
+    assert model.log_evidence == pytest.approx(max(scores))
+
+
+def test_noiseless_objective_is_interpolated():
+    """The linearized evidence re-solves the mean for every noise level, so a smooth noiseless
+    function gets a small noise and a near-interpolating mean."""
+    X, Y = _data(n=25)
+    model = LaplaceModel(X, Y, seed=0, noise_prior=None)
+    assert model.la.sigma_noise < 0.05
+    resid = model.posterior(X[:, None]).mean.reshape(-1) - Y.reshape(-1)
+    assert resid.abs().max() < 0.1 * Y.std()
+
+
+def test_evidence_argument_is_checked():
+    X, Y = _data(n=8)
+    with pytest.raises(ValueError, match="evidence"):
+        LaplaceModel(X, Y, evidence="exact")
+    with pytest.raises(ValueError, match="structure='full'"):
+        LaplaceModel(X, Y, structure="kfac", evidence="linearized", **FAST)
+    with pytest.raises(InputDataError, match="empty"):
+        LaplaceModel(X, Y, network=[])

@@ -3,8 +3,10 @@
 - :class:`LaplaceModel`: a ``botorch`` model whose posterior is the linearized-Laplace GP.
 - :class:`ConditionedLaplaceModel`: a (batch of) exact linearized updates, from ``fantasize``.
 - :class:`NTKKernel`: ``k(x, x') = J(x) Σ J(x')ᵀ`` as a ``gpytorch`` kernel.
+- :class:`FourierFeatures`, :func:`fourier_network`: the default surrogate's network.
 """
 
+from bayescurv.bo.features import FourierFeatures, fourier_network
 from bayescurv.bo.kernel import NTKKernel
 from bayescurv.bo.model import (
     ConditionedLaplaceModel,
@@ -13,5 +15,5 @@ from bayescurv.bo.model import (
     train_map,
 )
 
-__all__ = ["LaplaceModel", "ConditionedLaplaceModel", "NTKKernel", "default_network",
-           "train_map"]
+__all__ = ["LaplaceModel", "ConditionedLaplaceModel", "NTKKernel", "FourierFeatures",
+           "default_network", "fourier_network", "train_map"]
