@@ -299,13 +299,18 @@ CONVS = {
 }
 
 
-@pytest.mark.parametrize("name", list(CONVS))
-def test_kfac_expand_exact_per_position_conv(name, dense_reference, batches_of):
+def _conv_case(name, pooled, dense_reference, batches_of):
+    """Deep-linear conv model of ``CONVS[name]``, its batches and the dense GGN."""
     torch.manual_seed(0)
     make, shape = CONVS[name]
-    model, x, y = _deep_linear_conv(False, make(), torch.randn(sum(SIZES), *shape))
+    model, x, y = _deep_linear_conv(pooled, make(), torch.randn(sum(SIZES), *shape))
     data = batches_of(x, y, SIZES)
-    ref = dense_reference(model, "regression", data)
+    return model, data, dense_reference(model, "regression", data)
+
+
+@pytest.mark.parametrize("name", list(CONVS))
+def test_kfac_expand_exact_per_position_conv(name, dense_reference, batches_of):
+    model, data, ref = _conv_case(name, False, dense_reference, batches_of)
     for structure in ("kfac", "ekfac"):
         curv = compute(model, "regression", data, structure=structure)
         torch.testing.assert_close(curv.matrix.to_dense(), ref, atol=1e-9, rtol=1e-7)
@@ -313,11 +318,7 @@ def test_kfac_expand_exact_per_position_conv(name, dense_reference, batches_of):
 
 @pytest.mark.parametrize("name", list(CONVS))
 def test_kfac_reduce_exact_pooled_conv(name, dense_reference, batches_of):
-    torch.manual_seed(0)
-    make, shape = CONVS[name]
-    model, x, y = _deep_linear_conv(True, make(), torch.randn(sum(SIZES), *shape))
-    data = batches_of(x, y, SIZES)
-    ref = dense_reference(model, "regression", data)
+    model, data, ref = _conv_case(name, True, dense_reference, batches_of)
     curv = compute(model, "regression", data, structure="kfac-reduce")
     torch.testing.assert_close(curv.matrix.to_dense(), ref * _block_mask(curv.matrix),
                                atol=1e-9, rtol=1e-7)
