@@ -34,7 +34,7 @@ def optimize(f, n_init: int, n_evals: int, seed: int) -> torch.Tensor:
     model = None
     for it in range(n_evals):
         if model is None or it % 10 == 0:
-            model = LaplaceModel(  # defaults: Fourier features, lengthscale by the evidence
+            model = LaplaceModel(  # defaults: Fourier features, ARD lengthscales by the evidence
                 X, Y, input_transform=Normalize(d, bounds=f.bounds),
                 outcome_transform=Standardize(1), seed=seed + it,
             )

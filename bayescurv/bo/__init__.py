@@ -4,8 +4,10 @@
 - :class:`ConditionedLaplaceModel`: a (batch of) exact linearized updates, from ``fantasize``.
 - :class:`NTKKernel`: ``k(x, x') = J(x) Σ J(x')ᵀ`` as a ``gpytorch`` kernel.
 - :class:`FourierFeatures`, :func:`fourier_network`: the default surrogate's network.
+- :func:`fit_lengthscales`: its ARD lengthscales by the exact evidence.
 """
 
+from bayescurv.bo.ard import fit_lengthscales
 from bayescurv.bo.features import FourierFeatures, fourier_network
 from bayescurv.bo.kernel import NTKKernel
 from bayescurv.bo.model import (
@@ -16,4 +18,4 @@ from bayescurv.bo.model import (
 )
 
 __all__ = ["LaplaceModel", "ConditionedLaplaceModel", "NTKKernel", "FourierFeatures",
-           "default_network", "fourier_network", "train_map"]
+           "default_network", "fit_lengthscales", "fourier_network", "train_map"]

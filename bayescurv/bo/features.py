@@ -31,6 +31,10 @@ class FourierFeatures(nn.Module):
         num_features: ``F``.
         lengthscale: RBF lengthscale in input units (a float, or ``d`` values for ARD).
         generator: draws the frequencies and phases (reproducible features).
+
+    Buffers: ``omega`` (``F x d``, unit-lengthscale frequencies), ``phase`` (``F``) and
+    ``lengthscale`` (``d``); :meth:`features` evaluates the map at any lengthscale,
+    differentiably (what :func:`~bayescurv.bo.ard.fit_lengthscales` optimizes).
     """
 
     def __init__(self, input_dim: int, num_features: int, lengthscale: float | Tensor = 1.0,
@@ -38,19 +42,37 @@ class FourierFeatures(nn.Module):
         super().__init__()
         if input_dim < 1 or num_features < 1:
             raise ValueError("input_dim and num_features must be positive")
-        ls = torch.as_tensor(lengthscale, dtype=torch.get_default_dtype())
-        if (ls <= 0).any() or ls.numel() not in (1, input_dim):
-            raise ValueError(f"lengthscale must be positive, one value or {input_dim} values")
-        omega = torch.randn(num_features, input_dim, generator=generator)
-        self.register_buffer("weight", omega / ls.reshape(1, -1))
+        self.register_buffer("omega", torch.randn(num_features, input_dim, generator=generator))
         self.register_buffer("phase", 2 * math.pi * torch.rand(num_features, generator=generator))
+        self.register_buffer("lengthscale", torch.ones(input_dim))
+        self.set_lengthscale(lengthscale)
         self.scale = math.sqrt(2.0 / num_features)
 
+    def set_lengthscale(self, lengthscale: float | Tensor) -> None:
+        """Set the lengthscale (one value, or ``d`` for ARD; positive)."""
+        ls = torch.as_tensor(lengthscale, dtype=self.lengthscale.dtype,
+                             device=self.lengthscale.device).detach()
+        if ls.numel() not in (1, self.lengthscale.numel()) or not (ls > 0).all():
+            raise ValueError(f"lengthscale must be positive, one value or "
+                             f"{self.lengthscale.numel()} values")
+        self.lengthscale.copy_(ls.reshape(-1).expand_as(self.lengthscale))
+
+    @property
+    def weight(self) -> Tensor:
+        r"""Frequencies :math:`\Omega\,diag(1/\ell)` (``F x d``)."""
+        return self.omega / self.lengthscale
+
+    def features(self, x: Tensor, lengthscale: Tensor | None = None) -> Tensor:
+        r""":math:`\sqrt{2/F}\cos(\Omega (x/\ell) + b)` at ``lengthscale`` (default: the
+        stored one); differentiable in ``x`` and ``lengthscale``."""
+        ls = self.lengthscale if lengthscale is None else lengthscale
+        return self.scale * torch.cos((x / ls) @ self.omega.T + self.phase)
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.scale * torch.cos(x @ self.weight.T + self.phase)
+        return self.features(x)
 
     def extra_repr(self) -> str:
-        return f"input_dim={self.weight.shape[1]}, num_features={self.weight.shape[0]}"
+        return f"input_dim={self.omega.shape[1]}, num_features={self.omega.shape[0]}"
 
 
 def fourier_network(input_dim: int, num_outputs: int, num_features: int = 512,

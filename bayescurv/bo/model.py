@@ -48,12 +48,13 @@ from linear_operator.utils.cholesky import psd_safe_cholesky
 from torch import Tensor, nn
 
 from bayescurv.bo._joint import check_inputs, expand_noise, joint_functional, make_mvn
+from bayescurv.bo.ard import fit_lengthscales
 from bayescurv.bo.features import fourier_network
 from bayescurv.laplace import Laplace
 from bayescurv.laplace.glm import GaussianGLM
 
 NetworkSpec = nn.Module | Callable[[int, int], nn.Module] | None
-#: lengthscales (unit-cube input units) the default Fourier-feature network is selected from
+#: an isotropic lengthscale grid (unit-cube input units) for ``lengthscales=LENGTHSCALES``
 LENGTHSCALES = (0.1, 0.175, 0.25, 0.35, 0.5, 0.7)
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU}
 
@@ -239,11 +240,16 @@ class LaplaceModel(_LinearizedMixin, Model, FantasizeMixin):
         train_Y: ``n x m`` training targets (explicit output dimension).
         network: an ``nn.Module`` (copied, then trained), a factory ``(d, m) -> nn.Module``, a
             list of these (each is fitted; the one with the best tuned MAP-II objective is
-            kept: model selection by the evidence), or ``None``: with ``hidden=None`` the
-            Fourier-feature networks :func:`~bayescurv.bo.features.fourier_network`
-            (``num_features``) at each of ``lengthscales`` (inputs assumed in about the unit
-            cube, e.g. after ``Normalize``), selected by the evidence; with ``hidden`` the MLP
-            :func:`default_network` (``hidden``, ``activation``).
+            kept: model selection by the evidence), or ``None``: with ``hidden=None`` a
+            Fourier-feature network :func:`~bayescurv.bo.features.fourier_network`
+            (``num_features``; inputs assumed in about the unit cube, e.g. after
+            ``Normalize``) whose lengthscales are set by ``lengthscales``; with ``hidden`` the
+            MLP :func:`default_network` (``hidden``, ``activation``).
+        lengthscales: for the default Fourier network: ``"ard"`` (default) learns one
+            lengthscale per input dimension by the exact evidence with BoTorch's
+            ``SingleTaskGP`` hyperpriors (:func:`~bayescurv.bo.ard.fit_lengthscales`, on at
+            most ``ard_points`` random training points); a tuple of floats fits one isotropic
+            network per value and keeps the best by the evidence.
         subset: ``"all"`` or ``"last_layer"`` weights in the posterior.
         structure: ``"full"``, ``"kfac"``, ``"diag"`` or ``"ekfac"`` posterior precision.
         evidence: ``"linearized"`` (default with ``structure="full"``): hyperparameters by the
@@ -283,7 +289,8 @@ class LaplaceModel(_LinearizedMixin, Model, FantasizeMixin):
         hidden: tuple[int, ...] | None = None,
         activation: str = "tanh",
         num_features: int = 512,
-        lengthscales: tuple[float, ...] = LENGTHSCALES,
+        lengthscales: str | tuple[float, ...] = "ard",
+        ard_points: int = 1000,
         evidence: str | None = None,
         prior_precision: float = 1.0,
         sigma_noise: float = 0.1,
@@ -347,8 +354,15 @@ class LaplaceModel(_LinearizedMixin, Model, FantasizeMixin):
         self._config["train"] = not (network is None and hidden is None
                                      and self._config["evidence"] == "linearized")
         if network is None and hidden is None:
-            network = [partial(fourier_network, num_features=num_features, lengthscale=ell,
-                               seed=seed) for ell in lengthscales]
+            if isinstance(lengthscales, str):
+                if lengthscales != "ard":
+                    raise ValueError(f"lengthscales must be 'ard' or a tuple of floats, got "
+                                     f"{lengthscales!r}")
+                network, prior_precision, sigma_noise = self._ard_network(
+                    num_features, seed, ard_points)
+            else:
+                network = [partial(fourier_network, num_features=num_features,
+                                   lengthscale=ell, seed=seed) for ell in lengthscales]
         specs = list(network) if isinstance(network, (list, tuple)) else [network]
         if not specs:
             raise InputDataError("network: an empty list of candidates")
@@ -406,6 +420,30 @@ class LaplaceModel(_LinearizedMixin, Model, FantasizeMixin):
             if torch.isinf(t).any():
                 raise InputDataError(f"Input data contains infinite values ({name}).")
 
+    def _noise_prior(self):
+        prior = self._config["noise_prior"]
+        if isinstance(prior, str):  # "default"
+            return default_noise_prior(self.train_X.dtype, self.train_X.device)
+        return prior
+
+    def _ard_network(self, num_features: int, seed: int | None,
+                     max_points: int) -> tuple[nn.Module, Tensor, Tensor]:
+        """The default Fourier network with ARD lengthscales fitted by the evidence on (at
+        most ``max_points`` of) the training data; returns it with the fitted prior precision
+        and noise (initial values for the Laplace fit)."""
+        X, Y = self.train_X, self.train_Y
+        if X.shape[0] > max_points:
+            idx = torch.randperm(X.shape[0], generator=self._generator)[:max_points]
+            X, Y = X[idx.to(X.device)], Y[idx.to(X.device)]
+        net = fourier_network(X.shape[-1], Y.shape[-1], num_features, 1.0, seed).to(X)
+        mode = self._config["noise"]
+        fixed = float(mode) if isinstance(mode, (int, float)) else None
+        fit = fit_lengthscales(net[0], X, Y, noise_prior=self._noise_prior(),
+                               min_noise=self._config["min_noise"], fixed_noise=fixed)
+        net[0].set_lengthscale(fit.lengthscale)
+        self.ard = fit
+        return net, fit.prior_precision, fit.sigma_noise
+
     @staticmethod
     def _make_network(network: NetworkSpec, d: int, m: int, hidden, activation, seed):
         if seed is not None:
@@ -457,9 +495,7 @@ class LaplaceModel(_LinearizedMixin, Model, FantasizeMixin):
         glm = GaussianGLM(la, data) if cfg["evidence"] == "linearized" else None
         evidence = la.log_marginal_likelihood if glm is None else glm.log_marginal_likelihood
         steps_ml = cfg["marglik_steps"] if marglik_steps is None else marglik_steps
-        prior_ = cfg["noise_prior"]
-        if isinstance(prior_, str):  # "default"
-            prior_ = default_noise_prior(X.dtype, X.device)
+        prior_ = self._noise_prior()
         tune_sigma = mode == "marglik"
         if steps_ml > 0:
             tune_hyperparameters(la, cfg["prior_granularity"], steps_ml, lr=0.1,
