@@ -117,3 +117,19 @@ def test_bad_lengthscales_option():
     ff = FourierFeatures(2, 4)
     with pytest.raises(ValueError, match="lengthscale"):
         ff.set_lengthscale([1.0, -1.0])
+
+
+def test_bo_example_loop_runs_and_regret_is_monotone():
+    """Smoke test of ``examples/bo_branin_hartmann.py`` (the loop users copy)."""
+    import importlib.util
+    from pathlib import Path
+
+    from botorch.test_functions import Branin
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "bo_branin_hartmann.py"
+    spec = importlib.util.spec_from_file_location("bo_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    regret = example.optimize(Branin(negate=True).to(DT), n_init=5, n_evals=3, seed=0)
+    assert regret.shape == (3,) and torch.isfinite(regret).all() and (regret >= 0).all()
+    assert (regret[1:] <= regret[:-1]).all()
