@@ -133,3 +133,17 @@ def test_bo_example_loop_runs_and_regret_is_monotone():
     regret = example.optimize(Branin(negate=True).to(DT), n_init=5, n_evals=3, seed=0)
     assert regret.shape == (3,) and torch.isfinite(regret).all() and (regret >= 0).all()
     assert (regret[1:] <= regret[:-1]).all()
+
+
+def test_fit_lengthscales_validates_its_inputs():
+    from bayescurv.errors import NonFiniteError, ShapeError
+
+    ff = FourierFeatures(2, 8).to(DT)
+    X, Y = _aniso(10)
+    with pytest.raises(ShapeError):
+        fit_lengthscales(ff, X[:, :1], Y)
+    with pytest.raises(ShapeError):
+        fit_lengthscales(ff, X, Y[:5])
+    Y[0] = math.nan
+    with pytest.raises(NonFiniteError):
+        fit_lengthscales(ff, X, Y)

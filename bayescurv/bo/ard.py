@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from bayescurv.bo.features import FourierFeatures
+from bayescurv.errors import NonFiniteError, NumericalError, ShapeError
 
 #: isotropic starting lengthscales (unit-cube units) of the multi-start L-BFGS
 ARD_STARTS = (0.15, 0.4, 1.0)
@@ -103,6 +104,14 @@ def fit_lengthscales(
     :math:`\sigma^2` / each :math:`\ell_i`, ``None``, or (lengthscales) ``"default"``
     (:func:`default_lengthscale_prior`). ``features`` is not modified.
     """
+    d_in = features.omega.shape[1]
+    if X.dim() != 2 or Y.dim() != 2 or X.shape[0] != Y.shape[0] or X.shape[1] != d_in:
+        raise ShapeError(f"expected X n x {d_in} and Y n x m, got {tuple(X.shape)} and "
+                         f"{tuple(Y.shape)}")
+    if not (torch.isfinite(X).all() and torch.isfinite(Y).all()):
+        raise NonFiniteError("X and Y must be finite")
+    if min_noise <= 0 and fixed_noise is None:
+        raise ValueError("min_noise must be positive")
     n, d = X.shape
     if lengthscale_prior == "default":
         lengthscale_prior = default_lengthscale_prior(d, X.dtype, X.device)
@@ -147,6 +156,7 @@ def fit_lengthscales(
 
         opt.step(closure)
     if best is None:
-        raise RuntimeError("the ARD evidence was not finite at any start")
+        raise NumericalError("the ARD evidence was not finite at any start (singular "
+                             "feature Gram matrix; raise min_noise)")
     ls, delta, s2 = unpack(best[1])
     return ARDFit(ls, delta, s2.sqrt(), best[0])
