@@ -487,3 +487,40 @@ def test_evidence_argument_is_checked():
         LaplaceModel(X, Y, structure="kfac", evidence="linearized", **FAST)
     with pytest.raises(InputDataError, match="empty"):
         LaplaceModel(X, Y, network=[])
+
+
+def test_output_indices_and_subset_output_with_an_outcome_transform():
+    """Marginals of the joint posterior, untransformed with the selected outputs' scales."""
+    from botorch.models import ModelList
+    from botorch.models.transforms import Standardize
+
+    from bayescurv.bo.subset import OutputSubsetModel
+
+    X, Y = _data(n=20, m=3)
+    Y = Y * torch.tensor([1.0, 10.0, 0.1], dtype=DT) + torch.tensor([0.0, 100.0, -5.0], dtype=DT)
+    model = LaplaceModel(X, Y, seed=0, num_features=32, outcome_transform=Standardize(3))
+    Xq = torch.rand(2, 3, 2, dtype=DT)
+    full = model.posterior(Xq)
+    cov = full.distribution.covariance_matrix  # interleaved (q m) x (q m)
+    for idcs in ([1], [2, 0]):
+        for post in (model.posterior(Xq, output_indices=idcs),
+                     model.subset_output(idcs).posterior(Xq)):
+            torch.testing.assert_close(post.mean, full.mean[..., idcs])
+            rows = (torch.arange(3)[:, None] * 3 + torch.tensor(idcs)[None]).reshape(-1)
+            torch.testing.assert_close(post.distribution.covariance_matrix,
+                                       cov[..., rows[:, None], rows[None, :]])
+    sub = model.subset_output([2, 1])
+    assert isinstance(sub, OutputSubsetModel) and sub.num_outputs == 2
+    torch.testing.assert_close(sub.subset_output([1]).posterior(Xq).mean, full.mean[..., [1]])
+    noise = torch.full((2, 3, 2), 0.5, dtype=DT)  # outcome-transformed units
+    noisy = sub.posterior(Xq, observation_noise=noise).variance
+    scale2 = model.outcome_transform.stdvs.squeeze(0)[[2, 1]] ** 2
+    torch.testing.assert_close(noisy - sub.posterior(Xq).variance, 0.5 * scale2.expand(2, 3, 2))
+    # a ModelList of the multi-output model and a single-output one subsets through it
+    other = LaplaceModel(X, Y[:, :1], seed=0, num_features=32)
+    listed = ModelList(model, other).subset_output([1, 3])
+    torch.testing.assert_close(listed.posterior(Xq).mean[..., 0], full.mean[..., 1])
+    with pytest.raises(BotorchTensorDimensionError):
+        model.subset_output([3])
+    with pytest.raises(NotImplementedError, match="condition the full model"):
+        sub.condition_on_observations(X[:2], Y[:2, :2])

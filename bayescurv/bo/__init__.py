@@ -4,6 +4,7 @@
 - :class:`ConditionedLaplaceModel`: a (batch of) exact linearized updates, from ``fantasize``.
 - :class:`NTKKernel`: ``k(x, x') = J(x) Σ J(x')ᵀ`` as a ``gpytorch`` kernel.
 - :class:`FourierFeatures`, :func:`fourier_network`: the default surrogate's network.
+- :class:`OutputSubsetModel`: some outputs of a model (``subset_output``).
 - :func:`fit_lengthscales`: its ARD lengthscales by the exact evidence.
 """
 
@@ -16,6 +17,8 @@ from bayescurv.bo.model import (
     default_network,
     train_map,
 )
+from bayescurv.bo.subset import OutputSubsetModel
 
 __all__ = ["LaplaceModel", "ConditionedLaplaceModel", "NTKKernel", "FourierFeatures",
+           "OutputSubsetModel",
            "default_network", "fit_lengthscales", "fourier_network", "train_map"]

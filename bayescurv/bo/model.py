@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from bayescurv.bo._joint import check_inputs, expand_noise, joint_functional, make_mvn
 from bayescurv.bo.ard import fit_lengthscales
 from bayescurv.bo.features import fourier_network
+from bayescurv.bo.subset import OutputSubsetModel
 from bayescurv.laplace import Laplace
 from bayescurv.laplace.glm import GaussianGLM
 
@@ -212,6 +213,11 @@ class _LinearizedMixin:
         t, n, d = X.shape
         return self.glm.mean_offset(X.reshape(t * n, d), self.theta_bar).reshape(t, n, -1)
 
+    def subset_output(self, idcs: list[int]) -> Model:
+        """The model of outputs ``idcs``: the exact marginal of the joint posterior
+        (:class:`~bayescurv.bo.subset.OutputSubsetModel`; posterior only, no refit)."""
+        return OutputSubsetModel(self, idcs)
+
     def _set_transformed_inputs(self) -> None:  # training inputs are stored transformed
         pass
 
@@ -223,10 +229,14 @@ class _LinearizedMixin:
         """Observation-noise variance (outcome-transformed space)."""
         return self.la.sigma_noise.reshape(()) ** 2
 
-    def _finish(self, mvn, X: Tensor, posterior_transform) -> GPyTorchPosterior:
+    def _finish(self, mvn, X: Tensor, posterior_transform,
+                 output_indices: list[int] | None = None) -> GPyTorchPosterior:
         posterior = GPyTorchPosterior(distribution=mvn)
         if hasattr(self, "outcome_transform"):
-            posterior = self.outcome_transform.untransform_posterior(posterior, X=X)
+            transform = self.outcome_transform
+            if output_indices is not None:  # untransform only the selected outputs
+                transform = transform.subset_output(list(output_indices))
+            posterior = transform.untransform_posterior(posterior, X=X)
         if posterior_transform is not None:
             return posterior_transform(posterior=posterior, X=X)
         return posterior
@@ -547,7 +557,7 @@ class LaplaceModel(_LinearizedMixin, Model, FantasizeMixin):
         if noise is not None:
             cov = cov + torch.diag_embed(noise.reshape(*mean.shape[:-2], q * m))
         mvn = make_mvn(mean, cov, output_indices)
-        return self._finish(mvn, Xt, posterior_transform)
+        return self._finish(mvn, Xt, posterior_transform, output_indices)
 
     def _transform_observations(
         self, X: Tensor, Y: Tensor, noise: Tensor | None
@@ -732,7 +742,7 @@ class ConditionedLaplaceModel(_LinearizedMixin, Model):
         if obs is not None:
             cov = cov + torch.diag_embed(obs.reshape(*batch, q * m))
         mvn = make_mvn(mean, cov, output_indices)
-        return self._finish(mvn, Xt, posterior_transform)
+        return self._finish(mvn, Xt, posterior_transform, output_indices)
 
     def condition_on_observations(
         self, X: Tensor, Y: Tensor, noise: Tensor | None = None, **kwargs: Any
