@@ -147,3 +147,12 @@ def test_fit_lengthscales_validates_its_inputs():
     Y[0] = math.nan
     with pytest.raises(NonFiniteError):
         fit_lengthscales(ff, X, Y)
+
+
+def test_refined_model_keeps_the_ard_lengthscales():
+    X, Y = _aniso(30)
+    model = LaplaceModel(X, Y, seed=0, num_features=32)
+    new = model.condition_on_observations(X[:3] * 0.5, Y[:3])
+    assert new.ard is model.ard
+    torch.testing.assert_close(new.net[0].lengthscale, model.net[0].lengthscale)
+    assert LaplaceModel(X, Y, seed=0, num_features=32, lengthscales=(0.3,)).ard is None

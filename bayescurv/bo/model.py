@@ -48,7 +48,7 @@ from linear_operator.utils.cholesky import psd_safe_cholesky
 from torch import Tensor, nn
 
 from bayescurv.bo._joint import check_inputs, expand_noise, joint_functional, make_mvn
-from bayescurv.bo.ard import fit_lengthscales
+from bayescurv.bo.ard import ARDFit, fit_lengthscales
 from bayescurv.bo.features import fourier_network
 from bayescurv.bo.subset import OutputSubsetModel
 from bayescurv.laplace import Laplace
@@ -287,6 +287,8 @@ class LaplaceModel(_LinearizedMixin, Model, FantasizeMixin):
     """
 
     _num_outputs: int
+    #: the ARD fit of the default network (``lengthscales="ard"``), else ``None``
+    ard: ARDFit | None = None
 
     def __init__(
         self,
@@ -616,6 +618,7 @@ class LaplaceModel(_LinearizedMixin, Model, FantasizeMixin):
         new._input_dim = self._input_dim
         new._config = dict(self._config)
         new._generator = self._generator
+        new.ard = self.ard  # the network (its lengthscales) is kept
         for name in ("input_transform", "outcome_transform"):
             if hasattr(self, name):
                 setattr(new, name, copy.deepcopy(getattr(self, name)))
