@@ -125,6 +125,15 @@ def expand_noise(
         ) from e
 
 
+def check_output_indices(idcs: list[int], m: int) -> list[int]:
+    """``idcs`` as non-negative output indices (negative ones count from the end); a
+    ``BotorchTensorDimensionError`` when empty or out of range for ``m`` outputs."""
+    idcs = [int(i) for i in idcs]
+    if not idcs or min(idcs) < -m or max(idcs) >= m:
+        raise BotorchTensorDimensionError(f"output indices {idcs} out of range for {m} outputs")
+    return [i % m for i in idcs]
+
+
 def make_mvn(
     mean: Tensor, cov: Tensor, output_indices: list[int] | None = None
 ) -> MultivariateNormal:
@@ -132,11 +141,7 @@ def make_mvn(
     from ``mean (..., q, m)`` and ``cov (..., q m, q m)``."""
     q, m = mean.shape[-2:]
     if output_indices is not None:
-        idx = torch.as_tensor(output_indices, device=mean.device)
-        if idx.numel() == 0 or idx.min() < 0 or idx.max() >= m:
-            raise BotorchTensorDimensionError(
-                f"output_indices {output_indices} out of range for {m} outputs"
-            )
+        idx = torch.as_tensor(check_output_indices(output_indices, m), device=mean.device)
         rows = (torch.arange(q, device=mean.device)[:, None] * m + idx[None, :]).reshape(-1)
         mean = mean[..., idx]
         cov = cov[..., rows[:, None], rows[None, :]]

@@ -17,12 +17,7 @@ from botorch.models.model import Model
 from botorch.posteriors.gpytorch import GPyTorchPosterior
 from torch import Tensor
 
-
-def _check_indices(idcs: list[int], m: int) -> list[int]:
-    idcs = [int(i) for i in idcs]
-    if not idcs or min(idcs) < -m or max(idcs) >= m:
-        raise BotorchTensorDimensionError(f"output indices {idcs} out of range for {m} outputs")
-    return [i % m for i in idcs]
+from bayescurv.bo._joint import check_output_indices
 
 
 class OutputSubsetModel(Model):
@@ -32,7 +27,7 @@ class OutputSubsetModel(Model):
     def __init__(self, base: Model, idcs: list[int]) -> None:
         super().__init__()
         self.base = [base]  # a list: keep the base out of this module's children
-        self.idcs = _check_indices(idcs, base.num_outputs)
+        self.idcs = check_output_indices(idcs, base.num_outputs)
 
     @property
     def num_outputs(self) -> int:
@@ -53,7 +48,7 @@ class OutputSubsetModel(Model):
         """The base model's joint posterior at ``X`` restricted to this model's outputs
         (``output_indices`` relative to them); a noise tensor has this model's outputs."""
         base = self.base[0]
-        local = range(len(self.idcs)) if output_indices is None else _check_indices(
+        local = range(len(self.idcs)) if output_indices is None else check_output_indices(
             output_indices, len(self.idcs))
         if torch.is_tensor(observation_noise):
             if observation_noise.shape[-1] != len(self.idcs):
@@ -69,7 +64,7 @@ class OutputSubsetModel(Model):
 
     def subset_output(self, idcs: list[int]) -> OutputSubsetModel:
         return OutputSubsetModel(self.base[0], [self.idcs[i] for i in
-                                                _check_indices(idcs, len(self.idcs))])
+                                                check_output_indices(idcs, len(self.idcs))])
 
     def condition_on_observations(self, X: Tensor, Y: Tensor, **kwargs: Any) -> Model:
         raise NotImplementedError(
