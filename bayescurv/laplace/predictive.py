@@ -12,8 +12,12 @@ layer by layer, never from a (batch x outputs x parameters) Jacobian of the whol
   :math:`J\Sigma J^\top = J D^{-1} J^\top - (JZ) C^{-1} (JZ)^\top` with
   :math:`Z = D^{-1} U S^{1/2}`, :math:`C = I + S^{1/2} U^\top D^{-1} U S^{1/2}`; ``JZ`` is
   formed layer by layer;
-- shared weights, embeddings and dense blocks: the per-sample Jacobian *of that layer
-  only*;
+- weight-sharing linear-like layers (convolutions, ``nn.Linear`` on sequences, attention
+  projections; ``T`` positions): the per-input Jacobian of that layer only,
+  :math:`\sum_t \tilde g_{ct} \tilde a_t^\top`, rotated into the block's eigenbasis and formed
+  in chunks of inputs — no solve; embeddings and dense blocks: the per-sample Jacobian *of
+  that layer only*, in the block's own column order (blocks are matched to layers by their
+  index sets, so a layout mismatch can never pair the wrong columns);
 - a full :math:`\Sigma` (small nets): the per-sample Jacobian of all parameters.
 
 With ``joint=True`` the covariance across the inputs is returned, ``(B*C, B*C)``, ordered
@@ -25,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from bayescurv.curvature import layers
 from bayescurv.curvature.accumulate import _kron_index, per_sample_matrix
 from bayescurv.curvature.engine import HookCapture, ModuleRecord, jacobian_pass
 from bayescurv.linalg import (
@@ -36,36 +41,68 @@ from bayescurv.linalg import (
 )
 from bayescurv.params import ParamSet
 
+#: entries of the largest per-layer Jacobian chunk ``(C, b, O, I)`` formed at once
+CHUNK_ELEMENTS = 2**24
 
-def _rank_one_term(g: Tensor, a: Tensor, w: Tensor, joint: bool) -> Tensor:
-    r"""Covariance of :math:`\sum_{o,i} g_{cbo} a_{bi} \epsilon_{oi}` with independent
-    :math:`\epsilon_{oi} \sim N(0, w_{oi})`; ``g (C, B, O)``, ``a (B, I)``, ``w (O, I)``.
-    Returns ``(B, C, C)`` or, joint, ``(B, C, B, C)``."""
+
+def _linear_jacobian_chunks(g: Tensor, a: Tensor):
+    r"""Per-input Jacobian of one linear-like layer, ``(C, b, O, I)`` =
+    :math:`\sum_t g_{cbt} a_{bt}^\top`, over chunks of inputs ``b`` so that at most
+    :data:`CHUNK_ELEMENTS` entries are alive; yields ``(slice, J_chunk)``."""
+    c, b, _, o = g.shape
+    i = a.shape[-1]
+    step = max(1, CHUNK_ELEMENTS // max(1, c * o * i))
+    for s in range(0, b, step):
+        sl = slice(s, min(b, s + step))
+        yield sl, torch.einsum("cbto,bti->cboi", g[:, sl], a[sl])
+
+
+def _linear_term(g: Tensor, a: Tensor, w: Tensor, joint: bool) -> Tensor:
+    r"""Covariance of :math:`\sum_{t,o,i} g_{cbto} a_{bti} \epsilon_{oi}` with independent
+    :math:`\epsilon_{oi} \sim N(0, w_{oi})`, for the factors ``g (C, B, T, O)``,
+    ``a (B, T, I)`` of a linear-like layer (``T`` weight-sharing positions), possibly rotated
+    into a Kronecker eigenbasis. Returns ``(B, C, C)`` or, joint, ``(B, C, B, C)``.
+
+    Without sharing (``T = 1``) the Jacobian row is rank one, :math:`g_{cb} \otimes a_b`,
+    and two small matmuls suffice; with sharing the per-input layer Jacobian
+    :math:`\sum_t g_{cbt} a_{bt}^\top` is formed in chunks of inputs (never the Jacobian
+    of the whole net, never a solve)."""
+    if a.shape[1] == 1:
+        g1, a1 = g[:, :, 0, :], a[:, 0, :]
+        if not joint:
+            t = a1.square() @ w.T  # (B, O)
+            return torch.einsum("cbo,kbo,bo->bck", g1, g1, t)
+        m = torch.einsum("bi,di,oi->bdo", a1, a1, w)  # (B, B, O)
+        return torch.einsum("cbo,kdo,bdo->bcdk", g1, g1, m)
+    c, b = g.shape[:2]
     if not joint:
-        t = a.square() @ w.T  # (B, O)
-        return torch.einsum("cbo,kbo,bo->bck", g, g, t)
-    m = torch.einsum("bi,di,oi->bdo", a, a, w)  # (B, B, O)
-    return torch.einsum("cbo,kdo,bdo->bcdk", g, g, m)
+        out = g.new_empty(b, c, c)
+        for sl, jac in _linear_jacobian_chunks(g, a):
+            out[sl] = torch.einsum("cboi,kboi,oi->bck", jac, jac, w)
+        return out
+    jac = torch.einsum("cbto,bti->bcoi", g, a).reshape(b * c, -1)
+    return ((jac * w.reshape(-1)) @ jac.T).reshape(b, c, b, c)
 
 
 def _explicit_term(jac: Tensor, cov_block: PSDOperator | Tensor, joint: bool) -> Tensor:
     """``J Σ Jᵀ`` for an explicit Jacobian ``jac (C, B, p)``; ``cov_block`` is the block of
-    the posterior *precision* (solved against) or a tensor of variances (diagonal)."""
+    the posterior *precision* (solved against) or a tensor of variances (diagonal). Without
+    ``joint`` only the per-input ``(B, C, C)`` blocks are formed (a batched contraction)."""
     c, b, p = jac.shape
     flat = jac.permute(1, 0, 2).reshape(b * c, p)  # input-major rows
     if isinstance(cov_block, Tensor):
         sj = flat * cov_block
     else:
         sj = cov_block.solve(flat.T).T
-    full = (flat @ sj.T).reshape(b, c, b, c)
     if joint:
-        return full
-    return torch.diagonal(full, dim1=0, dim2=2).permute(2, 0, 1)
+        return (flat @ sj.T).reshape(b, c, b, c)
+    return torch.einsum("bcp,bkp->bck", flat.reshape(b, c, p), sj.reshape(b, c, p))
 
 
 def _record_jacobian(rec: ModuleRecord, like: Tensor) -> Tensor:
-    """Per-sample Jacobian of one module's parameters ``(C, B, p)`` in flat order; zero for
-    a module the forward pass did not call (``like``: any ``(C, B, ·)`` tensor)."""
+    """Per-sample Jacobian of one module's parameters ``(C, B, p)``, columns in the order of
+    :func:`_record_index` with ``kron=False`` (owned parameters in flat order); zero for a
+    module the forward pass did not call (``like``: any ``(C, B, ·)`` tensor)."""
     if not rec.called:
         p = sum(rec.module.get_parameter(n).numel() for n in rec.owned)
         return like.new_zeros(*like.shape[:2], p)
@@ -73,20 +110,20 @@ def _record_jacobian(rec: ModuleRecord, like: Tensor) -> Tensor:
     return torch.cat([ps[i] for i in sorted(ps)], -1)
 
 
-def _linear_rank_one(rec: ModuleRecord) -> tuple[Tensor, Tensor] | None:
-    """``(g (C, B, O), a (B, I))`` when the layer's Jacobian rows are rank one."""
+def _linear_factors(rec: ModuleRecord, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+    """``(g (C, B, T, O), a (B, T, I))`` of a called linear-like layer (``a`` augmented by
+    ones when the bias is in the posterior), in ``dtype``; ``None`` for other layers."""
     if rec.route != "linear" or not rec.called:
         return None
     v = rec.linear_view()
-    if v.a.shape[1] != 1:
-        return None
-    return v.g[:, :, 0, :], v.a[:, 0, :]
+    return v.g.to(dtype), v.a.to(dtype)
 
 
-def _record_index(rec: ModuleRecord, params: ParamSet, rank_one: bool) -> Tensor:
-    """Flat positions of a record's parameters in the order of its Jacobian columns
-    (``W̃ = [W | b]`` row-major for rank-one linear layers, else owned slices in order)."""
-    if rank_one:
+def _record_index(rec: ModuleRecord, params: ParamSet, kron: bool) -> Tensor:
+    """Flat positions of a record's parameters in the order of its Jacobian columns:
+    ``W̃ = [W | b]`` row-major (``kron=True``, linear-like layers: the Kronecker layout of
+    :mod:`bayescurv.curvature.accumulate`), else the owned tensors in flat order."""
+    if kron:
         return _kron_index(params, rec)
     return torch.cat([torch.arange(params.slice_of(i).start, params.slice_of(i).stop,
                                    device=params.device) for i in sorted(rec.owned.values())])
@@ -106,33 +143,35 @@ def _full_jacobian(capture: HookCapture) -> Tensor:
 def _diag_term(capture: HookCapture, var: Tensor, joint: bool) -> Tensor:
     """``J diag(var) Jᵀ``, layer by layer."""
     if capture.tied:  # tied parameters: exact, through the whole per-sample matrix
-        return _explicit_term(_full_jacobian(capture), var, joint)
+        return _explicit_term(_full_jacobian(capture).to(var.dtype), var, joint)
     cov, ref = 0, _ref(capture)
     for rec in capture.records:
-        r1 = _linear_rank_one(rec)
-        idx = _record_index(rec, capture.params, r1 is not None)
-        if r1 is not None:
-            g, a = r1
-            cov = cov + _rank_one_term(g, a, var[idx].reshape(g.shape[-1], a.shape[-1]), joint)
+        lin = _linear_factors(rec, var.dtype)
+        idx = _record_index(rec, capture.params, lin is not None)
+        if lin is not None:
+            g, a = lin
+            cov = cov + _linear_term(g, a, var[idx].reshape(g.shape[-1], a.shape[-1]), joint)
         else:
-            cov = cov + _explicit_term(_record_jacobian(rec, ref), var[idx], joint)
+            jac = _record_jacobian(rec, ref).to(var.dtype)
+            cov = cov + _explicit_term(jac, var[idx], joint)
     return cov
 
 
 def _jacobian_times(capture: HookCapture, z: Tensor) -> Tensor:
     """``J Z`` for ``Z`` ``(P, k)``: ``(C, B, k)``, layer by layer."""
     if capture.tied:
-        return _full_jacobian(capture) @ z
+        return _full_jacobian(capture).to(z.dtype) @ z
     out, ref = 0, _ref(capture)
     for rec in capture.records:
-        r1 = _linear_rank_one(rec)
-        zi = z[_record_index(rec, capture.params, r1 is not None)]
-        if r1 is not None:
-            g, a = r1
+        lin = _linear_factors(rec, z.dtype)
+        zi = z[_record_index(rec, capture.params, lin is not None)]
+        if lin is not None:
+            g, a = lin
             zi = zi.reshape(g.shape[-1], a.shape[-1], -1)
-            out = out + torch.einsum("cbo,bi,oik->cbk", g, a, zi)
+            az = torch.einsum("bti,oik->btok", a, zi)
+            out = out + torch.einsum("cbto,btok->cbk", g, az)
         else:
-            out = out + _record_jacobian(rec, ref) @ zi
+            out = out + _record_jacobian(rec, ref).to(z.dtype) @ zi
     return out
 
 
@@ -150,16 +189,38 @@ def _lowrank_term(capture: HookCapture, precision: LowRankPlusDiagonal, joint: b
     return _diag_term(capture, 1.0 / d, joint) - correction
 
 
-def _blocks_term(capture: HookCapture, precision: BlockDiagonal, joint: bool) -> Tensor:
-    cov, ref = 0, _ref(capture)
-    for rec, block in zip(capture.records, precision.blocks):
-        r1 = _linear_rank_one(rec)
-        if isinstance(block, KroneckerEigen) and r1 is not None:
-            g, a = r1
-            cov = cov + _rank_one_term(g @ block.QA, a @ block.QB, 1.0 / block.eigenvalues,
-                                       joint)
+def _block_records(capture: HookCapture, precision: BlockDiagonal) -> list | None:
+    """Pair each block with the record that owns exactly its parameters, and say in which
+    layout the block orders them: ``[(record, block, kron)]``; ``None`` when the blocks do
+    not map onto the records one to one (then the dense route is taken)."""
+    if capture.tied or precision.num_blocks != len(capture.records):
+        return None
+    out = []
+    for rec, block, bidx in zip(capture.records, precision.blocks, precision.indices):
+        for kron in (rec.route == "linear" and "weight" in rec.owned, False):
+            if torch.equal(_record_index(rec, capture.params, kron), bidx):
+                out.append((rec, block, kron))
+                break
         else:
-            cov = cov + _explicit_term(_record_jacobian(rec, ref), block, joint)
+            return None
+    return out
+
+
+def _blocks_term(capture: HookCapture, pairs: list, dtype: torch.dtype, joint: bool) -> Tensor:
+    cov, ref = 0, _ref(capture)
+    for rec, block, kron in pairs:
+        lin = _linear_factors(rec, dtype) if kron else None
+        if isinstance(block, KroneckerEigen) and lin is not None:
+            g, a = lin
+            cov = cov + _linear_term(g @ block.QA, a @ block.QB, block.eigenvalues.reciprocal(),
+                                     joint)
+            continue
+        if kron and rec.called:
+            lv = rec.linear_view()
+            jac = layers.linear_per_sample(lv).flatten(2)  # (C, B, O*I): row-major [W | b]
+        else:
+            jac = _record_jacobian(rec, ref)
+        cov = cov + _explicit_term(jac.to(dtype), block, joint)
     return cov
 
 
@@ -173,26 +234,29 @@ def glm_covariance(
     """Mean ``f(x; θ*)`` ``(B, C)`` and covariance ``J Σ Jᵀ`` (``(B, C, C)`` or joint
     ``(B*C, B*C)``) for the posterior precision ``precision`` over ``capture.params`` (or over
     the entries ``index`` of it: a masked subnetwork, all other entries fixed)."""
+    dt = precision.dtype  # the posterior's (internal) dtype; results in the model's
     with capture:
         f = jacobian_pass(capture, x)
         b, c = f.shape
         if index is not None:
             if isinstance(precision, Diagonal):
-                var = torch.zeros(capture.params.numel, dtype=f.dtype, device=f.device)
+                var = torch.zeros(capture.params.numel, dtype=dt, device=f.device)
                 var[index] = precision.inv_diagonal()
                 cov = _diag_term(capture, var, joint)
             else:
-                cov = _explicit_term(_full_jacobian(capture)[..., index], precision, joint)
+                jac = _full_jacobian(capture)[..., index].to(dt)
+                cov = _explicit_term(jac, precision, joint)
         elif isinstance(precision, Diagonal):
             cov = _diag_term(capture, precision.inv_diagonal(), joint)
         elif isinstance(precision, LowRankPlusDiagonal):
             cov = _lowrank_term(capture, precision, joint)
-        elif isinstance(precision, BlockDiagonal) and precision.num_blocks == len(
-            capture.records
-        ) and not capture.tied:
-            cov = _blocks_term(capture, precision, joint)
+        elif isinstance(precision, BlockDiagonal) and (
+            pairs := _block_records(capture, precision)
+        ) is not None:
+            cov = _blocks_term(capture, pairs, dt, joint)
         else:  # dense: whole-net per-sample Jacobian (small nets)
-            cov = _explicit_term(_full_jacobian(capture), precision, joint)
+            cov = _explicit_term(_full_jacobian(capture).to(dt), precision, joint)
+    cov = cov.to(f.dtype)
     if joint:
         cov = cov.reshape(b * c, b * c)
         return f, 0.5 * (cov + cov.T)
