@@ -274,6 +274,24 @@ def test_per_tensor_prior_nests_the_per_module_prior():
     assert ref.log_marginal_likelihood() >= tied - 1e-8
 
 
+@pytest.mark.parametrize("structure", ["diag", "full"])
+def test_tensor_granularity_is_laplace_torch_layerwise(structure):
+    """Our ``granularity="tensor"`` is laplace-torch's ``prior_structure="layerwise"``: same
+    evidence at the same per-tensor prior, and the same optimum."""
+    model = mlp()
+    _, _, loader = dataset("classification", 3)
+    ours, ref = fit_both(model, "classification", "all", structure, loader, 1.0)
+    prior = torch.linspace(0.2, 3.0, ours.num_tensors, dtype=torch.float64)
+    assert_rel(ours.log_marginal_likelihood(prior), ref.log_marginal_likelihood(prior).detach(),
+               what="log ML at a per-tensor prior")
+    got = ours.optimize_prior_precision(granularity="tensor", n_steps=400, lr=0.1)
+    ref.optimize_prior_precision(method="marglik", n_steps=400, lr=0.1,
+                                 prior_structure="layerwise")
+    assert_rel(ours.log_marginal_likelihood(),
+               ref.log_marginal_likelihood(got).detach(), what="log ML at our optimum")
+    assert ours.log_marginal_likelihood() >= ref.log_marginal_likelihood().detach() - 1e-6
+
+
 def test_tuned_prior_and_noise_are_stationary_for_laplace_torch():
     """Our joint (prior, noise) optimum is a stationary point of laplace-torch's evidence."""
     model = mlp(2)

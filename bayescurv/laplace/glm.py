@@ -41,7 +41,6 @@ from torch import Tensor
 
 from bayescurv import batches
 from bayescurv.errors import InvalidArgumentError
-from bayescurv.laplace import marglik
 from bayescurv.laplace.posterior import Laplace
 from bayescurv.likelihoods import Gaussian
 
@@ -111,9 +110,8 @@ class GaussianGLM:
         lam, prior, sigma = self._precision_and_sigma(prior_precision, sigma_noise)
         s2 = sigma**2
         theta_bar = lam.solve(self.b) / s2
-        log_det_prior = marglik.expand_prior(torch.as_tensor(prior, dtype=s2.dtype,
-                                                             device=s2.device),
-                                             self.la.layer_index).log().sum()
+        log_det_prior = self.la.prior_diagonal(torch.as_tensor(
+            prior, dtype=s2.dtype, device=s2.device)).log().sum()
         n = self.num_targets
         quad = (self.rr - self.b @ theta_bar) / s2
         return -0.5 * (quad + n * torch.log(2 * math.pi * s2) + lam.logdet() - log_det_prior)

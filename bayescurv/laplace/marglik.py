@@ -1,7 +1,10 @@
 r"""Prior precision handling and marginal-likelihood optimization.
 
 The prior is :math:`N(0, diag(\delta)^{-1})` with :math:`\delta` a scalar, one value per
-*layer* (module owning posterior parameters) or one per parameter. The posterior precision
+*layer* (module owning posterior parameters: weight and bias share it), one per parameter
+*tensor* (weights and biases apart; laplace-torch's "layerwise") or one per parameter. A
+prior of ``G`` values is expanded to the ``P`` entries by a *group index* ``(P,)``
+(:func:`layer_index` or :func:`tensor_index`). The posterior precision
 :math:`\Lambda = c H + diag(\delta)` is rebuilt cheaply for every candidate
 :math:`(\delta, c)`: the structured operators keep their eigendecompositions, so a log
 determinant costs ``O(P)`` for diagonal, Kronecker (per-layer :math:`\delta`) and dense
@@ -22,7 +25,7 @@ from bayescurv.params import ParamSet
 if TYPE_CHECKING:
     from bayescurv.laplace.posterior import Laplace
 
-GRANULARITIES = ("scalar", "layer", "parameter")
+GRANULARITIES = ("scalar", "layer", "tensor", "parameter")
 
 
 def layer_index(params: ParamSet) -> Tensor:
@@ -37,21 +40,44 @@ def layer_index(params: ParamSet) -> Tensor:
     return idx.to(params.device)
 
 
+def tensor_index(params: ParamSet) -> Tensor:
+    """``(P,)`` index of the parameter tensor (in :class:`ParamSet` order) of every entry of
+    the flat parameter vector."""
+    counts = torch.tensor([p.numel() for p in params.params])
+    return torch.repeat_interleave(torch.arange(len(counts)), counts).to(params.device)
+
+
+def group_index(prior: Tensor, layers: Tensor, tensors: Tensor) -> Tensor:
+    """The group index that expands ``prior`` to the ``P`` entries: per layer when it has one
+    value per layer (also when that count equals the number of tensors: then every layer
+    holds one tensor and both groupings coincide up to order), per tensor when it has one
+    value per tensor; ``layers`` otherwise (scalar and per-parameter priors ignore it)."""
+    num_layers = int(layers.max()) + 1 if layers.numel() else 0
+    num_tensors = int(tensors.max()) + 1 if tensors.numel() else 0
+    if prior.dim() == 1 and prior.numel() == num_tensors and prior.numel() != num_layers:
+        return tensors
+    return layers
+
+
 def check_prior(
-    value, num_params: int, num_layers: int, dtype, device, allow_grad: bool = False
+    value, num_params: int, num_layers: int, dtype, device, allow_grad: bool = False,
+    num_tensors: int | None = None,
 ) -> Tensor:
-    """Validate a prior precision: positive, finite, shape ``()``, ``(num_layers,)`` or
-    ``(num_params,)``."""
+    """Validate a prior precision: positive, finite, shape ``()``, ``(num_layers,)``,
+    ``(num_tensors,)`` or ``(num_params,)``."""
     t = value if torch.is_tensor(value) else torch.as_tensor(value, dtype=dtype)
     t = t.to(dtype=dtype, device=device)
     if not allow_grad:
         t = t.detach()
     if t.dim() == 1 and t.numel() == 1:
         t = t.reshape(())
-    if t.dim() > 1 or (t.dim() == 1 and t.numel() not in (num_layers, num_params)):
+    sizes = (num_layers, num_params) if num_tensors is None else (
+        num_layers, num_tensors, num_params)
+    if t.dim() > 1 or (t.dim() == 1 and t.numel() not in sizes):
+        per_tensor = "" if num_tensors is None else f", one per tensor ({num_tensors})"
         raise ShapeError(
-            f"prior_precision must be a scalar, one value per layer ({num_layers}) or one per "
-            f"parameter ({num_params}); got shape {tuple(t.shape)}"
+            f"prior_precision must be a scalar, one value per layer ({num_layers}){per_tensor} "
+            f"or one per parameter ({num_params}); got shape {tuple(t.shape)}"
         )
     if not torch.isfinite(t).all():
         raise NonFiniteError("prior_precision contains NaN or Inf")
@@ -110,7 +136,8 @@ def add_prior(h: PSDOperator, prior: Tensor, index: Tensor, num_layers: int) -> 
 
 def _initial(la: Laplace, granularity: str) -> Tensor:
     cur = la.prior_precision
-    size = {"scalar": 0, "layer": la.num_layers, "parameter": la.num_params}[granularity]
+    size = {"scalar": 0, "layer": la.num_layers, "tensor": la.num_tensors,
+            "parameter": la.num_params}[granularity]
     if size == 0:
         return cur.mean().reshape(())
     if cur.dim() == 1 and cur.numel() == size:

@@ -100,8 +100,10 @@ class Laplace:
         else:
             self.params = select(model, subset, last_layer_name=last_layer_name)
         self.layer_index = marglik.layer_index(self.params)
+        self.tensor_index = marglik.tensor_index(self.params)
         if self.index is not None:
             self.layer_index = self.layer_index[self.index]
+            self.tensor_index = self.tensor_index[self.index]
         self.prior_precision = prior_precision
         self.sigma_noise = sigma_noise
         self._H: PSDOperator | None = None
@@ -119,17 +121,31 @@ class Laplace:
 
     @property
     def num_layers(self) -> int:
+        """Modules owning posterior parameters (weight and bias of a layer together)."""
         return int(self.layer_index.max()) + 1
 
     @property
+    def num_tensors(self) -> int:
+        """Parameter tensors in the posterior (weights and biases apart)."""
+        return int(self.tensor_index.max()) + 1
+
+    def prior_groups(self, prior_precision: Tensor | None = None) -> Tensor:
+        """``(num_params,)`` group index expanding ``prior_precision`` (default: the current
+        one) to the parameters: :attr:`layer_index` or :attr:`tensor_index`."""
+        prior = self._prior if prior_precision is None else prior_precision
+        return marglik.group_index(prior, self.layer_index, self.tensor_index)
+
+    @property
     def prior_precision(self) -> Tensor:
-        """Current prior precision: shape ``()`` , ``(num_layers,)`` or ``(num_params,)``."""
+        """Current prior precision: shape ``()``, ``(num_layers,)``, ``(num_tensors,)`` or
+        ``(num_params,)`` (a count shared by two groupings is read per layer first)."""
         return self._prior
 
     @prior_precision.setter
     def prior_precision(self, value: float | Tensor) -> None:
         self._prior = marglik.check_prior(value, self.num_params, self.num_layers,
-                                          self.params.dtype, self.params.device)
+                                          self.params.dtype, self.params.device,
+                                          num_tensors=self.num_tensors)
 
     @property
     def sigma_noise(self) -> Tensor:
@@ -171,8 +187,8 @@ class Laplace:
 
     def prior_diagonal(self, prior_precision: Tensor | None = None) -> Tensor:
         """The prior precision expanded to ``(num_params,)``."""
-        return marglik.expand_prior(self._prior if prior_precision is None else prior_precision,
-                                    self.layer_index)
+        prior = self._prior if prior_precision is None else prior_precision
+        return marglik.expand_prior(prior, self.prior_groups(prior))
 
     # fitting -----------------------------------------------------------------------------
     def fit(
@@ -238,13 +254,13 @@ class Laplace:
             if self._H_outputs is not None:
                 h = noise.combine(self._H_outputs, sigma)
                 if self.structure == "full":  # a vector shift keeps the graph through H(σ)
-                    prior = marglik.expand_prior(prior, self.layer_index)
+                    prior = marglik.expand_prior(prior, self.prior_groups(prior))
             else:
                 # GGN and Fisher scale as 1/σ²; the empirical Fisher, a sum of squared
                 # gradients (f - y)/σ², as 1/σ⁴
                 power = 4 if self.kind == "ef" else 2
                 h = h.scale(1.0 / sigma.reshape(()) ** power)
-        return marglik.add_prior(h, prior, self.layer_index, self.num_layers)
+        return marglik.add_prior(h, prior, self.prior_groups(prior), self.num_layers)
 
     @property
     def posterior_precision(self) -> PSDOperator:
@@ -282,13 +298,13 @@ class Laplace:
         self._check_fitted()
         prior = self._prior if prior_precision is None else marglik.check_prior(
             prior_precision, self.num_params, self.num_layers, self.params.dtype,
-            self.params.device, allow_grad=True)
+            self.params.device, allow_grad=True, num_tensors=self.num_tensors)
         sigma = self._sigma if sigma_noise is None else torch.as_tensor(
             sigma_noise, dtype=self.params.dtype, device=self.params.device)
         lam = self.posterior_precision_at(prior, sigma)
         return (
             self.log_likelihood_at(sigma)
-            + marglik.log_prior(prior, self.mean, self.layer_index)
+            + marglik.log_prior(prior, self.mean, self.prior_groups(prior))
             - 0.5 * lam.logdet()
         )
 
@@ -315,8 +331,11 @@ class Laplace:
         better). ``grid`` defaults to ``logspace(-4, 4, 21)``; every grid point is evaluated
         from the same fitted curvature, and the prior is set to the best one.
 
-        ``granularity``: ``"scalar"`` (one), ``"layer"`` (one per layer), ``"parameter"``
-        (one per parameter; diag and full structures only). The curvature is decomposed once;
+        ``granularity``: ``"scalar"`` (one), ``"layer"`` (one per layer: weight and bias of
+        a module share it), ``"tensor"`` (one per parameter tensor: weights and biases apart,
+        laplace-torch's "layerwise"; diag, full and low-rank structures, and K-FAC/EKFAC
+        posteriors whose layers hold one tensor each), ``"parameter"`` (one per parameter;
+        diag and full structures only). The curvature is decomposed once;
         each step then costs ``O(P)`` for diag, K-FAC and EKFAC and for full with a scalar
         prior (a full posterior with a non-scalar prior needs a Cholesky per step).
         Returns the tuned prior precision (also stored).

@@ -180,12 +180,23 @@ class KroneckerEigen(PSDOperator):
     def sqrt_matvec(self, z: Tensor) -> Tensor:
         return self._rotate_back(z, self.eigenvalues.sqrt())
 
-    def add_diagonal(self, d: Scalar) -> KroneckerEigen:
+    def add_diagonal(self, d: Scalar) -> PSDOperator:
+        """``A + diag(d)``: a scalar ``d`` keeps the eigenbasis; a vector that is constant
+        except on one column of the second factor (a bias with its own prior precision)
+        gives the exact :class:`~bayescurv.linalg.kronecker_column.KroneckerColumnShift`."""
         d = self._diag_arg(d)
         if d.ndim != 0:
+            from bayescurv.linalg.kronecker_column import KroneckerColumnShift, column_shift
+
+            split = column_shift(d, self.factor_sizes)
+            if split is not None:
+                const, column, delta = split
+                shifted = self._modified("shift", const)
+                return shifted if column is None else KroneckerColumnShift(shifted, column, delta)
             raise InvalidArgumentError(
                 "A per-parameter (non-constant) diagonal added to a Kronecker-factored block has "
-                "no exact Kronecker eigendecomposition. Use a scalar or per-layer prior precision "
+                "no exact Kronecker eigendecomposition unless it is constant except on one column "
+                "(a bias). Use a scalar, per-layer or per-tensor prior precision "
                 "(BlockDiagonal.add_diagonal_per_block), or the 'diag' or 'full' structure."
             )
         return self._modified("shift", d)
