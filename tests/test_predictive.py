@@ -78,3 +78,22 @@ def test_marginal_covariance_never_forms_the_joint(monkeypatch):
     monkeypatch.setattr(predictive, "CHUNK_ELEMENTS", 1)
     _, one_by_one = la.functional(x)
     assert torch.allclose(full_chunks, one_by_one, rtol=1e-12, atol=1e-14)
+
+
+def test_full_posterior_with_per_layer_prior_is_factorized_once(monkeypatch):
+    """Repeated predictions reuse the Cholesky of ``Λ`` until a hyperparameter changes."""
+    from bayescurv.linalg import dense
+
+    model, x, loader = _case("conv1d")
+    la = Laplace(model, "classification", structure="full",
+                 prior_precision=torch.tensor([0.5, 2.0])).fit(loader, progress=False)
+    calls = []
+    real = dense.jittered_cholesky
+    monkeypatch.setattr(dense, "jittered_cholesky", lambda m, **kw: calls.append(1) or real(m))
+    first = la.functional(x)[1]
+    la.functional(x)
+    la.predict(x)
+    assert len(calls) == 1
+    la.prior_precision = torch.tensor([0.5, 3.0])
+    second = la.functional(x)[1]
+    assert len(calls) == 2 and not torch.allclose(first, second)

@@ -264,7 +264,18 @@ class Laplace:
 
     @property
     def posterior_precision(self) -> PSDOperator:
-        return self.posterior_precision_at()
+        r""":math:`\Lambda` at the current hyperparameters. Cached per (curvature, prior,
+        noise) value, so repeated ``predict``/``functional``/``sample`` calls reuse its
+        factorization (a full posterior with a per-layer prior needs a Cholesky)."""
+        key = (id(self._H), self._prior.detach().clone(), self._sigma.detach().clone())
+        cached = getattr(self, "_precision_cache", None)
+        if cached is not None and cached[0][0] == key[0] and all(
+            a.shape == b.shape and torch.equal(a, b) for a, b in zip(cached[0][1:], key[1:])
+        ):
+            return cached[1]
+        op = self.posterior_precision_at()
+        self._precision_cache = (key, op)
+        return op
 
     @property
     def posterior_variance(self) -> Tensor:
