@@ -39,6 +39,11 @@ NORMS = (
     nn.InstanceNorm3d,
 )
 SUPPORTED = (*LINEAR_LIKE, nn.Embedding, *NORMS)
+PER_SAMPLE_FLAG = "bayescurv_per_sample"
+"""A module class that sets this attribute to ``True`` declares that it acts on each data point
+separately, so its own parameters are handled exactly by per-sample gradients of that module
+(``torch.func``) without ``unknown_layers="per_sample"`` (e.g. the spectral convolutions of
+:mod:`bayescurv.operators`)."""
 
 
 def im2col(x: Tensor, conv: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> Tensor:
@@ -173,7 +178,7 @@ def check_module(module: nn.Module, name: str, structure: str, allow_generic: bo
             "statistics couple the data points and the GGN is not a sum over data; call "
             "model.eval() before computing curvature"
         )
-    if isinstance(module, SUPPORTED) or allow_generic:
+    if isinstance(module, SUPPORTED) or allow_generic or getattr(module, PER_SAMPLE_FLAG, False):
         return
     raise UnsupportedLayerError(
         f"module {name!r} of type {type(module).__name__} holds parameters in the posterior "
