@@ -1,4 +1,5 @@
-"""Offline data sets: scikit-learn's bundled digits and locally generated synthetic data.
+"""Offline data sets: scikit-learn's bundled digits, locally generated synthetic data and PDE
+solutions for neural operators (:mod:`bayescurv.data.pde`).
 
 Nothing is downloaded; scikit-learn is imported only when the digits are loaded.
 """
@@ -9,6 +10,13 @@ from bayescurv.data.digits import (
     loaders,
     permuted_digits,
     rotated_digits,
+)
+from bayescurv.data.pde import (
+    OperatorData,
+    advection_diffusion_reaction,
+    burgers,
+    darcy,
+    kuramoto_sivashinsky,
 )
 from bayescurv.data.synthetic import (
     RegressionData,
@@ -27,4 +35,9 @@ __all__ = [
     "sinusoid",
     "toy_classification",
     "toy_regression",
+    "OperatorData",
+    "burgers",
+    "kuramoto_sivashinsky",
+    "darcy",
+    "advection_diffusion_reaction",
 ]
