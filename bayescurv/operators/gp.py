@@ -19,9 +19,9 @@ a low-rank GGN plus diagonal prior by Woodbury (:math:`\Lambda = U S U^\top + D`
 (:math:`A = \Lambda^{-1/2}`; small subsets only). The marginal variance at ``x`` is
 :math:`\sum_p J_p^2 v_p + \|J A\|^2 - \|J W\|^2`, from Jacobian rows formed per chunk of
 inputs by ``torch.func`` (never for the whole data set at once); function samples are
-:math:`u(a;\theta^*) + J_a \varepsilon` with :math:`\varepsilon \sim N(0, \Sigma)` pushed
-through ``torch.func.jvp``, so the *same* weight draw gives the same sample function on
-every grid.
+:math:`u(a;\theta^*) + J_a \varepsilon` with :math:`\varepsilon \sim N(0, \Sigma)` applied to
+the same Jacobian rows, so the *same* weight draw gives the same sample function on every
+grid.
 """
 
 from __future__ import annotations
@@ -244,16 +244,12 @@ class OperatorGP:
             raise ShapeError(f"weights must be ({n}, {self.params.numel}), got "
                              f"{tuple(eps.shape)}")
         eps = eps.to(self.theta.dtype)
-        with torch.no_grad():
-            if linearized:
-                f0, outs = None, []
-                for e in eps:
-                    f, df = torch.func.jvp(lambda t: self._f(t, a, out_size), (self.theta,),
-                                           (e,))
-                    f0 = f
-                    outs.append(df)
-                samples = f0 + torch.stack(outs)
-            else:
+        if linearized:
+            samples = self.mean(a, out_size).reshape(1, a.shape[0], -1).repeat(n, 1, 1)
+            for sl, jac in self.jacobian_rows(a, out_size):
+                samples[:, sl] += torch.einsum("bcp,np->nbc", jac, eps)
+        else:
+            with torch.no_grad():
                 samples = torch.stack([self._f(self.theta + e, a, out_size) for e in eps])
         return samples.reshape(n, a.shape[0], *shape)
 

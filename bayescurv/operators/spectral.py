@@ -60,26 +60,33 @@ def fourier_resample(v: Tensor, size: int | tuple[int, ...], dim: int) -> Tensor
 
 
 def _crop_pad(vh: Tensor, n: tuple[int, ...], m: tuple[int, ...]) -> Tensor:
-    """rfft coefficients of a grid of size ``n`` rearranged for a grid of size ``m``: the
-    frequencies both grids hold are kept (negative frequencies at the end of full axes)."""
+    """rfft coefficients of a grid of size ``n`` rearranged for a grid of size ``m``.
+
+    Frequencies below both Nyquist limits are kept. Upsampling from an even ``n`` splits its
+    Nyquist coefficient evenly between ``±n/2`` (the interpolant passes through the original
+    values); downsampling to an even ``m`` folds ``±m/2`` into the new Nyquist slot (exact
+    decimation of band-limited functions), so resampling up and back down is the identity."""
     d = len(n)
     for j in range(d):
         axis = vh.dim() - d + j
-        if j == d - 1:  # rfft axis: frequencies 0..n//2
-            keep = min(n[j] // 2, m[j] // 2) + 1
-            vh = vh.narrow(axis, 0, keep)
-            pad = m[j] // 2 + 1 - keep
-        else:  # full axis: 0..h-1 then -h..-1
-            h = (min(n[j], m[j]) - 1) // 2
-            pos, neg = vh.narrow(axis, 0, h + 1), vh.narrow(axis, n[j] - h, h)
-            shape = list(vh.shape)
-            shape[axis] = m[j] - (2 * h + 1)
-            vh = torch.cat([pos, vh.new_zeros(shape), neg], axis)
-            continue
-        if pad:
-            shape = list(vh.shape)
-            shape[axis] = pad
-            vh = torch.cat([vh, vh.new_zeros(shape)], axis)
+        rfft_axis = j == d - 1
+        h = (min(n[j], m[j]) - 1) // 2  # frequencies 1..h on both sides
+        nyq = None
+        if m[j] > n[j] and n[j] % 2 == 0:
+            nyq = 0.5 * vh.narrow(axis, n[j] // 2, 1)
+        elif m[j] < n[j] and m[j] % 2 == 0:
+            plus = vh.narrow(axis, m[j] // 2, 1)
+            nyq = 2 * plus if rfft_axis else plus + vh.narrow(axis, n[j] - m[j] // 2, 1)
+        head = [vh.narrow(axis, 0, h + 1)]
+        tail = [] if rfft_axis else [vh.narrow(axis, n[j] - h, h)]
+        if nyq is not None:
+            head.append(nyq)
+            if not rfft_axis and m[j] > n[j]:
+                tail.insert(0, nyq)
+        size = m[j] // 2 + 1 if rfft_axis else m[j]
+        shape = list(vh.shape)
+        shape[axis] = size - sum(t.shape[axis] for t in head + tail)
+        vh = torch.cat([*head, vh.new_zeros(shape), *tail], axis)
     return vh
 
 
