@@ -408,7 +408,8 @@ class IterGLM:
             Q = self.kernel.matmul(X, self.X_, self._S(S, state.D), C)  # k(x, X) S D
             cov = prior - torch.einsum("bcj,bdj->bcd", Q, Q)
             if computational and state.rank < self.N_ * C:
-                comp = torch.cat([self._computational(x, state) for x in X.split(chunk)])
+                step = max(1, min(chunk, 2**24 // (self.N_ * C * C)))  # (N C) x (step C) blocks
+                comp = torch.cat([self._computational(x, state) for x in X.split(step)])
         else:
             cov = torch.cat([prior_c - self._reduction(x, state) for x, prior_c in
                              zip(X.split(chunk), prior.split(chunk))])
