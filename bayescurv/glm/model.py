@@ -135,7 +135,7 @@ class IterGLM:
         o = torch.as_tensor(offset, dtype=like.dtype, device=like.device)
         if o.dim() == 1:
             o = o.unsqueeze(-1)
-        if o.shape[0] != N or o.shape[1] not in (1, C) or o.dim() != 2:
+        if o.dim() != 2 or o.shape[0] != N or o.shape[1] not in (1, C):
             raise ShapeError(f"offset must be (N,) or (N, C) = ({N}, {C}); got {tuple(o.shape)}")
         if not torch.isfinite(o).all():
             raise NonFiniteError("offset holds NaN or Inf")
