@@ -45,11 +45,28 @@ def split_batch(
     )
 
 
-def batch_size(x: Tensor | dict[str, Tensor]) -> int:
-    """Number of data points in inputs ``x`` (a tensor or a dict of tensors)."""
-    if isinstance(x, dict):
-        return next(iter(x.values())).shape[0]
-    return x.shape[0]
+def check_batch_dim(batch_dim: Any) -> int:
+    """Validate a ``batch_dim`` argument: a non-negative int (the dimension of the model's
+    inputs that indexes data points; negative values are refused because the layers of one
+    network see tensors of different ranks)."""
+    if isinstance(batch_dim, bool) or not isinstance(batch_dim, int) or batch_dim < 0:
+        raise InvalidArgumentError(
+            f"batch_dim must be a non-negative int (0 for batch-first inputs, 1 for "
+            f"sequence-first (T, B, ...) inputs), got {batch_dim!r}"
+        )
+    return batch_dim
+
+
+def batch_size(x: Tensor | dict[str, Tensor], batch_dim: int = 0) -> int:
+    """Number of data points in inputs ``x`` (a tensor or a dict of tensors; for a dict, its
+    first entry): the size of dimension ``batch_dim``."""
+    t = next(iter(x.values())) if isinstance(x, dict) else x
+    if t.dim() <= batch_dim:
+        raise ShapeError(
+            f"inputs of shape {tuple(t.shape)} have no dimension batch_dim={batch_dim}; pass "
+            "the dimension of the inputs that indexes data points"
+        )
+    return t.shape[batch_dim]
 
 
 def to_device(x: Tensor | dict[str, Tensor], device: torch.device, dtype: torch.dtype | None):
@@ -83,9 +100,11 @@ def iterate(
     x_key: str = "x",
     y_key: str = "y",
     check: bool = True,
+    batch_dim: int = 0,
 ) -> Iterator[tuple[Tensor | dict[str, Tensor], Tensor]]:
     """Yield validated ``(x, y)`` batches on ``device``; raise :class:`EmptyDataError` when
-    ``data`` yields nothing (or only empty batches)."""
+    ``data`` yields nothing (or only empty batches). ``batch_dim``: the dimension of the
+    inputs that indexes data points (targets are always batch-first)."""
     if isinstance(data, Tensor):
         raise InvalidArgumentError(
             "expected an iterable of (x, y) batches such as a DataLoader, got a tensor; wrap "
@@ -94,11 +113,16 @@ def iterate(
     seen = False
     for batch in data:
         x, y = split_batch(batch, x_key, y_key)
-        n = batch_size(x)
+        n = batch_size(x, batch_dim)
         if n == 0:
             continue
-        if y.shape[0] != n:
-            raise ShapeError(f"a batch has {n} inputs but {y.shape[0]} targets")
+        if y.dim() == 0 or y.shape[0] != n:
+            shape = tuple(next(iter(x.values())).shape if isinstance(x, dict) else x.shape)
+            raise ShapeError(
+                f"a batch has {n} inputs (dim batch_dim={batch_dim} of inputs of shape "
+                f"{shape}) but targets of shape {tuple(y.shape)}; targets are batch-first. "
+                "For sequence-first (T, B, ...) inputs pass batch_dim=1"
+            )
         if check:
             check_finite(x, "inputs")
             check_finite(y, "targets")
@@ -130,6 +154,7 @@ __all__ = [
     "iterate",
     "split_batch",
     "batch_size",
+    "check_batch_dim",
     "to_device",
     "check_finite",
     "check_reduction",

@@ -111,6 +111,7 @@ def compute(
     x_key: str = "x",
     y_key: str = "y",
     progress: bool = False,
+    batch_dim: int = 0,
 ) -> Curvature:
     r"""Curvature of :math:`L(\theta) = \sum_n -\log p(y_n | f(x_n;\theta))` at the current
     parameters.
@@ -144,11 +145,30 @@ def compute(
             when ``N * K <= rank``), ``"lanczos"`` or ``"randomized"`` (matrix-free GGN /
             EF / Hessian products); see :mod:`bayescurv.curvature.lowrank`.
         progress: show a progress bar.
+        batch_dim: the dimension of the model's inputs that indexes data points: 0, or 1
+            for sequence-first ``(T, B, ...)`` inputs (PyTorch's ``batch_first=False``).
+            Hooked layers whose output has more than two dimensions hold the batch there;
+            two-dimensional ones (``(B, features)``, after pooling) and convolutions and
+            batch/instance/group norms are batch-first. Targets are batch-first. A layer
+            whose batch dimension does not hold the ``B`` data points raises
+            :class:`~bayescurv.errors.ShapeError` naming it; with a sequence length equal to
+            ``B`` a wrong ``batch_dim`` cannot be detected. The hook-based structures only:
+            not ``kind="hessian"`` (full/diag), ``"diag-hesscale"`` or the matrix-free
+            low-rank methods.
 
     The result is summed across ``torch.distributed`` ranks when a process group is
     initialized, so each rank holds the curvature of the whole data set.
     """
     _check_options(structure, kind, num_samples, rank, lowrank_method)
+    if batches.check_batch_dim(batch_dim) and (
+        structure == "diag-hesscale" or (kind == "hessian" and structure not in LOWRANK)
+        or (structure in LOWRANK and lowrank_method != "sqrt")
+    ):
+        raise InvalidArgumentError(
+            f"batch_dim={batch_dim} needs a hook-based structure (full, diag, kfac, "
+            "kfac-reduce, ekfac, or lowrank/diag+lowrank with lowrank_method='sqrt') and "
+            "kind 'ggn', 'mc' or 'ef'"
+        )
     batches.check_reduction(reduction)
     lik = get_likelihood(likelihood)
     pset = params if isinstance(params, ParamSet) else select(model, params)
@@ -163,7 +183,7 @@ def compute(
     matfree_lowrank = structure in LOWRANK and lowrank_method != "sqrt"
     # matrix-free low rank alone needs no hooks (and accepts any layer)
     capture = None if structure == "lowrank" and matfree_lowrank else HookCapture(
-        pset, structure, unknown_layers)
+        pset, structure, unknown_layers, batch_dim=batch_dim)
     if structure == "full":
         accs["full"] = accumulate.FullAccumulator(capture)
     if structure in ("diag", "diag+lowrank"):

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from bayescurv import batches
 from bayescurv.curvature import layers
-from bayescurv.errors import InvalidArgumentError, UnsupportedLayerError
+from bayescurv.errors import InvalidArgumentError, ShapeError, UnsupportedLayerError
 from bayescurv.likelihoods import Likelihood, check_finite_outputs
 from bayescurv.params import ParamSet
 
@@ -32,6 +32,9 @@ class ModuleRecord:
     ``route``: ``"linear"`` (Linear/Conv with its weight in the posterior), ``"embedding"``
     or ``"generic"`` (per-sample gradients of the module by ``torch.func``).
     ``owned``: ``{local parameter name: index in the ParamSet}``.
+    ``inputs``, ``outputs`` and ``grads`` (``(K, ...)``) hold the batch in dimension 0
+    whatever the model's layout; ``batch_dims`` says where each call had it, ``shapes`` the
+    call's original ``(input shape, output shape)`` (for error messages).
     """
 
     name: str
@@ -41,6 +44,8 @@ class ModuleRecord:
     inputs: list[Tensor] = field(default_factory=list)
     outputs: list[Tensor] = field(default_factory=list)
     grads: list[Tensor] = field(default_factory=list)
+    batch_dims: list[int] = field(default_factory=list)
+    shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
 
     @property
     def with_bias(self) -> bool:
@@ -55,6 +60,8 @@ class ModuleRecord:
         self.inputs.clear()
         self.outputs.clear()
         self.grads.clear()
+        self.batch_dims.clear()
+        self.shapes.clear()
 
     # views ------------------------------------------------------------------------------
     def linear_view(self, augment: bool = True) -> layers.LinearView:
@@ -78,11 +85,11 @@ class ModuleRecord:
                 ps = ps[..., :-1]
             out[self.owned["weight"]] = ps.reshape(k, b, -1)
             return out
-        for x, g in zip(self.inputs, self.grads):
+        for x, g, bd in zip(self.inputs, self.grads, self.batch_dims):
             if self.route == "embedding":
                 grads = {"weight": layers.embedding_per_sample(self.module, x, g)}
             else:
-                grads = layers.generic_per_sample(self.module, list(self.owned), x, g)
+                grads = layers.generic_per_sample(self.module, list(self.owned), x, g, bd)
             for lname, t in grads.items():
                 i = self.owned[lname]
                 t = t.reshape(*t.shape[:2], -1)
@@ -92,7 +99,16 @@ class ModuleRecord:
 
 class HookCapture:
     """Registers forward hooks on every module that owns parameters of ``params`` and runs
-    the batched backward pass. Use as a context manager."""
+    the batched backward pass. Use as a context manager.
+
+    ``batch_dim``: the dimension of the model's inputs that indexes data points (0; 1 for
+    sequence-first ``(T, B, ...)`` inputs). Each hooked layer's input and output are seen with
+    their batch dimension (:func:`layers.layer_batch_dim`) moved to the front, so every
+    consumer of the records works batch-first. Before the backward pass every captured call
+    is checked to hold the ``B`` data points of the network output in that dimension; a
+    mismatch raises :class:`ShapeError` naming the module. (When the sequence length equals
+    ``B`` a wrong ``batch_dim`` cannot be told from the shapes.)
+    """
 
     def __init__(
         self,
@@ -100,7 +116,9 @@ class HookCapture:
         structure: str,
         unknown_layers: str = "error",
         differentiable: bool = False,
+        batch_dim: int = 0,
     ) -> None:
+        self.batch_dim = batches.check_batch_dim(batch_dim)
         if unknown_layers not in ("error", "per_sample"):
             raise InvalidArgumentError(
                 f"unknown_layers must be 'error' or 'per_sample', got {unknown_layers!r}"
@@ -138,7 +156,8 @@ class HookCapture:
             p.requires_grad_(True)
         for rec in self.records:
             self._handles.append(
-                rec.module.register_forward_hook(self._hook(rec, self.differentiable))
+                rec.module.register_forward_hook(
+                    self._hook(rec, self.differentiable, self.batch_dim))
             )
         return self
 
@@ -156,23 +175,62 @@ class HookCapture:
             rec.clear()
 
     @staticmethod
-    def _hook(rec: ModuleRecord, differentiable: bool):
+    def _hook(rec: ModuleRecord, differentiable: bool, batch_dim: int):
         def hook(module, inputs, output):
             if not isinstance(output, Tensor):
                 raise UnsupportedLayerError(
                     f"module {rec.name!r} returns {type(output).__name__}, not a tensor"
                 )
-            rec.inputs.append(inputs[0] if differentiable else inputs[0].detach())
-            rec.outputs.append(output)
-            # hand a copy downstream, so in-place ops after the layer (ReLU(inplace=True))
-            # cannot change the tensor we differentiate with respect to
-            return output.clone()
+            x = inputs[0] if differentiable else inputs[0].detach()
+            bd = layers.layer_batch_dim(module, output, batch_dim)
+            rec.batch_dims.append(bd)
+            rec.shapes.append((tuple(x.shape), tuple(output.shape)))
+            if bd == 0 or x.dim() <= bd:  # (too few dims: refused by check_batch)
+                rec.inputs.append(x)
+                rec.outputs.append(output)
+                # hand a copy downstream, so in-place ops after the layer
+                # (ReLU(inplace=True)) cannot change the tensor we differentiate w.r.t.
+                return output.clone()
+            # the batch in front: differentiate w.r.t. that view, and hand downstream a copy
+            # of it in the layer's own layout (so gradients arrive batch-first)
+            front = output.movedim(bd, 0)
+            rec.inputs.append(x.movedim(bd, 0))
+            rec.outputs.append(front)
+            return front.movedim(0, bd).clone()
 
         return hook
 
+    def check_batch(self, b: int) -> None:
+        """Raise :class:`ShapeError` when a captured call does not hold ``b`` data points in
+        its batch dimension (the layout ``batch_dim`` says, or a layer whose tensors carry no
+        per-data-point dimension at all, such as a positional embedding of ``arange(T)``)."""
+        for rec in self.records:
+            for x, o, bd, (xs, os) in zip(rec.inputs, rec.outputs, rec.batch_dims, rec.shapes):
+                tensors = [o, x]
+                if isinstance(rec.module, layers.LINEAR_LIKE[1:]) and (
+                        len(xs) == rec.module.weight.dim() - 1):
+                    tensors = [o]  # an unbatched convolution input (im2col adds the batch)
+                if all(t.dim() > bd and t.shape[0] == b for t in tensors):
+                    continue
+                where = (f"dim {bd}" if bd == self.batch_dim else
+                         f"dim {bd} (a {len(os)}-dim output is read as (B, features))"
+                         if len(os) <= 2 else f"dim {bd} (batch-first layer type)")
+                raise ShapeError(
+                    f"module {rec.name!r} ({type(rec.module).__name__}) received an input of "
+                    f"shape {xs} and returned shape {os}; with batch_dim={self.batch_dim} its "
+                    f"batch dimension is {where}, which does not have the {b} data points of "
+                    "the network output. Pass batch_dim= the dimension of the model's inputs "
+                    "that indexes data points (batch_dim=1 for sequence-first (T, B, ...) "
+                    "tensors, PyTorch's batch_first=False layout); a layer whose tensors have "
+                    "no data-point dimension (e.g. an embedding of positions) cannot be in the "
+                    "posterior"
+                )
+
     def backward(self, f: Tensor, cols: Tensor) -> None:
         """Backpropagate the ``K`` columns ``cols`` ``(K, B, C)`` from ``f`` to every
-        captured layer output in one batched pass; fills ``record.grads``."""
+        captured layer output in one batched pass; fills ``record.grads``. Refuses calls
+        whose batch dimension does not hold the ``B`` data points (:meth:`check_batch`)."""
+        self.check_batch(cols.shape[1])
         outs = [o for rec in self.records for o in rec.outputs]
         try:
             if cols.shape[0] == 1:  # one column (MC with one sample, EF): no vmap needed
@@ -253,7 +311,7 @@ def stream(
     params = capture.params
     model = params.model
     it = batches.iterate(data, device=params.device, dtype=params.dtype, x_key=x_key,
-                         y_key=y_key, check=False)
+                         y_key=y_key, check=False, batch_dim=capture.batch_dim)
     if progress:
         from tqdm.auto import tqdm
 

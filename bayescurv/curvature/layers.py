@@ -14,6 +14,14 @@ after unfolding, so with ``g[k, b, t, :] = ∂(s_kᵀ f_b)/∂z[b, t, :]`` (one 
 the square root backpropagated to the layer output) the per-sample gradient of
 ``W̃ = [W | b]`` is ``Σ_t g[k,b,t] a[b,t]ᵀ`` and the GGN block is
 ``Σ_{k,b} vec(Σ_t g aᵀ) vec(Σ_t g aᵀ)ᵀ``. K-FAC approximates it by ``G ⊗ A``.
+
+Batch dimension. Everything here sees the batch in dimension 0: the hooks of
+:mod:`.engine` move it there. Where a layer's tensors hold it is
+:func:`layer_batch_dim` of the user's ``batch_dim`` (the dimension of the model's inputs
+that indexes data points): ``batch_dim`` for layers whose output has more than two
+dimensions (``(T, B, D)`` for ``batch_dim=1``, PyTorch's ``batch_first=False`` layout), 0
+for outputs of two dimensions (``(B, features)``, e.g. after pooling over the sequence) and
+for convolutions and batch/instance/group norms, which PyTorch defines batch-first.
 """
 
 from __future__ import annotations
@@ -39,6 +47,18 @@ NORMS = (
     nn.InstanceNorm3d,
 )
 SUPPORTED = (*LINEAR_LIKE, nn.Embedding, *NORMS)
+BATCH_FIRST = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.modules.batchnorm._BatchNorm,
+               nn.modules.instancenorm._InstanceNorm, nn.GroupNorm)
+"""Modules whose inputs PyTorch defines batch-first, whatever the model's ``batch_dim``."""
+
+
+def layer_batch_dim(module: nn.Module, output: Tensor, batch_dim: int) -> int:
+    """Dimension of ``module``'s input and output that indexes data points (see the module
+    docstring): ``batch_dim`` for outputs of more than two dimensions, else 0; always 0
+    for :data:`BATCH_FIRST` modules."""
+    if batch_dim == 0 or isinstance(module, BATCH_FIRST) or output.dim() <= 2:
+        return 0
+    return batch_dim
 PER_SAMPLE_FLAG = "bayescurv_per_sample"
 """A module class that sets this attribute to ``True`` declares that it acts on each data point
 separately, so its own parameters are handled exactly by per-sample gradients of that module
@@ -190,17 +210,20 @@ def check_module(module: nn.Module, name: str, structure: str, allow_generic: bo
 
 
 def generic_per_sample(
-    module: nn.Module, names: list[str], x: Tensor, g: Tensor
+    module: nn.Module, names: list[str], x: Tensor, g: Tensor, batch_dim: int = 0
 ) -> dict[str, Tensor]:
     """Per-sample, per-column gradients ``(K, B, *p.shape)`` of a module's own parameters
     by ``torch.func``: the vector-Jacobian product of the module applied to one data point.
     Exact for any module that acts on each data point separately (LayerNorm, GroupNorm,
-    BatchNorm in eval mode, ...)."""
+    BatchNorm in eval mode, ...). ``x`` ``(B, ...)`` and ``g`` ``(K, B, ...)`` hold the batch
+    in front; the module is called with it back in dimension ``batch_dim`` (its own
+    layout)."""
     params = {n: getattr(module, n).detach() for n in names}
 
     def one(xb: Tensor, gb: Tensor) -> dict[str, Tensor]:
         def fwd(p):
-            return torch.func.functional_call(module, p, (xb.unsqueeze(0),)).squeeze(0)
+            out = torch.func.functional_call(module, p, (xb.unsqueeze(batch_dim),))
+            return out.squeeze(batch_dim)
 
         _, vjp = torch.func.vjp(fwd, params)
         return vjp(gb)[0]

@@ -229,7 +229,8 @@ def gridsearch(la: Laplace, val_loader, metric, grid, link: str, verbose: bool) 
     grid = torch.as_tensor(grid, dtype=la.params.dtype).reshape(-1)
     if grid.numel() == 0 or (grid <= 0).any():
         raise InvalidArgumentError("grid must hold positive prior precisions")
-    data = list(batches.iterate(val_loader, device=la.params.device, dtype=la.params.dtype))
+    data = list(batches.iterate(val_loader, device=la.params.device, dtype=la.params.dtype,
+                                batch_dim=la.batch_dim))
     ys = torch.cat([y for _, y in data])
     best_value, best_prior = float("inf"), None
     for prior in grid:

@@ -39,13 +39,14 @@ class _OutputColumn(Gaussian):
 
 
 @torch.no_grad()
-def sum_of_squares(params: ParamSet, data: Iterable, x_key: str, y_key: str) -> Tensor:
+def sum_of_squares(params: ParamSet, data: Iterable, x_key: str, y_key: str,
+                   batch_dim: int = 0) -> Tensor:
     """Per-output sums of squared residuals ``(C,)`` at the current weights (summed over
     ``torch.distributed`` ranks)."""
     lik = Gaussian(1.0)
     sse = None
     for x, y in batches.iterate(data, device=params.device, dtype=params.dtype, x_key=x_key,
-                                y_key=y_key):
+                                y_key=y_key, batch_dim=batch_dim):  # inputs' batch dim
         f = params.model(**x) if isinstance(x, dict) else params.model(x)
         f, y = lik.check(f, y)
         part = ((f - y) ** 2).sum(0)

@@ -45,6 +45,9 @@ class Laplace:
         rank, lowrank_method: for ``"lowrank"`` / ``"diag+lowrank"``: number of eigenpairs and
             how they are found (``"sqrt"``, ``"lanczos"``, ``"randomized"``; see
             :func:`bayescurv.compute`).
+        batch_dim: the dimension of the model's inputs that indexes data points (0, or 1 for
+            sequence-first ``(T, B, ...)`` inputs); used by :meth:`fit` and the predictive.
+            See :func:`bayescurv.compute` for how each layer's batch dimension follows.
 
     Usage::
 
@@ -70,6 +73,7 @@ class Laplace:
         unknown_layers: str = "error",
         rank: int = 10,
         lowrank_method: str = "sqrt",
+        batch_dim: int = 0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InvalidArgumentError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -87,6 +91,7 @@ class Laplace:
         self.num_samples = num_samples
         self.generator = generator
         self.unknown_layers = unknown_layers
+        self.batch_dim = batches.check_batch_dim(batch_dim)
         self.curvature_options = {"rank": rank, "lowrank_method": lowrank_method} \
             if structure in ("lowrank", "diag+lowrank") else {}
         self.index: Tensor | None = None  # masked subnetwork: flat positions in self.params
@@ -208,8 +213,11 @@ class Laplace:
                        progress=progress)
         if self.index is None:
             curv = compute(self.model, unit, loader, structure=self.structure,
-                           params=self.params, **options, **self.curvature_options)
+                           params=self.params, **options, **self.curvature_options,
+                           batch_dim=self.batch_dim)
         else:
+            if self.batch_dim:
+                raise InvalidArgumentError("masked subnetworks need batch_dim=0")
             curv = subnetwork.masked_curvature(self.params, self.index, unit, loader,
                                                self.structure, **options)
         self._H = curv.matrix
@@ -218,7 +226,8 @@ class Laplace:
         self.loss = curv.loss
         if isinstance(self.likelihood, Gaussian):
             # per-output sums of squared residuals: log p(D|θ*) for any noise level
-            self._sse = noise.sum_of_squares(self.params, loader, x_key, y_key)
+            self._sse = noise.sum_of_squares(self.params, loader, x_key, y_key,
+                                             batch_dim=self.batch_dim)
             self.num_outputs = self._sse.numel()
             if self.per_output_noise:
                 if self._sigma.numel() != self.num_outputs:
@@ -228,6 +237,7 @@ class Laplace:
                     )
                 self._H_outputs = noise.per_output_curvatures(
                     self.params, loader, self.structure, self.num_outputs,
+                    batch_dim=self.batch_dim,
                     **{k: v for k, v in options.items() if k != "progress"})
         return self
 
@@ -386,7 +396,7 @@ class Laplace:
             t.requires_grad for t in (x.values() if isinstance(x, dict) else [x])
         )
         capture = HookCapture(self.params, self.structure, self.unknown_layers,
-                              differentiable=needs_grad)
+                              differentiable=needs_grad, batch_dim=self.batch_dim)
         return glm_covariance(capture, self.posterior_precision, x, joint=joint,
                               index=self.index)
 
