@@ -226,11 +226,33 @@ class HookCapture:
                     "posterior"
                 )
 
+    def _check_uncalled(self, f: Tensor) -> None:
+        """Refuse a module whose parameters reach ``f`` although the module was never
+        *called* (its forward hook did not fire), e.g. ``nn.MultiheadAttention.out_proj``,
+        whose weight enters ``F.multi_head_attention_forward`` directly: the hooks would
+        see nothing and give it a zero block. A module skipped by a conditional forward
+        (parameters not in the graph) keeps its zero block."""
+        silent = [(rec, n) for rec in self.records if not rec.called for n in rec.owned]
+        if not silent or not f.requires_grad:
+            return
+        ps = [rec.module.get_parameter(n) for rec, n in silent]
+        used = torch.autograd.grad(f.sum(), ps, retain_graph=True, allow_unused=True)
+        bad = sorted({rec.name for (rec, _), g in zip(silent, used) if g is not None})
+        if bad:
+            raise UnsupportedLayerError(
+                f"parameters of module(s) {bad} reach the network output but those modules "
+                "are never called (their parent uses the weights directly, as "
+                "nn.MultiheadAttention does with out_proj), so forward hooks cannot see them and "
+                "their curvature would silently be zero. Leave these parameters out of the "
+                "subset (params=/subset= with the other names)"
+            )
+
     def backward(self, f: Tensor, cols: Tensor) -> None:
         """Backpropagate the ``K`` columns ``cols`` ``(K, B, C)`` from ``f`` to every
         captured layer output in one batched pass; fills ``record.grads``. Refuses calls
         whose batch dimension does not hold the ``B`` data points (:meth:`check_batch`)."""
         self.check_batch(cols.shape[1])
+        self._check_uncalled(f)
         outs = [o for rec in self.records for o in rec.outputs]
         try:
             if cols.shape[0] == 1:  # one column (MC with one sample, EF): no vmap needed
