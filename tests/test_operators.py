@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -390,6 +391,7 @@ def test_benchmark_smallest_configuration_runs():
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "operators.py"
     spec = importlib.util.spec_from_file_location("bench_operators", path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses resolve annotations through sys.modules
     spec.loader.exec_module(mod)
     rows = mod.run(mod.TINY)
     assert rows and all(math.isfinite(r["nll"]) for r in rows)

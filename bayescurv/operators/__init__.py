@@ -3,6 +3,8 @@
 
 from bayescurv.operators.fno import FNO, FlattenOutput, FNO1d, FNO2d, FNOBlock, call_operator
 from bayescurv.operators.gp import OperatorGP, tune_prior_precision
+from bayescurv.operators.metrics import evaluate, gaussian_crps
+from bayescurv.operators.neuralop_support import merge_complex, split_complex
 from bayescurv.operators.spectral import SpectralConv, fourier_resample, mode_weights
 
 __all__ = [
@@ -14,6 +16,10 @@ __all__ = [
     "call_operator",
     "OperatorGP",
     "tune_prior_precision",
+    "evaluate",
+    "gaussian_crps",
+    "split_complex",
+    "merge_complex",
     "SpectralConv",
     "fourier_resample",
     "mode_weights",

@@ -177,7 +177,10 @@ class OperatorGP:
             sl = slice(s, min(a.shape[0], s + step))
             yield sl, jac(self.theta, a[sl]).detach()
 
-    def _var_rows(self, jac: Tensor) -> Tensor:
+    def jacobian_variance(self, jac: Tensor) -> Tensor:
+        """Marginal variances ``(b, C)`` from Jacobian rows ``(b, C, P)`` (as yielded by
+        :meth:`jacobian_rows`; reuse them for several posteriors over the same parameters)."""
+        jac = jac.to(self.v.dtype)  # the posterior's (internal, float64) dtype
         var = jac.square() @ self.v
         if self.A is not None:
             var = var + (jac @ self.A).square().sum(-1)
@@ -186,6 +189,7 @@ class OperatorGP:
         return var.clamp_min(0)
 
     def _cov_rows(self, jac: Tensor) -> Tensor:
+        jac = jac.to(self.v.dtype)
         cov = torch.einsum("bcp,bdp->bcd", jac * self.v, jac)
         for f, sign in ((self.A, 1.0), (self.W, -1.0)):
             if f is not None:
@@ -200,7 +204,7 @@ class OperatorGP:
         shape = self._shape(a, out_size)
         out = torch.empty(a.shape[0], math.prod(shape), dtype=a.dtype, device=a.device)
         for sl, jac in self.jacobian_rows(a, out_size):
-            out[sl] = self._var_rows(jac)
+            out[sl] = self.jacobian_variance(jac)
         return out.reshape(a.shape[0], *shape)
 
     def covariance(self, a: Tensor, out_size=None) -> Tensor:
@@ -247,7 +251,7 @@ class OperatorGP:
         if linearized:
             samples = self.mean(a, out_size).reshape(1, a.shape[0], -1).repeat(n, 1, 1)
             for sl, jac in self.jacobian_rows(a, out_size):
-                samples[:, sl] += torch.einsum("bcp,np->nbc", jac, eps)
+                samples[:, sl] += torch.einsum("bcp,np->nbc", jac, eps.to(jac.dtype))
         else:
             with torch.no_grad():
                 samples = torch.stack([self._f(self.theta + e, a, out_size) for e in eps])
@@ -289,8 +293,8 @@ def tune_prior_precision(
     for prior in grid.to(la.params.dtype):
         la.prior_precision = prior
         gp = OperatorGP.from_laplace(la)
-        var = torch.cat([gp._var_rows(j) for _, j in rows]) + gp.sigma_noise**2
-        value = gaussian_nll(mean, var, u)
+        var = torch.cat([gp.jacobian_variance(j) for _, j in rows]) + gp.sigma_noise**2
+        value = gaussian_nll(mean.to(var.dtype), var, u.to(var.dtype))
         if value < best:
             best, best_prior = value, prior.clone()
     if best_prior is None:
