@@ -30,6 +30,7 @@ $(REFSTAMP): $(STAMP)
 	$(PIP) install -c constraints.txt einops opt-einsum unfoldNd einconv
 	$(PIP) install -c constraints.txt --no-deps laplace-torch==0.3 curvlinops-for-pytorch==3.0.1 \
 		backpack-for-pytorch==1.7.1 asdfghjkl torchmetrics lightning-utilities laplace-bayesopt
+	$(PIP) install -c constraints.txt --no-deps neuraloperator==2.0.0 tensorly tensorly-torch
 	touch $(REFSTAMP)
 
 venv: $(REFSTAMP)
