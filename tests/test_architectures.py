@@ -44,8 +44,10 @@ from architectures import (
 from torch import nn
 
 from bayescurv import Laplace
-from bayescurv.errors import UnsupportedLayerError
 from bayescurv.linalg import BlockDiagonal, KroneckerEigen, LowRankPlusDiagonal
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:There is a performance drop:UserWarning")  # torch.func references through SDPA
 
 STRUCTURES = ("full", "diag", "kfac", "kfac-reduce", "ekfac", "lowrank", "diag+lowrank")
 SUBSETS = ("all", "last_layer")
@@ -57,7 +59,6 @@ MATRIX = [
     for arch in ARCHS
     for structure in STRUCTURES
     for subset in SUBSETS
-    if arch != "mha" or subset == "last_layer"  # the whole MHA net is refused (tests below)
 ]
 
 
@@ -239,7 +240,6 @@ CURVATURE = [
     for arch in ARCHS
     for structure in ("full", "diag", "diag+lowrank", "lowrank", "ekfac")
     for subset in SUBSETS
-    if arch != "mha" or subset == "last_layer"
 ]
 
 
@@ -282,7 +282,7 @@ def test_curvature_against_dense_ggn(arch, structure, subset):
         assert worst < EXACT, f"EKFAC eigenvalues vs rotated GGN: {worst:.3g}"
 
 
-@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "mha"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_lowrank_exact_at_full_rank(arch):
     """With ``rank >= N * C`` (all non-zero eigenpairs kept) ``lowrank`` is the GGN."""
     c = case(arch)
@@ -362,47 +362,18 @@ def test_kfac_exact_against_dense_ggn(name, structure, subset):
 # ------------------------------------------------------------------------------------------
 # torch.nn.MultiheadAttention
 # ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("structure", STRUCTURES)
-def test_multihead_attention_refused_by_name_with_fallback(structure):
-    """Without opt-in, a posterior over the MHA's own weights is refused with a message that
-    names the module and the fallback ``unknown_layers="per_sample"``."""
-    c = case("mha")
-    la = Laplace(c.model, "classification", structure=structure, prior_precision=PRIOR)
-    with pytest.raises(UnsupportedLayerError) as info:
-        la.fit(c.batches, progress=False)
-    msg = str(info.value)
-    assert "'mha'" in msg and "MultiheadAttention" in msg, msg
-    assert "unknown_layers='per_sample'" in msg, msg
-
-
-@pytest.mark.parametrize("structure", STRUCTURES)
-def test_multihead_attention_per_sample_fallback(structure):
-    """The fallback that the refusal above offers must then work: the posterior over the
-    whole MHA net, with ``unknown_layers="per_sample"``, against the dense references."""
-    c = case("mha")
-    try:
-        la = fitted("mha", structure, "all", "per_sample")
-    except UnsupportedLayerError as err:
-        pytest.fail(f"unknown_layers='per_sample' (offered by the refusal) fails: {err}")
-    ref = dense_functional(la, c.x_test)
-    _, joint = la.functional(c.x_test, joint=True)
-    err = rel_err(joint, ref.reshape(joint.shape))
-    assert err < EXACT, f"joint J Σ Jᵀ: {err:.3g}"
-    if structure == "full":
-        err = rel_err(la.curvature.to_dense(), dense_ggn(la.params, "classification", c.x))
-        assert err < EXACT, f"full vs dense GGN: {err:.3g}"
+# Supported natively (bayescurv.curvature.attention): in the main matrix above with every
+# structure and subset; layouts, masks, TransformerEncoderLayer and refusals in
+# tests/test_attention.py.
 
 
 def test_multihead_attention_out_proj_alone():
     """``mha.out_proj`` is an ``nn.Linear`` subclass that MHA never *calls* (its weight
     enters ``F.multi_head_attention_forward`` directly), so forward hooks see nothing: a
-    posterior over it must be right or refused with a library error, never a raw one."""
+    posterior over it alone must be right (the engine recomputes the attention and calls
+    ``out_proj`` itself)."""
     c = case("mha")
-    try:
-        la = Laplace(c.model, "classification", subset=["mha.out_proj", "head"],
-                     structure="full", prior_precision=PRIOR).fit(c.batches, progress=False)
-    except UnsupportedLayerError as err:
-        assert "out_proj" in str(err) or "'mha" in str(err), str(err)
-        return
+    la = Laplace(c.model, "classification", subset=["mha.out_proj", "head"],
+                 structure="full", prior_precision=PRIOR).fit(c.batches, progress=False)
     err = rel_err(la.curvature.to_dense(), dense_ggn(la.params, "classification", c.x))
     assert err < EXACT, f"full vs dense GGN over mha.out_proj + head: {err:.3g}"

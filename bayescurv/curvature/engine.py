@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from bayescurv import batches
-from bayescurv.curvature import layers
+from bayescurv.curvature import attention, layers
 from bayescurv.errors import InvalidArgumentError, ShapeError, UnsupportedLayerError
 from bayescurv.likelihoods import Likelihood, check_finite_outputs
 from bayescurv.params import ParamSet
@@ -126,9 +126,20 @@ class HookCapture:
         self.params = params
         self.records: list[ModuleRecord] = []
         seen: dict[int, list[str]] = {}
+        # attention modules recomputed while capturing: {module: in-projection record or None}
+        self.attention: dict[nn.Module, tuple[str, ModuleRecord | None]] = {}
         for mname, module, owned in params.modules():
             layers.check_module(module, mname, structure, unknown_layers == "per_sample")
             owned_d = dict(owned)
+            if isinstance(module, nn.MultiheadAttention):
+                local = {"in_proj_weight": "weight", "in_proj_bias": "bias"}
+                rec = ModuleRecord(mname, attention.InProjection(module), "linear",
+                                   {local[n]: i for n, i in owned_d.items()})
+                self.records.append(rec)
+                self.attention[module] = (mname, rec)
+                for _, i in owned:
+                    seen.setdefault(i, []).append(mname)
+                continue
             if isinstance(module, layers.LINEAR_LIKE) and "weight" in owned_d and (
                 isinstance(module, nn.Linear) or module.groups == 1
             ):
@@ -141,6 +152,11 @@ class HookCapture:
             for _, i in owned:
                 seen.setdefault(i, []).append(mname)
         self.tied = {i for i, mods in seen.items() if len(mods) > 1}
+        owners = {id(rec.module) for rec in self.records}
+        for mname, module in params.model.named_modules():  # out_proj in, in_proj not
+            if isinstance(module, nn.MultiheadAttention) and module not in self.attention and (
+                    id(module.out_proj) in owners):
+                self.attention[module] = (mname, None)
         # keep the graph of inputs and output gradients (gradients of J Σ Jᵀ w.r.t. x)
         self.differentiable = differentiable
         self._handles: list = []
@@ -154,11 +170,16 @@ class HookCapture:
         self._frozen = [p for p in self.params.params if not p.requires_grad]
         for p in self._frozen:
             p.requires_grad_(True)
+        out_projs = {id(m.out_proj) for m in self.attention}  # called batch-first by us
         for rec in self.records:
+            if isinstance(rec.module, attention.InProjection):
+                continue  # captured by the attention module's own hook below
+            bd = 0 if id(rec.module) in out_projs else self.batch_dim
             self._handles.append(
-                rec.module.register_forward_hook(
-                    self._hook(rec, self.differentiable, self.batch_dim))
-            )
+                rec.module.register_forward_hook(self._hook(rec, self.differentiable, bd)))
+        for module, (mname, rec) in self.attention.items():
+            self._handles.append(module.register_forward_hook(
+                self._attention_hook(mname, rec, self.differentiable), with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -197,6 +218,24 @@ class HookCapture:
             rec.inputs.append(x.movedim(bd, 0))
             rec.outputs.append(front)
             return front.movedim(0, bd).clone()
+
+        return hook
+
+    @staticmethod
+    def _attention_hook(name: str, rec: ModuleRecord | None, differentiable: bool):
+        """Replace an attention module's output by its explicit decomposition
+        (:mod:`.attention`), recording the input projection when it is in the posterior."""
+
+        def on_projection(x: Tensor, z: Tensor) -> Tensor:
+            if rec is not None:
+                rec.batch_dims.append(0)
+                rec.shapes.append((tuple(x.shape), tuple(z.shape)))
+                rec.inputs.append(x if differentiable else x.detach())
+                rec.outputs.append(z)
+            return z
+
+        def hook(module, args, kwargs, output):
+            return attention.recompute(module, name, args, kwargs, on_projection)
 
         return hook
 

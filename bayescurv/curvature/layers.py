@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from bayescurv.curvature import attention
 from bayescurv.errors import UnsupportedLayerError
 
 LINEAR_LIKE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -198,12 +199,16 @@ def check_module(module: nn.Module, name: str, structure: str, allow_generic: bo
             "statistics couple the data points and the GGN is not a sum over data; call "
             "model.eval() before computing curvature"
         )
+    if isinstance(module, nn.MultiheadAttention):
+        attention.check_attention(module, name)
+        return
     if isinstance(module, SUPPORTED) or allow_generic or getattr(module, PER_SAMPLE_FLAG, False):
         return
     raise UnsupportedLayerError(
         f"module {name!r} of type {type(module).__name__} holds parameters in the posterior "
         f"but the {structure!r} extractor does not know this layer type (supported: "
-        f"{', '.join(c.__name__ for c in SUPPORTED)}). Exclude it from the subset, or pass "
+        f"{', '.join(c.__name__ for c in SUPPORTED)}, MultiheadAttention). Exclude it from the "
+        "subset, or pass "
         "unknown_layers='per_sample' to treat it with per-sample gradients of that module "
         "(exact for modules that act on each data point separately; a dense block in K-FAC)"
     )
