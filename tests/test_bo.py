@@ -17,7 +17,10 @@ from torch.func import functional_call, jacrev
 from bayescurv.bo import ConditionedLaplaceModel, LaplaceModel, NTKKernel
 
 DT = torch.float64
-FAST = dict(hidden=(8, 8), steps=200, marglik_steps=20, refine_steps=50, patience=50)
+# the Laplace path (structure="full"; MLPs default to structure="ntk" since issue 12, tested in
+# tests/test_bo_ntk.py)
+FAST = dict(hidden=(8, 8), steps=200, marglik_steps=20, refine_steps=50, patience=50,
+            structure="full")
 
 
 def _data(n=12, d=2, m=1, seed=0):
@@ -60,7 +63,7 @@ CASES = [("kfac", "all", 1), ("diag", "all", 1), ("full", "all", 1), ("kfac", "l
 def case_model(request):
     structure, subset, m = request.param
     X, Y = _data(m=m)
-    return LaplaceModel(X, Y, structure=structure, subset=subset, seed=1, **FAST)
+    return LaplaceModel(X, Y, subset=subset, seed=1, **{**FAST, "structure": structure})
 
 
 # posterior vs dense reference -------------------------------------------------------------
@@ -484,7 +487,7 @@ def test_evidence_argument_is_checked():
     with pytest.raises(ValueError, match="evidence"):
         LaplaceModel(X, Y, evidence="exact")
     with pytest.raises(ValueError, match="structure='full'"):
-        LaplaceModel(X, Y, structure="kfac", evidence="linearized", **FAST)
+        LaplaceModel(X, Y, evidence="linearized", **{**FAST, "structure": "kfac"})
     with pytest.raises(InputDataError, match="empty"):
         LaplaceModel(X, Y, network=[])
 

@@ -1,0 +1,232 @@
+"""The network surrogate (``structure="ntk"``): the exact linearized GP in data or weight space,
+checked against dense float64 references (``J`` from ``torch.func.jacrev``)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from botorch.acquisition import LogExpectedImprovement
+from botorch.exceptions.errors import BotorchTensorDimensionError
+from botorch.optim import optimize_acqf
+from botorch.sampling import SobolQMCNormalSampler
+from torch import nn
+from torch.func import functional_call, jacrev
+
+from bayescurv.bo import ConditionedLaplaceModel, LaplaceModel, train_map
+from bayescurv.bo.ntk import Center, LinearizedGP, group_grams, jacobian, prior_groups, tune
+from bayescurv.errors import InvalidArgumentError
+from bayescurv.params import select
+
+DT = torch.float64
+FAST = dict(hidden=(8, 8), steps=150, patience=50, refine_steps=30, marglik_steps=30)
+
+
+def _data(n=12, d=2, m=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.rand(n, d, generator=g, dtype=DT)
+    Y = torch.stack([torch.sin(3 * X).sum(-1) + k * X[:, 0] ** 2 for k in range(m)], -1)
+    return X, Y
+
+
+def _net(d=2, m=1, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(),
+                         nn.Linear(5, m)).to(DT)
+
+
+def _dense_jac(net, x):
+    ps = select(net, "all")
+    names, shapes = ps.names, [p.shape for p in ps.params]
+    sizes = [p.numel() for p in ps.params]
+
+    def f(flat):
+        return functional_call(net, {n: v.reshape(s) for n, v, s in
+                                     zip(names, flat.split(sizes), shapes)}, (x,))
+
+    J = jacrev(f)(ps.vector())
+    return J.reshape(-1, ps.numel)
+
+
+def test_prior_groups_ard_splits_the_first_layer_by_input():
+    net = _net(d=3)
+    ps = select(net, "all")
+    g = prior_groups(ps, 3, "ard")
+    W = g[:18].reshape(6, 3)
+    assert (W == torch.arange(3)).all()  # column j of the first weight -> group j
+    assert g.max().item() + 1 == 3 + 5  # + first bias, W2, b2, W3, b3
+    assert prior_groups(ps, 3, "layer").max().item() + 1 == 6
+    assert prior_groups(ps, 3, "scalar").max().item() == 0
+    with pytest.raises(InvalidArgumentError):
+        prior_groups(ps, 3, "nope")
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_data_and_weight_space_agree_with_the_dense_posterior(m):
+    X, Y = _data(n=7, m=m)
+    net = _net(m=m)
+    ps = select(net, "all")
+    theta0 = ps.vector() + 0.1  # prior mean away from θ*
+    groups = prior_groups(ps, 2, "ard")
+    delta = torch.linspace(0.5, 3.0, int(groups.max()) + 1, dtype=DT)
+    sigma = torch.tensor(0.2, dtype=DT)
+    gps = {s: LinearizedGP(ps, theta0, groups, delta, sigma, X, Y, space=s)
+           for s in ("data", "weight")}
+    assert LinearizedGP(ps, theta0, groups, delta, sigma, X, Y).space == (
+        "data" if 7 * m <= ps.numel else "weight")
+    # dense reference: Λ = JᵀJ/σ² + D, θ̄ = Λ⁻¹(Jᵀ(y - f + Jθ*)/σ² + Dθ₀)
+    J = _dense_jac(net, X)
+    D = torch.diag(delta[groups])
+    lam = J.T @ J / sigma**2 + D
+    r = Y.reshape(-1) - net(X).reshape(-1) + J @ ps.vector()
+    theta_bar = torch.linalg.solve(lam, J.T @ r / sigma**2 + D @ theta0)
+    K = J @ torch.linalg.inv(D) @ J.T + sigma**2 * torch.eye(J.shape[0], dtype=DT)
+    lml = torch.distributions.MultivariateNormal(J @ theta0, K).log_prob(r)
+    Xq = torch.rand(3, 2, 2, dtype=DT)
+    Jq = _dense_jac(net, Xq.reshape(6, 2))
+    mean_ref = net(Xq.reshape(6, 2)).reshape(-1) + Jq @ (theta_bar - ps.vector())
+    cov_ref = Jq @ torch.linalg.inv(lam) @ Jq.T
+    for gp in gps.values():
+        torch.testing.assert_close(gp.theta_bar, theta_bar)
+        torch.testing.assert_close(gp.log_evidence, lml)
+        mean, cov = gp.moments(Xq)
+        assert mean.shape == (3, 2, m) and cov.shape == (3, 2 * m, 2 * m)
+        torch.testing.assert_close(mean.reshape(-1), mean_ref)
+        for t in range(3):
+            blk = slice(2 * m * t, 2 * m * (t + 1))
+            torch.testing.assert_close(cov[t], cov_ref[blk, blk])
+
+
+def test_tuning_maximizes_the_same_evidence_and_keeps_the_noise_floor():
+    X, Y = _data(n=10)
+    net = _net()
+    ps = select(net, "all")
+    theta0 = ps.vector()
+    groups = prior_groups(ps, 2, "ard")
+    G = int(groups.max()) + 1
+    f, J = jacobian(ps, X)
+    torch.testing.assert_close(J, _dense_jac(net, X))
+    r = Y.reshape(-1) - f + J @ (ps.vector() - theta0)
+    grams = group_grams(J, groups, G)
+    hyper = tune(grams, r, min_noise=0.05)
+    assert hyper.sigma_noise >= 0.05 - 1e-12  # the floor holds during tuning
+    gp = LinearizedGP(ps, theta0, groups, hyper.prior_precision, hyper.sigma_noise, X, Y)
+    assert math.isclose(gp.log_evidence.item(), hyper.objective, rel_tol=1e-6)
+    start = tune(grams, r, min_noise=0.05, max_iter=0)
+    assert hyper.objective >= start.objective
+    fixed = tune(grams, r, fixed_noise=0.3)
+    torch.testing.assert_close(fixed.sigma_noise, torch.tensor(0.3, dtype=DT))
+
+
+def test_train_map_with_an_anchor_and_per_tensor_decay():
+    X, Y = _data(n=10)
+    net = _net()
+    anchor = [p.detach().clone() + 0.5 for p in net.parameters()]
+    wd = [torch.full_like(p, 1e6) for p in net.parameters()]
+    train_map(net, X, Y, wd, anchor=anchor, steps=300, lr=0.05)
+    for p, a in zip(net.parameters(), anchor):  # a huge prior pins θ at its mean
+        torch.testing.assert_close(p.detach(), a, atol=1e-3, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def ntk_model():
+    X, Y = _data(n=12)
+    return LaplaceModel(X, Y, seed=0, **FAST)
+
+
+def test_mlp_defaults_to_the_linearized_gp(ntk_model):
+    model = ntk_model
+    assert model.gp is not None and model.la is None and model.gp.space == "data"
+    assert isinstance(model.net[0], Center)
+    assert hasattr(model, "input_transform") and hasattr(model, "outcome_transform")
+    assert model.sigma2 >= 1e-6 - 1e-15
+    post = model.posterior(torch.rand(4, 3, 2, dtype=DT))
+    assert post.mean.shape == (4, 3, 1)
+    assert (post.variance > 0).all()
+    X, Y = _data(n=12)
+    with torch.no_grad():  # fits the data it was trained on
+        rmse = (model.posterior(X[:, None]).mean.reshape(-1) - Y.reshape(-1)).square().mean()
+    assert rmse.sqrt() < 0.2 * Y.std()
+
+
+def test_gradients_wrt_X_ntk(ntk_model):
+    def fn(x):
+        p = ntk_model.posterior(x)
+        return p.mean.sum() + p.distribution.covariance_matrix.sum()
+
+    x = torch.rand(2, 2, 2, dtype=DT, requires_grad=True)
+    assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-5)
+
+
+def test_optimize_acqf_ntk(ntk_model):
+    bounds = torch.tensor([[0.0, 0.0], [1.0, 1.0]], dtype=DT)
+    acq = LogExpectedImprovement(ntk_model, best_f=ntk_model.train_Y.max())
+    cand, value = optimize_acqf(acq, bounds=bounds, q=1, num_restarts=2, raw_samples=16)
+    assert cand.shape == (1, 2) and torch.isfinite(value)
+
+
+def test_fantasy_equals_gp_conditioning_ntk(ntk_model):
+    model = ntk_model
+    Xn = torch.rand(2, 2, dtype=DT)
+    fm = model.fantasize(Xn, SobolQMCNormalSampler(torch.Size([3]), seed=0))
+    assert isinstance(fm, ConditionedLaplaceModel) and fm.batch_shape == torch.Size([3])
+    Xq = torch.rand(4, 2, dtype=DT)
+    post = fm.posterior(Xq)
+    # reference: the linearized GP refit with the fantasy points appended (same θ*, δ, σ)
+    gp = model.gp
+    Xt_train = model.train_X
+    for k in range(3):
+        Yk = torch.cat([model.train_Y, fm.Y_cond[k]])
+        ref = LinearizedGP(gp.params, gp.theta0, model._ntk["groups"], gp.prior_precision,
+                           gp.sigma_noise, torch.cat([Xt_train, fm.X_cond]), Yk)
+        mean, cov = ref.moments(model.transform_inputs(Xq)[None])
+        std2 = model.outcome_transform.stdvs.reshape(()) ** 2
+        mu = model.outcome_transform.means.reshape(())
+        torch.testing.assert_close(post.mean[k].reshape(-1), mean.reshape(-1) * std2.sqrt() + mu)
+        torch.testing.assert_close(post.distribution.covariance_matrix[k], cov[0] * std2)
+
+
+def test_condition_on_observations_refines_ntk(ntk_model):
+    model = ntk_model
+    Xn = torch.rand(3, 2, dtype=DT)
+    Yn = torch.full((3, 1), 3.0, dtype=DT)
+    new = model.condition_on_observations(Xn, Yn)
+    assert isinstance(new, LaplaceModel) and new.gp is not None
+    assert new.train_X.shape[0] == 15 and new.net is not model.net
+    assert (model.posterior(Xn[:, None]).mean - 3).abs().mean() > \
+        (new.posterior(Xn[:, None]).mean - 3).abs().mean()
+    torch.testing.assert_close(new._ntk["theta0"], model._ntk["theta0"])  # prior mean kept
+
+
+def test_user_network_and_two_outputs():
+    X, Y = _data(n=10, m=2)
+    model = LaplaceModel(X, Y, network=lambda d, m: _net(d, m), seed=0, steps=100,
+                         marglik_steps=20)
+    assert model.gp is not None and model.num_outputs == 2
+    post = model.posterior(torch.rand(3, 2, 2, dtype=DT))
+    assert post.mean.shape == (3, 2, 2)
+
+
+def test_weight_space_when_data_outnumber_parameters():
+    X, Y = _data(n=80)
+    model = LaplaceModel(X, Y, hidden=(4,), seed=0, steps=100, marglik_steps=20,
+                         tune_points=40)
+    assert model.gp.space == "weight"  # 80 targets > P = 17
+    assert torch.isfinite(model.posterior(torch.rand(5, 1, 2, dtype=DT)).variance).all()
+
+
+def test_batched_training_data_is_refused_with_a_botorch_error():
+    X, Y = _data(n=8)
+    with pytest.raises(BotorchTensorDimensionError, match="batch"):
+        LaplaceModel(X.expand(3, 8, 2), Y.expand(3, 8, 1), **FAST)
+
+
+def test_ntk_arguments_are_checked():
+    X, Y = _data(n=8)
+    with pytest.raises(ValueError, match="prior_mean"):
+        LaplaceModel(X, Y, prior_mean="map", **FAST)
+    with pytest.raises(ValueError, match="linearized"):
+        LaplaceModel(X, Y, structure="ntk", evidence="laplace", **FAST)
+    with pytest.raises(ValueError, match="subset"):
+        LaplaceModel(X, Y, structure="ntk", subset="last_layer", **FAST)
