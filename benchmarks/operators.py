@@ -19,7 +19,9 @@ Methods, all around the same MAP-trained FNO (the ensemble trains its other memb
 - ``input perturbation``: the MAP network on inputs plus white noise of tuned size;
 - ``ensemble (M)``: ``M`` independently trained FNOs (the MAP one and ``M - 1`` more).
 
-Every method adds the observation noise ``σ²`` (the MAP's validation MSE; the ensemble's own).
+Every method adds the observation noise ``σ²``: the data are noise-free simulations, so ``σ²``
+is the MAP network's training MSE (the ensemble: its mean's); the epistemic part has to
+explain the validation error, which sets the prior precision / scale of each method.
 Metrics over all grid points of all test functions: RMSE, Gaussian NLL, CRPS, χ² (mean squared
 standardized error, 1 when calibrated), 95 % coverage, correlation of the predicted std with
 the absolute error, the mean predicted std, and ``cost``: seconds spent beyond training the
@@ -137,8 +139,8 @@ def run_problem(p: Problem, cfg: Config) -> list[dict]:
     t_map = time.perf_counter() - t0
     flat = FlattenOutput(model)
     subset = [f"operator.{model.last_block}"]
-    with torch.no_grad():
-        sigma2 = (model(val.a) - val.u).square().mean().item()
+    with torch.no_grad():  # the data are noise-free: the noise level is the training misfit
+        sigma2 = (model(train.a) - train.u).square().mean().item()
     preds: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {k: {} for k in tests}
     cost: dict[str, float] = {}
 
@@ -215,8 +217,8 @@ def run_problem(p: Problem, cfg: Config) -> list[dict]:
                          for i in range(cfg.members - 1)]
     cost[f"ensemble ({cfg.members})"] = time.perf_counter() - t0
     with torch.no_grad():
-        val_mean = torch.stack([m(val.a) for m in members]).mean(0)
-        ens_sigma2 = (val_mean - val.u).square().mean().item()
+        train_mean = torch.stack([m(train.a) for m in members]).mean(0)
+        ens_sigma2 = (train_mean - train.u).square().mean().item()
         for k, d in tests.items():
             s = torch.stack([m(d.a) for m in members])
             preds[k][f"ensemble ({cfg.members})"] = (s.mean(0), s.var(0) + ens_sigma2)

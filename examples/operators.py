@@ -25,7 +25,7 @@ from bayescurv.operators import FNO, FlattenOutput, OperatorGP, tune_prior_preci
 def fit(data: pde.OperatorData, val: pde.OperatorData, dim: int, modes, width: int,
         epochs: int, rank: int = 30) -> tuple[FNO, OperatorGP]:
     """MAP-train an FNO, then the linearized-Laplace GP on its last block (low-rank GGN,
-    noise from the validation MSE, prior precision by validation NLL)."""
+    noise = the training misfit, prior precision by validation NLL)."""
     torch.manual_seed(0)
     model = FNO(1, 1, modes, width=width, depth=4, dim=dim)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -37,7 +37,7 @@ def fit(data: pde.OperatorData, val: pde.OperatorData, dim: int, modes, width: i
         sched.step()
     model.eval()
     with torch.no_grad():
-        sigma = (model(val.a) - val.u).square().mean().sqrt().item()
+        sigma = (model(data.a) - data.u).square().mean().sqrt().item()  # training misfit
     loader = [(data.a[i:i + 5], data.u[i:i + 5].flatten(1)) for i in range(0, len(data), 5)]
     la = bayescurv.Laplace(FlattenOutput(model), "regression",
                            subset=[f"operator.{model.last_block}"], structure="lowrank",
