@@ -243,6 +243,8 @@ def regret_section(args) -> dict:
                     warnings.simplefilter("ignore")
                     runs.append(bo_run(f, method, seed, args))
             results[(name, method)] = runs
+            (args.out / "partial-regret.json").write_text(json.dumps(  # survives a stop
+                {f"{k[0]}/{k[1]}": v for k, v in results.items()}))
             reg = torch.tensor([r["regret"] for r in runs])
             print(f"  {name:10s} {method:8s} final median regret {reg[:, -1].median():.4f} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -376,9 +378,12 @@ def main() -> None:
     p.add_argument("--bo-iter-max-n", type=int, default=1000)
     p.add_argument("--cond-n", type=int, default=100)
     p.add_argument("--ablation-functions", nargs="+", default=["Branin", "Hartmann6"])
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: small models are faster on one thread)")
     p.add_argument("--out", type=Path, default=Path("outputs/bo"))
     p.add_argument("--png", type=Path, default=None, help="regret PNG path")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"threads={torch.get_num_threads()} config={vars(args)}", flush=True)
     res: dict = {"args": {k: str(v) for k, v in vars(args).items()}}

@@ -124,7 +124,7 @@ def _train_map(net, X, Y, weight_decay, anchor, steps, lr, batch_size, patience,
     params = [p for p in net.parameters() if p.requires_grad]
     wds = weight_decay if isinstance(weight_decay, list) else [weight_decay] * len(params)
     anchors = anchor if anchor is not None else [None] * len(params)
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.Adam(params, lr=lr, foreach=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     n = X.shape[0]
     full = n <= batch_size
@@ -301,7 +301,25 @@ class LaplaceModel(_LinearizedMixin, Model, FantasizeMixin):
             most ``ard_points`` random training points); a tuple of floats fits one isotropic
             network per value and keeps the best by the evidence.
         subset: ``"all"`` or ``"last_layer"`` weights in the posterior.
-        structure: ``"full"``, ``"kfac"``, ``"diag"`` or ``"ekfac"`` posterior precision.
+        structure: ``"auto"`` (default): ``"ntk"`` for a network (``network`` or ``hidden``
+            given), ``"full"`` for the default Fourier network. ``"ntk"``: the exact
+            linearized GP of all weights (:mod:`bayescurv.bo.ntk`), full GGN computed in data
+            space (``N x N``) when the targets are no more than the parameters, else in weight
+            space (``P x P``); the model then normalizes inputs (``Normalize(d)``) and
+            outcomes (``Standardize(m)``) unless transforms are given, and ``model.gp`` holds
+            the posterior (``model.la`` is ``None``). ``"full"``, ``"kfac"``, ``"diag"``,
+            ``"ekfac"``: a :class:`~bayescurv.Laplace` posterior (``model.la``) of that
+            structure.
+        prior_mean: ``"init"`` (default, ``"ntk"``): the prior is centred at the network's
+            initial weights :math:`\theta_0`, so the prior mean function is the initial
+            network and the MAP is pulled towards it; ``"zero"``: :math:`N(0, D^{-1})`.
+        center: (``"ntk"``) the network sees ``2 x - 1``, the normalized unit cube mapped to
+            ``[-1, 1]^d`` (:class:`~bayescurv.bo.ntk.Center`).
+        rounds: (``"ntk"``) alternations of MAP training (weight decay from the current prior
+            and noise) and evidence tuning; the second round retrains from :math:`\theta^*`
+            with the tuned values, so the MAP is the one of the selected prior.
+        tune_points: (``"ntk"``) the evidence is tuned on at most this many random points
+            (one ``N x N`` Cholesky per L-BFGS step); the posterior uses all data.
         evidence: ``"linearized"`` (default with ``structure="full"``): hyperparameters by the
             exact evidence of the linearized Gaussian model and the predictive mean its
             posterior mean (:class:`~bayescurv.laplace.glm.GaussianGLM`; this re-solves the
@@ -310,7 +328,9 @@ class LaplaceModel(_LinearizedMixin, Model, FantasizeMixin):
             MAP, predictive mean :math:`f(x;\theta^*)`.
         prior_precision, sigma_noise: initial :math:`\delta_0, \sigma_0`; the MAP objective uses
             weight decay :math:`\sigma_0^2\delta_0/N`, then both are tuned by marginal
-            likelihood (``marglik_steps`` Adam steps, ``prior_granularity`` "scalar"/"layer").
+            likelihood (``prior_granularity`` "scalar"/"layer", or "ard" for ``"ntk"``: one
+            precision per input column of the first layer, one per other tensor — the
+            default there; see :func:`~bayescurv.bo.ntk.prior_groups`).
         noise: ``"marglik"`` (tune :math:`\sigma` with the prior precision), ``"residual"``
             (:math:`\sigma^2` = the MAP fit's training MSE) or a fixed float; in all cases
             :math:`\sigma \ge` ``min_noise`` (outcome-transformed units).
@@ -318,8 +338,12 @@ class LaplaceModel(_LinearizedMixin, Model, FantasizeMixin):
             :func:`tune_hyperparameters`): ``"default"`` (LogNormal(-4, 1), BoTorch's
             ``SingleTaskGP`` noise prior), a ``torch.distributions.Distribution`` over
             :math:`\sigma^2`, or ``None`` (type-II maximum likelihood).
-        steps, lr, batch_size, patience: MAP training (see :func:`train_map`).
-        refine_steps: Adam steps of the warm-started refinement in
+        steps, lr, batch_size, patience: MAP training (see :func:`train_map`); ``steps``
+            defaults to 500 for ``"ntk"`` (half of it in later rounds), 2000 otherwise.
+        marglik_steps: Adam steps (Laplace path) or L-BFGS iterations (``"ntk"``) of the
+            hyperparameter tuning.
+        refine_steps: Adam steps (default 100 for ``"ntk"``, else 300) of the warm-started
+            refinement in
             :meth:`condition_on_observations`.
         input_transform, outcome_transform: BoTorch transforms (e.g. ``Normalize``,
             ``Standardize``), learned on the training data as BoTorch models do.
@@ -351,7 +375,7 @@ class LaplaceModel(_LinearizedMixin, Model, FantasizeMixin):
         center: bool = True,
         rounds: int = 2,
         tune_points: int = 500,
-        steps: int = 2000,
+        steps: int | None = None,
         lr: float = 1e-2,
         batch_size: int = 512,
         patience: int = 100,
@@ -359,7 +383,7 @@ class LaplaceModel(_LinearizedMixin, Model, FantasizeMixin):
         noise: str | float = "marglik",
         min_noise: float = 1e-3,
         noise_prior: Any = "default",
-        refine_steps: int = 300,
+        refine_steps: int | None = None,
         input_transform: InputTransform | None = None,
         outcome_transform: OutcomeTransform | None = None,
         seed: int | None = None,
@@ -381,6 +405,10 @@ class LaplaceModel(_LinearizedMixin, Model, FantasizeMixin):
             prior_granularity = "ard" if ntk else "layer"
         if prior_mean not in ("init", "zero"):
             raise ValueError(f"prior_mean must be 'init' or 'zero', got {prior_mean!r}")
+        if steps is None:
+            steps = 500 if ntk else 2000
+        if refine_steps is None:
+            refine_steps = 100 if ntk else 300
         self._config = dict(
             subset=subset, structure=structure, steps=steps, lr=lr, batch_size=batch_size,
             patience=patience, marglik_steps=marglik_steps, refine_steps=refine_steps,
