@@ -121,6 +121,16 @@ def test_last_block_curvature_matches_dense(dim, dense_reference):
     torch.testing.assert_close(low.matrix.to_dense(), ggn, atol=1e-9, rtol=1e-7)
 
 
+def test_spectral_weights_are_an_exact_dense_block_in_kfac(dense_reference):
+    flat = _fno(1)
+    a = _inputs(3, (12,))
+    data = [(a, flat(a).detach())]
+    subset = ["operator.blocks.1.spectral"]
+    kfac = bayescurv.compute(flat, "regression", data, structure="kfac", params=subset)
+    torch.testing.assert_close(kfac.matrix.to_dense(),
+                               dense_reference(flat, "regression", data, select(flat, subset)))
+
+
 @pytest.mark.parametrize("structure", ["full", "diag", "lowrank", "diag+lowrank"])
 def test_operator_gp_matches_dense_predictive(structure):
     flat = _fno(1)
@@ -272,6 +282,18 @@ def test_prior_precision_by_marglik_and_validation_nll():
     assert float(tune_prior_precision(la, "marglik", n_steps=20)) > 0
     with pytest.raises(InvalidArgumentError):
         tune_prior_precision(la, "val_nll")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_operator_gp_stays_on_the_model_device():
+    flat = _fno(1).cuda()
+    a = _inputs(3, (12,)).cuda()
+    y = flat(a).detach()
+    la = bayescurv.Laplace(flat, "regression", subset=["operator.blocks.1"], structure="diag")
+    la.fit([(a, y)], progress=False)
+    gp = OperatorGP.from_laplace(la)
+    for t in (gp.mean(a, 24), gp.variance(a, 24), gp.sample(a, 2), gp.covariance(a)):
+        assert t.is_cuda
 
 
 # ------------------------------------------------------------------------------------------
