@@ -131,7 +131,7 @@ def test_spectral_weights_are_an_exact_dense_block_in_kfac(dense_reference):
                                dense_reference(flat, "regression", data, select(flat, subset)))
 
 
-@pytest.mark.parametrize("structure", ["full", "diag", "lowrank", "diag+lowrank"])
+@pytest.mark.parametrize("structure", ["full", "diag", "kfac", "lowrank", "diag+lowrank"])
 def test_operator_gp_matches_dense_predictive(structure):
     flat = _fno(1)
     a = _inputs(5, (12,))

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from bayescurv.errors import InvalidArgumentError, NonFiniteError, ShapeError
 from bayescurv.linalg import Diagonal, LowRankPlusDiagonal, PSDOperator
-from bayescurv.operators.fno import FlattenOutput
+from bayescurv.operators.fno import FlattenOutput, call_operator
 from bayescurv.params import ParamSet, select
 
 #: entries of the largest Jacobian chunk ``(b, C, P)`` formed at once
@@ -149,10 +149,7 @@ class OperatorGP:
     def _shape(self, a: Tensor, out_size) -> tuple[int, ...]:
         """Output shape ``(out, *grid)`` of one input function at ``out_size``."""
         with torch.no_grad():
-            op = self.model.operator
-            from bayescurv.operators.fno import call_operator
-
-            return tuple(call_operator(op, a[:1], out_size).shape[1:])
+            return tuple(call_operator(self.model.operator, a[:1], out_size).shape[1:])
 
     @torch.no_grad()
     def mean(self, a: Tensor, out_size=None) -> Tensor:
