@@ -5,7 +5,7 @@ For 1D Burgers and Kuramoto–Sivashinsky: a test solution with the predictive m
 95 % band (on the training grid and on a grid 4x finer, evaluated from the same posterior),
 and beside it the absolute error next to the predicted standard deviation. For 2D
 advection–diffusion–reaction: error and predicted std maps in distribution and on the
-reversed-velocity variant (out of distribution).
+reversed-velocity and source-term variants (out of distribution).
 
     OMP_NUM_THREADS=2 python examples/operators.py [--out outputs] [--epochs 400]
 """
@@ -27,7 +27,7 @@ def fit(data: pde.OperatorData, val: pde.OperatorData, dim: int, modes, width: i
     """MAP-train an FNO, then the linearized-Laplace GP on its last block (low-rank GGN,
     noise = the training misfit, prior precision by validation NLL)."""
     torch.manual_seed(0)
-    model = FNO(1, 1, modes, width=width, depth=4, dim=dim)
+    model = FNO(data.a.shape[1], 1, modes, width=width, depth=4, dim=dim)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     for _ in range(epochs):
@@ -111,8 +111,11 @@ def main(out_dir: str | Path = "outputs", epochs: int = 400, n_train: int = 25) 
     train, rest = data.split(n_train)
     val, test = rest.split(10)
     _, gp = fit(train, val, 2, (5, 5), 8, epochs)
-    ood = pde.advection_diffusion_reaction(5, 32, variant="reversed", seed=1)
-    results["ADR"] = plot_adr(gp, {"in distribution": test, "reversed (OOD)": ood}, out)
+    tests = {"in distribution": test}
+    for variant in ("reversed", "source"):
+        tests[f"{variant} (OOD)"] = pde.advection_diffusion_reaction(5, 32, variant=variant,
+                                                                     seed=1)
+    results["ADR"] = plot_adr(gp, tests, out)
     for k, v in results.items():
         print(f"{k}: {v}")
     return results

@@ -348,15 +348,15 @@ def test_neuralop_unsupported_factorization_is_refused_by_name():
 # ------------------------------------------------------------------------------------------
 # PDE data
 # ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("make,kwargs,grid", [
-    (pde.burgers, dict(size=64, steps=100), (64,)),
-    (pde.kuramoto_sivashinsky, dict(size=64, steps=20), (64,)),
-    (pde.darcy, dict(size=16), (16, 16)),
-    (pde.advection_diffusion_reaction, dict(size=16, steps=10), (16, 16)),
+@pytest.mark.parametrize("make,kwargs,grid,channels", [
+    (pde.burgers, dict(size=64, steps=100), (64,), 1),
+    (pde.kuramoto_sivashinsky, dict(size=64, steps=20), (64,), 1),
+    (pde.darcy, dict(size=16), (16, 16), 1),
+    (pde.advection_diffusion_reaction, dict(size=16, steps=10), (16, 16), 4),
 ])
-def test_pde_shapes_and_determinism(make, kwargs, grid):
+def test_pde_shapes_and_determinism(make, kwargs, grid, channels):
     d1, d2 = make(n=4, seed=3, **kwargs), make(n=4, seed=3, **kwargs)
-    assert d1.a.shape == d1.u.shape == (4, 1, *grid)
+    assert d1.a.shape == (4, channels, *grid) and d1.u.shape == (4, 1, *grid)
     assert d1.a.dtype == torch.float32 and torch.isfinite(d1.u).all()
     torch.testing.assert_close(d1.a, d2.a, rtol=0, atol=0)
     torch.testing.assert_close(d1.u, d2.u, rtol=0, atol=0)
@@ -393,15 +393,17 @@ def test_darcy_satisfies_the_discrete_equation():
 
 
 def test_advection_is_an_exact_translation_and_variants_differ():
-    kw = dict(n=2, size=16, velocity=(1.0, 0.5), diffusion=0.0, reaction=0.0, t_final=0.25,
-              steps=5, dtype=DT)
+    kw = dict(n=2, size=16, velocity=(1.0, 0.5), speed_range=(1.0, 1.0), diffusion=0.0,
+              reaction=0.0, t_final=0.25, steps=5, dtype=DT)
     fwd = pde.advection_diffusion_reaction(**kw)
-    torch.testing.assert_close(fwd.u, torch.roll(fwd.a, (4, 2), (-2, -1)))
+    torch.testing.assert_close(fwd.u, torch.roll(fwd.a[:, :1], (4, 2), (-2, -1)))
     rev = pde.advection_diffusion_reaction(variant="reversed", **kw)
-    torch.testing.assert_close(rev.u, torch.roll(rev.a, (-4, -2), (-2, -1)))
+    torch.testing.assert_close(rev.u, torch.roll(rev.a[:, :1], (-4, -2), (-2, -1)))
+    torch.testing.assert_close(rev.a[:, 1:3], -fwd.a[:, 1:3])  # the velocity channels
     base = pde.advection_diffusion_reaction(n=2, size=16, steps=10, dtype=DT)
     src = pde.advection_diffusion_reaction(n=2, size=16, steps=10, variant="source", dtype=DT)
     assert (src.u.mean((-2, -1)) > base.u.mean((-2, -1))).all()
+    assert (base.a[:, 3] == 0).all() and (src.a[:, 3] > 0).all()
     with pytest.raises(InvalidArgumentError):
         pde.advection_diffusion_reaction(variant="sideways")
 

@@ -1,7 +1,7 @@
 r"""PDE data for neural operators, generated locally (seeded, no downloads, seconds).
 
-Each generator returns :class:`OperatorData`: input functions ``a`` ``(N, 1, *grid)`` and
-solutions ``u`` ``(N, 1, *grid)`` on a uniform grid, computed in float64 on the CPU (a seed
+Each generator returns :class:`OperatorData`: input functions ``a`` ``(N, channels, *grid)``
+and solutions ``u`` ``(N, 1, *grid)`` on a uniform grid, computed in float64 on the CPU (a seed
 gives the same numbers everywhere) and cast to ``dtype``/``device``.
 
 - :func:`burgers`: :math:`u_t + u u_x = \nu u_{xx}` on the periodic :math:`[0, 1)`,
@@ -12,8 +12,9 @@ gives the same numbers everywhere) and cast to ``dtype``/``device``.
   the boundary, :math:`a = \kappa` a thresholded Gaussian random field (values 12 and 3),
   five-point finite differences with harmonic-mean face coefficients;
 - :func:`advection_diffusion_reaction`: :math:`u_t + c\cdot\nabla u = D\Delta u
-  + \rho u(1-u) + s(x)` on the periodic :math:`[0,1)^2`; out-of-distribution variants
-  ``"reversed"`` (velocity :math:`-c`) and ``"source"`` (a Gaussian source :math:`s`).
+  + \rho u(1-u) + s(x)` on the periodic :math:`[0,1)^2`, inputs :math:`(u(0), c_1, c_2, s)`;
+  out-of-distribution variants ``"reversed"`` (velocity :math:`-c`) and ``"source"`` (a
+  Gaussian source :math:`s`).
 
 The periodic problems are solved pseudo-spectrally with the fourth-order exponential time
 differencing Runge–Kutta scheme ETDRK4 (Cox & Matthews 2002), its coefficients by the contour
@@ -38,8 +39,8 @@ ADR_VARIANTS = ("train", "reversed", "source")
 
 @dataclass
 class OperatorData:
-    """Input functions ``a`` and solutions ``u``, each ``(N, 1, *grid)``; ``params``: the
-    PDE's constants."""
+    """Input functions ``a`` ``(N, channels, *grid)`` and solutions ``u`` ``(N, 1, *grid)``;
+    ``params``: the PDE's constants."""
 
     a: Tensor
     u: Tensor
@@ -256,6 +257,7 @@ def advection_diffusion_reaction(
     size: int = 32,
     variant: str = "train",
     velocity: tuple[float, float] = (1.0, 0.5),
+    speed_range: tuple[float, float] = (0.5, 1.5),
     diffusion: float = 0.005,
     reaction: float = 1.0,
     source: float = 2.0,
@@ -266,21 +268,31 @@ def advection_diffusion_reaction(
     device=None,
 ) -> OperatorData:
     r"""2D advection–diffusion–reaction
-    :math:`u_t + c\cdot\nabla u = D\Delta u + \rho u(1-u) + s(x)` on the periodic unit square:
-    ``a = u(0)`` (a positive random field in ``[0, 1]``), ``u = u(t_final)``.
+    :math:`u_t + c\cdot\nabla u = D\Delta u + \rho u(1-u) + s(x)` on the periodic unit square.
 
-    ``variant``: ``"train"`` (velocity ``c``, no source), ``"reversed"`` (``-c``: out of
-    distribution) or ``"source"`` (``c`` plus a Gaussian source of height ``source`` at
-    ``(0.5, 0.5)``: out of distribution)."""
+    Inputs ``a`` ``(N, 4, size, size)``: the initial state :math:`u(0)` (a random field in
+    ``[0, 1]``) and the coefficient fields :math:`c_1, c_2, s` as constant / spatial channels,
+    so that an operator sees which dynamics it is asked about; ``u = u(t_final)``
+    ``(N, 1, size, size)``. Each sample's velocity is ``velocity`` times a speed drawn
+    uniformly from ``speed_range``.
+
+    ``variant``: ``"train"`` (no source), ``"reversed"`` (velocity :math:`-c`: out of
+    distribution) or ``"source"`` (a Gaussian source of height ``source`` at ``(0.5, 0.5)``:
+    out of distribution)."""
     _check(n, size, steps)
     if variant not in ADR_VARIANTS:
         raise InvalidArgumentError(f"variant must be one of {ADR_VARIANTS}, got {variant!r}")
     gen = torch.Generator().manual_seed(seed)
     g = grf(n, size, 2, gen, alpha=2.5, tau=4.0, mean=False)
     u0 = torch.sigmoid(2.0 * g / g.std((-2, -1), keepdim=True))
-    c = velocity if variant != "reversed" else (-velocity[0], -velocity[1])
+    lo, hi = speed_range
+    speed = lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)
+    if variant == "reversed":
+        speed = -speed
+    c = speed[:, None] * torch.tensor(velocity, dtype=torch.float64)  # (n, 2)
     k1, k2 = (2 * math.pi * k for k in _wavenumbers(size, 2))
-    lin = -1j * (c[0] * k1 + c[1] * k2) - diffusion * (k1**2 + k2**2) + reaction
+    lin = (-1j * (c[:, 0, None, None] * k1 + c[:, 1, None, None] * k2)
+           - diffusion * (k1**2 + k2**2) + reaction)
     x = torch.arange(size, dtype=torch.float64) / size
     xx, yy = torch.meshgrid(x, x, indexing="ij")
     s = torch.zeros(size, size, dtype=torch.float64)
@@ -295,9 +307,13 @@ def advection_diffusion_reaction(
 
     vh = etdrk4(torch.fft.rfft2(u0, norm="forward"), lin, nonlinear, t_final / steps, steps)
     ut = torch.fft.irfft2(vh, s=(size, size), norm="forward")
-    params = dict(pde="advection_diffusion_reaction", variant=variant, velocity=c,
-                  diffusion=diffusion, reaction=reaction, t_final=t_final)
-    return _finish(u0, ut, params, dtype, device)
+    fields = c[:, :, None, None].expand(n, 2, size, size)
+    a = torch.cat([u0.unsqueeze(1), fields, s.expand(n, 1, size, size)], 1)
+    params = dict(pde="advection_diffusion_reaction", variant=variant, velocity=velocity,
+                  speed_range=speed_range, diffusion=diffusion, reaction=reaction,
+                  t_final=t_final)
+    return OperatorData(a.to(device=device, dtype=dtype),
+                        ut.unsqueeze(1).to(device=device, dtype=dtype), params)
 
 
 __all__ = [
