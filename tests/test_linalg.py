@@ -437,13 +437,26 @@ def test_dense_vector_shift_jitter_warning():
         assert torch.isfinite(op.logdet())
 
 
-def test_dense_clamps_negative_eigenvalues():
+def test_dense_keeps_negative_eigenvalues():
+    # no clamping: solve/logdet describe the same matrix as matvec (issue 11, item 3)
     Q = _orth(3, torch.Generator().manual_seed(0), torch.float64)
     lam = torch.tensor([-1e-13, 1.0, 2.0], dtype=torch.float64)
     op = Dense((Q * lam) @ Q.T)
-    assert (op.eigenvalues() >= 0).all()
+    assert op.eigenvalues()[0] < 0
     expect = torch.log(torch.tensor([0.5, 1.5, 2.5], dtype=torch.float64)).sum()
     torch.testing.assert_close(op.add_diagonal(0.5).logdet(), expect, **TOL)
+    assert torch.isfinite(op.sqrt_matvec(torch.ones(3, dtype=torch.float64))).all()
+    indefinite = Dense((Q * torch.tensor([-1.0, 1.0, 2.0], dtype=torch.float64)) @ Q.T)
+    shifted = indefinite.add_diagonal(0.5)
+    v = torch.ones(3, dtype=torch.float64)
+    torch.testing.assert_close(shifted.matvec(v), shifted.to_dense() @ v)
+    for call in (shifted.logdet, lambda: shifted.solve(v), shifted.inv_diagonal,
+                 lambda: shifted.sample_inverse(2), lambda: indefinite.sqrt_matvec(v)):
+        with pytest.raises(NumericalError, match="not positive definite|indefinite"):
+            call()
+    torch.testing.assert_close(indefinite.add_diagonal(1.5).solve(v),
+                               torch.linalg.solve(indefinite.to_dense() + 1.5 * torch.eye(3,
+                                                  dtype=torch.float64), v))
 
 
 def test_lowrank_singular():

@@ -4,6 +4,12 @@ in one structure. Each has ``update(records)`` (called once per batch) and
 
 All sums are over data points and loss-square-root columns:
 :math:`\sum_{b,k} v_{bk} v_{bk}^\top` with :math:`v_{bk} = J_b^\top s_{bk}`.
+
+Precision: the running sums live in :func:`~bayescurv.linalg.internal_dtype` of the model
+(float64 for float32/bf16/fp16 models) and each batch's factors are cast up *before* their
+products are formed, so the sums, the Kronecker factors and every decomposition built from
+them carry float64 rounding; only the per-datum quantities themselves (activations,
+backpropagated vectors) carry the model's. The returned operators are in that dtype.
 """
 
 from __future__ import annotations
@@ -14,22 +20,50 @@ from torch import Tensor
 from bayescurv.curvature import layers
 from bayescurv.curvature.engine import HookCapture, ModuleRecord
 from bayescurv.errors import UnsupportedLayerError
-from bayescurv.linalg import BlockDiagonal, Dense, Diagonal, KroneckerEigen, PSDOperator
+from bayescurv.linalg import (
+    BlockDiagonal,
+    Dense,
+    Diagonal,
+    KroneckerEigen,
+    PSDOperator,
+    internal_dtype,
+)
 from bayescurv.params import ParamSet
 
 
-def per_sample_matrix(records: list[ModuleRecord], params: ParamSet) -> Tensor:
+def _per_sample(rec: ModuleRecord, dtype: torch.dtype | None) -> dict[int, Tensor]:
+    """``rec.per_sample()``; with ``dtype``, linear-like layers form the products
+    ``Σ_t g aᵀ`` from factors cast to ``dtype`` first (no rounding of the products in a
+    lower precision), other layers are cast afterwards."""
+    if dtype is None:
+        return rec.per_sample()
+    if rec.route != "linear" or not rec.called:
+        return {i: t.to(dtype) for i, t in rec.per_sample().items()}
+    v = rec.linear_view()
+    ps = layers.linear_per_sample(layers.LinearView(v.a.to(dtype), v.g.to(dtype)))
+    k, b = ps.shape[:2]
+    out = {}
+    if rec.with_bias:
+        out[rec.owned["bias"]] = ps[..., -1].reshape(k, b, -1)
+        ps = ps[..., :-1]
+    out[rec.owned["weight"]] = ps.reshape(k, b, -1)
+    return out
+
+
+def per_sample_matrix(records: list[ModuleRecord], params: ParamSet,
+                      dtype: torch.dtype | None = None) -> Tensor:
     """Per-sample gradients of all parameters of the set, ``(K * B, P)`` in flat order;
-    contributions of tied parameters (one parameter, several modules) are summed."""
+    contributions of tied parameters (one parameter, several modules) are summed. In
+    ``dtype`` when given (formed from factors cast up first), else the model's."""
     parts: dict[int, Tensor] = {}
     for rec in records:
-        for i, t in rec.per_sample().items():
+        for i, t in _per_sample(rec, dtype).items():
             parts[i] = parts[i] + t if i in parts else t
     k, b = next(iter(parts.values())).shape[:2]
     cols = []
     for i, p in enumerate(params.params):
-        cols.append(parts[i] if i in parts else torch.zeros(k, b, p.numel(), dtype=p.dtype,
-                                                               device=p.device))
+        cols.append(parts[i] if i in parts else torch.zeros(k, b, p.numel(), dtype=dtype or
+                                                               p.dtype, device=p.device))
     return torch.cat(cols, -1).reshape(k * b, -1)
 
 
@@ -39,10 +73,11 @@ class FullAccumulator:
     def __init__(self, capture: HookCapture) -> None:
         self.params = capture.params
         n = self.params.numel
-        self.matrix = torch.zeros(n, n, dtype=self.params.dtype, device=self.params.device)
+        self.dtype = internal_dtype(self.params.dtype)
+        self.matrix = torch.zeros(n, n, dtype=self.dtype, device=self.params.device)
 
     def update(self, records: list[ModuleRecord]) -> None:
-        v = per_sample_matrix(records, self.params)
+        v = per_sample_matrix(records, self.params, self.dtype)
         self.matrix.addmm_(v.T, v)
 
     def tensors(self) -> list[Tensor]:
@@ -60,8 +95,8 @@ class DiagAccumulator:
     def __init__(self, capture: HookCapture) -> None:
         self.params = capture.params
         self.tied = capture.tied
-        self.diag = torch.zeros(self.params.numel, dtype=self.params.dtype,
-                                device=self.params.device)
+        self.dtype = internal_dtype(self.params.dtype)
+        self.diag = torch.zeros(self.params.numel, dtype=self.dtype, device=self.params.device)
 
     def update(self, records: list[ModuleRecord]) -> None:
         tied_parts: dict[int, Tensor] = {}
@@ -71,7 +106,7 @@ class DiagAccumulator:
             if rec.route == "linear" and not (set(rec.owned.values()) & self.tied):
                 self._update_linear(rec)
                 continue
-            for i, t in rec.per_sample().items():
+            for i, t in _per_sample(rec, self.dtype).items():
                 if i in self.tied:
                     tied_parts[i] = tied_parts[i] + t if i in tied_parts else t
                 else:
@@ -81,6 +116,7 @@ class DiagAccumulator:
 
     def _update_linear(self, rec: ModuleRecord) -> None:
         v = rec.linear_view(augment=False)
+        v = layers.LinearView(v.a.to(self.dtype), v.g.to(self.dtype))
         wi = rec.owned["weight"]
         if v.a.shape[1] == 1:  # no sharing: Σ_b (Σ_k g²)ᵀ a², written in place
             g2 = v.g[:, :, 0, :].square().sum(0)  # (B, O)
@@ -89,7 +125,9 @@ class DiagAccumulator:
             if rec.with_bias:
                 self._add(rec.owned["bias"], g2.sum(0))
             return
-        d = layers.linear_diag(rec.linear_view())  # (O, I), shared weights: per sample
+        full = rec.linear_view()
+        d = layers.linear_diag(layers.LinearView(full.a.to(self.dtype),
+                                                 full.g.to(self.dtype)))  # (O, I), per sample
         if rec.with_bias:
             self._add(rec.owned["bias"], d[:, -1])
             d = d[:, :-1]
@@ -138,6 +176,7 @@ class KFACAccumulator:
                 "K-FAC has no Kronecker block for them. Use structure='diag' or 'full'"
             )
         self.params = capture.params
+        self.dtype = internal_dtype(self.params.dtype)
         self.flavour = flavour
         # running sums, allocated up front from the module shapes so that every rank holds
         # the same tensors for the all-reduce, whichever modules its data reached
@@ -145,7 +184,7 @@ class KFACAccumulator:
 
     def _zeros(self, rec: ModuleRecord) -> dict[str, Tensor]:
         def z(*shape: int) -> Tensor:
-            return torch.zeros(shape, dtype=self.params.dtype, device=self.params.device)
+            return torch.zeros(shape, dtype=self.dtype, device=self.params.device)
 
         if rec.route == "linear":
             w = rec.module.weight
@@ -177,7 +216,7 @@ class KFACAccumulator:
                 continue
             if rec.route == "linear":
                 v = rec.linear_view(augment=False)
-                a, g = v.a, v.g
+                a, g = v.a.to(self.dtype), v.g.to(self.dtype)
                 if self.flavour == "reduce":
                     a = a.mean(1, keepdim=True)
                     g = g.sum(2, keepdim=True)
@@ -189,11 +228,11 @@ class KFACAccumulator:
                 self._acc_gram(rec, "G", g.reshape(-1, g.shape[-1]))
             elif rec.route == "embedding":
                 for x, g in zip(rec.inputs, rec.grads):
-                    self._acc(rec, "A", layers.embedding_counts(rec.module, x).to(g.dtype))
+                    self._acc(rec, "A", layers.embedding_counts(rec.module, x).to(self.dtype))
                     self._acc(rec, "count", x.numel())
-                    self._acc_gram(rec, "G", g.reshape(-1, g.shape[-1]))
+                    self._acc_gram(rec, "G", g.reshape(-1, g.shape[-1]).to(self.dtype))
             else:
-                ps = rec.per_sample()
+                ps = _per_sample(rec, self.dtype)
                 v = torch.cat([ps[i] for i in sorted(ps)], -1)
                 self._acc_gram(rec, "block", v.reshape(-1, v.shape[-1]))
                 self._acc(rec, "count", v.shape[0] * v.shape[1])
@@ -202,7 +241,9 @@ class KFACAccumulator:
         return [t for st in self.state.values() for _, t in sorted(st.items())]
 
     def factors(self, rec: ModuleRecord) -> tuple[Tensor, Tensor]:
-        """The two Kronecker factors of a record, in the order of the flat layout."""
+        """The two Kronecker factors of a record, in the order of the flat layout. An
+        embedding's first factor is diagonal and returned as its diagonal ``(V,)`` (kept
+        diagonal by :class:`~bayescurv.linalg.KroneckerEigen`: no ``V x V`` matrix)."""
         st = self.state[rec.name]
         count = st["count"].clamp_min(1)
         if rec.route == "linear":
@@ -212,7 +253,7 @@ class KFACAccumulator:
                 a = torch.cat([torch.cat([a, s], 1), torch.cat([s.T, st["count"].reshape(1, 1)],
                                                                 1)], 0)
             return st["G"], a / count
-        return torch.diag(st["A"] / count), st["G"]  # embedding: (V, D) row-major -> A ⊗ G
+        return st["A"] / count, st["G"]  # embedding: (V, D) row-major -> diag(A) ⊗ G
 
     def index(self, rec: ModuleRecord) -> Tensor:
         if rec.route == "linear":
@@ -227,7 +268,7 @@ class KFACAccumulator:
         for rec in records:
             if not self.called(rec):  # never called in the forward pass: no curvature
                 idx = self.index(rec)
-                blocks.append(Diagonal(torch.zeros(idx.numel(), dtype=self.params.dtype,
+                blocks.append(Diagonal(torch.zeros(idx.numel(), dtype=self.dtype,
                                                    device=self.params.device)))
                 indices.append(idx)
                 continue
@@ -254,7 +295,7 @@ class EKFACCorrection:
         for rec in records:
             if rec.route in ("linear", "embedding") and kfac.called(rec):
                 f1, f2 = kfac.factors(rec)
-                q1 = torch.linalg.eigh(f1)[1]
+                q1 = None if f1.ndim == 1 else torch.linalg.eigh(f1)[1]  # diagonal: identity
                 q2 = torch.linalg.eigh(f2)[1]
                 self.bases[rec.name] = (q1, q2)
                 self.scales[rec.name] = torch.zeros(f1.shape[0], f2.shape[0], dtype=f1.dtype,
@@ -265,8 +306,10 @@ class EKFACCorrection:
             if rec.name not in self.bases or not rec.called:
                 continue
             q1, q2 = self.bases[rec.name]
+            dt = self.kfac.dtype
             if rec.route == "linear":
                 v = rec.linear_view()
+                v = layers.LinearView(v.a.to(dt), v.g.to(dt))
                 if v.a.shape[1] == 1:  # no sharing: (g Q_G)^2ᵀ (a Q_A)^2, one matmul
                     gq = (v.g[:, :, 0, :] @ q1).square().sum(0)
                     aq = (v.a[:, 0, :] @ q2).square()
@@ -274,10 +317,10 @@ class EKFACCorrection:
                     continue
                 ps = layers.linear_per_sample(v)
             else:
-                ps = torch.cat([layers.embedding_per_sample(rec.module, x, g)
-                                for x, g in zip(rec.inputs, rec.grads)], 1)
+                ps = torch.cat([layers.embedding_per_sample(rec.module, x, g.to(dt))
+                                for x, g in zip(rec.inputs, rec.grads)], 1).to(dt)
                 # embedding layout is (V, D): rotate with (Q_A over V, Q_G over D)
-            rot = q1.T @ ps @ q2
+            rot = (ps if q1 is None else q1.T @ ps) @ q2
             self.scales[rec.name] += rot.square().sum((0, 1))
 
     def tensors(self) -> list[Tensor]:
@@ -288,7 +331,7 @@ class EKFACCorrection:
         for rec in records:
             if not self.kfac.called(rec):
                 idx = self.kfac.index(rec)
-                blocks.append(Diagonal(torch.zeros(idx.numel(), dtype=self.kfac.params.dtype,
+                blocks.append(Diagonal(torch.zeros(idx.numel(), dtype=self.kfac.dtype,
                                                    device=self.kfac.params.device)))
                 indices.append(idx)
                 continue

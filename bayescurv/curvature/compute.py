@@ -14,7 +14,14 @@ from bayescurv.curvature import accumulate, lowrank
 from bayescurv.curvature.engine import KINDS, HookCapture, stream
 from bayescurv.errors import InvalidArgumentError, NonFiniteError
 from bayescurv.likelihoods import Likelihood, get_likelihood
-from bayescurv.linalg import Dense, Diagonal, LowRank, LowRankPlusDiagonal, PSDOperator
+from bayescurv.linalg import (
+    Dense,
+    Diagonal,
+    LowRank,
+    LowRankPlusDiagonal,
+    PSDOperator,
+    internal_dtype,
+)
 from bayescurv.params import ParamSet, select
 
 STRUCTURES = ("full", "diag", "kfac", "kfac-reduce", "ekfac", "lowrank", "diag+lowrank",
@@ -29,9 +36,11 @@ class Curvature:
 
     Attributes:
         matrix: the ``P x P`` PSD matrix over ``params`` (flat order), a
-            :class:`bayescurv.linalg.PSDOperator` of the requested structure.
+            :class:`bayescurv.linalg.PSDOperator` of the requested structure, in
+            :func:`~bayescurv.linalg.internal_dtype` of the model (float64 for
+            float32/bf16/fp16 models: the sums and decompositions are carried in float64).
         loss: the negative log-likelihood of the data at the current parameters (sum, or
-            mean when ``reduction="mean"``).
+            mean when ``reduction="mean"``), in the same dtype as ``matrix``.
         num_data: number of data points seen (over all ranks).
         params, structure, kind: what was computed.
     """
@@ -194,7 +203,8 @@ def compute(
         accs["kfac"] = accumulate.KFACAccumulator(
             capture, "reduce" if structure == "kfac-reduce" else "expand"
         )
-    stats = torch.zeros(2, dtype=pset.dtype, device=pset.device)  # loss, count
+    # loss and data count, summed in float64 at least: a bf16 count of 5,000 reads 4,864
+    stats = torch.zeros(2, dtype=internal_dtype(pset.dtype), device=pset.device)
     if accs:
         for res in stream(capture, lik, data, **opts):
             for acc in accs.values():
@@ -246,7 +256,8 @@ def _hesscale(
     from bayescurv.curvature.hesscale import hesscale_diagonal
 
     diag, loss, n = hesscale_diagonal(pset, lik, data, x_key, y_key)
-    stats = torch.tensor([loss.item(), float(n)], dtype=pset.dtype, device=pset.device)
+    diag = diag.to(internal_dtype(pset.dtype))
+    stats = torch.tensor([loss.item(), float(n)], dtype=diag.dtype, device=pset.device)
     batches.all_reduce_([diag, stats])
     _check_finite([diag])
     n = int(stats[1].item())
@@ -282,8 +293,9 @@ def _dense_hessian(
 ) -> Curvature:
     """Dense Hessian of the summed loss by ``torch.func.hessian`` (small nets only)."""
     theta = pset.vector()
-    total = torch.zeros(pset.numel, pset.numel, dtype=pset.dtype, device=pset.device)
-    loss = torch.zeros((), dtype=pset.dtype, device=pset.device)
+    dt = internal_dtype(pset.dtype)
+    total = torch.zeros(pset.numel, pset.numel, dtype=dt, device=pset.device)
+    loss = torch.zeros((), dtype=dt, device=pset.device)
     n = 0
     for x, y in batches.iterate(data, device=pset.device, dtype=pset.dtype, x_key=x_key,
                                 y_key=y_key):
@@ -291,14 +303,15 @@ def _dense_hessian(
             f = pset.functional_call(v, **x) if isinstance(x, dict) else pset.functional_call(v, x)
             return lik.nll(*lik.check(f, y))
 
-        total += torch.func.hessian(batch_loss)(theta)
+        total += torch.func.hessian(batch_loss)(theta).to(dt)
         loss += batch_loss(theta).detach()
         n += batches.batch_size(x)
-    stats = torch.tensor([float(n)], dtype=pset.dtype, device=pset.device)
+    stats = torch.tensor([float(n)], dtype=dt, device=pset.device)
     batches.all_reduce_([total, loss, stats])
     n = int(stats.item())
     total = 0.5 * (total + total.T)
-    # the Hessian need not be PSD: keep it dense/diagonal as it is
+    # the Hessian need not be PSD: keep it dense/diagonal as it is (no clamping; inverse
+    # quantities of an indefinite posterior precision raise NumericalError)
     matrix: PSDOperator = Dense(total) if structure == "full" else Diagonal(torch.diagonal(total))
     if reduction == "mean":
         matrix, loss = matrix.scale(1.0 / n), loss / n

@@ -34,6 +34,7 @@ from bayescurv import batches
 from bayescurv.curvature import layers
 from bayescurv.errors import UnsupportedLayerError
 from bayescurv.likelihoods import Likelihood, check_finite_outputs
+from bayescurv.linalg import internal_dtype
 from bayescurv.params import ParamSet
 
 ELEMENTWISE = (
@@ -84,7 +85,8 @@ class HesScaleDiagonal:
     def __init__(self, params: ParamSet) -> None:
         self.params = params
         self.modules = flatten_sequential(params.model)
-        self.diag = torch.zeros(params.numel, dtype=params.dtype, device=params.device)
+        self.diag = torch.zeros(params.numel, dtype=internal_dtype(params.dtype),
+                                device=params.device)
 
     def _add(self, p: Tensor, values: Tensor) -> None:
         i = self.params.index_of(p)
@@ -152,7 +154,7 @@ def hesscale_diagonal(
 ) -> tuple[Tensor, Tensor, int]:
     """``(diagonal (P,), summed NLL, N)`` of the backpropagated diagonal GGN over ``data``."""
     acc = HesScaleDiagonal(params)
-    loss = torch.zeros((), dtype=params.dtype, device=params.device)
+    loss = torch.zeros((), dtype=internal_dtype(params.dtype), device=params.device)
     n = 0
     for x, y in batches.iterate(data, device=params.device, dtype=params.dtype, x_key=x_key,
                                 y_key=y_key):

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from bayescurv import batches
 from bayescurv.errors import InvalidArgumentError, ShapeError
 from bayescurv.likelihoods import Likelihood, check_finite_outputs, get_likelihood
+from bayescurv.linalg import internal_dtype
 from bayescurv.params import ParamSet, select
 
 KINDS = ("ggn", "hessian", "ef")
@@ -336,7 +337,8 @@ class CurvatureLinearOperator:
     # --------------------------------------------------------------------------------
     @torch.no_grad()
     def _matmat(self, V: Tensor, chunk_size: int | None) -> Tensor:
-        out = torch.zeros_like(V)
+        # the sum over batches in float64 for float32/bf16/fp16 models
+        out = torch.zeros_like(V, dtype=internal_dtype(V.dtype))
         n = torch.zeros((), device=self.device, dtype=torch.int64)  # exact count
         stream = batches.iterate(
             self.data, device=self.device, dtype=self.dtype, x_key=self.x_key, y_key=self.y_key
@@ -352,7 +354,7 @@ class CurvatureLinearOperator:
         batches.all_reduce_([out, n])
         if self.reduction == "mean":
             out.div_(n)
-        return out
+        return out.to(V.dtype)
 
     def _fwd(self, x: Inputs) -> Callable[[Tensor], Tensor]:
         return lambda t: _likelihood_outputs(_call(self.params, t, x))

@@ -29,6 +29,12 @@ regression, exactly). The predictive mean is then :math:`f(x;\theta^*) + J(x)(\b
 
 Requires ``likelihood="regression"``, ``kind="ggn"`` and ``structure="full"`` (``G`` must be
 exact).
+
+Precision: the statistics and the evidence are formed in the posterior's
+:attr:`~bayescurv.Laplace.internal_dtype` (float64 for float32/bf16/fp16 models): at small
+:math:`\sigma` the quadratic term :math:`(\|\tilde r\|^2 - b^\top\bar\theta)/\sigma^2` is a
+difference of two large numbers, which float32 loses entirely. Results come back in the
+model's dtype.
 """
 
 from __future__ import annotations
@@ -67,7 +73,8 @@ class GaussianGLM:
         self.la = la
         params = la.params
         lik = Gaussian(1.0)
-        grad = torch.zeros(params.numel, dtype=params.dtype, device=params.device)
+        dt = la.internal_dtype
+        grad = torch.zeros(params.numel, dtype=dt, device=params.device)
         sse = grad.new_zeros(())
         for x, y in batches.iterate(data, device=params.device, dtype=params.dtype,
                                     x_key=x_key, y_key=y_key):
@@ -79,11 +86,11 @@ class GaussianGLM:
                 gs = torch.autograd.grad(-0.5 * resid.square().sum(), list(params.params),
                                          allow_unused=True)
             grad += params.flatten([torch.zeros_like(p) if g is None else g
-                                    for p, g in zip(params.params, gs)]).detach()
-            sse += resid.detach().square().sum()
+                                    for p, g in zip(params.params, gs)]).detach().to(dt)
+            sse += resid.detach().to(dt).square().sum()
         batches.all_reduce_([grad, sse])
         theta = la.mean.detach()
-        G = la.curvature.to_dense().detach()
+        G = la.curvature.to_dense().detach().to(dt)
         jr = la._embed_or_select(grad)  # J^T (y - f)
         self.theta = theta
         self.b = jr + G @ theta  # J^T r~
@@ -94,14 +101,16 @@ class GaussianGLM:
         la = self.la
         prior = la.prior_precision if prior_precision is None else prior_precision
         sigma = la.sigma_noise if sigma_noise is None else sigma_noise
-        sigma = torch.as_tensor(sigma, dtype=self.b.dtype, device=self.b.device).reshape(())
+        sigma = la._internal(sigma).reshape(())
+        prior = la._internal(prior)
         return la.posterior_precision_at(prior, sigma), prior, sigma
 
     def posterior_mean(self, prior_precision: Tensor | None = None,
                        sigma_noise: Tensor | None = None) -> Tensor:
-        r""":math:`\bar\theta = \Lambda^{-1} J^\top\tilde r/\sigma^2` (posterior's flat order)."""
+        r""":math:`\bar\theta = \Lambda^{-1} J^\top\tilde r/\sigma^2` (posterior's flat order,
+        model dtype)."""
         lam, _, sigma = self._precision_and_sigma(prior_precision, sigma_noise)
-        return lam.solve(self.b) / sigma**2
+        return (lam.solve(self.b) / sigma**2).to(self.la.params.dtype)
 
     def log_marginal_likelihood(self, prior_precision: Tensor | None = None,
                                 sigma_noise: Tensor | None = None) -> Tensor:
@@ -110,17 +119,18 @@ class GaussianGLM:
         lam, prior, sigma = self._precision_and_sigma(prior_precision, sigma_noise)
         s2 = sigma**2
         theta_bar = lam.solve(self.b) / s2
-        log_det_prior = self.la.prior_diagonal(torch.as_tensor(
-            prior, dtype=s2.dtype, device=s2.device)).log().sum()
+        log_det_prior = self.la.prior_diagonal(prior).log().sum()
         n = self.num_targets
         quad = (self.rr - self.b @ theta_bar) / s2
-        return -0.5 * (quad + n * torch.log(2 * math.pi * s2) + lam.logdet() - log_det_prior)
+        lml = -0.5 * (quad + n * torch.log(2 * math.pi * s2) + lam.logdet() - log_det_prior)
+        return lml.to(self.la.params.dtype)
 
     def mean_offset(self, x: Tensor, theta_bar: Tensor) -> Tensor:
         r""":math:`J(x)(\bar\theta - \theta^*)` by one forward-mode pass at :math:`\theta^*`;
         differentiable in ``x``. Output shaped like the network's output at ``x``."""
         params = self.la.params
         full = params.vector()
-        direction = self.la._embed(theta_bar - self.theta, torch.zeros_like(full))
+        direction = self.la._embed((theta_bar - self.theta).to(full.dtype),
+                                   torch.zeros_like(full))
         _, out = torch.func.jvp(lambda v: params.functional_call(v, x), (full,), (direction,))
         return out

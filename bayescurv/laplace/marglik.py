@@ -135,7 +135,7 @@ def add_prior(h: PSDOperator, prior: Tensor, index: Tensor, num_layers: int) -> 
 
 
 def _initial(la: Laplace, granularity: str) -> Tensor:
-    cur = la.prior_precision
+    cur = la._prior  # internal dtype: the evidence is optimized in float64 for float32 models
     size = {"scalar": 0, "layer": la.num_layers, "tensor": la.num_tensors,
             "parameter": la.num_params}[granularity]
     if size == 0:
@@ -160,7 +160,7 @@ def optimize(
         raise InvalidArgumentError(f"n_steps must be a positive integer, got {n_steps}")
     log_prior = _initial(la, granularity).log().clone().requires_grad_(True)
     variables = [log_prior]
-    log_sigma = la.sigma_noise.log().clone().requires_grad_(tune_sigma)
+    log_sigma = la._sigma.log().clone().requires_grad_(tune_sigma)
     if tune_sigma:
         variables.append(log_sigma)
     opt = torch.optim.Adam(variables, lr=lr)

@@ -18,7 +18,7 @@ from torch import Tensor
 from bayescurv import batches
 from bayescurv.curvature import compute
 from bayescurv.likelihoods import Gaussian
-from bayescurv.linalg import Dense, Diagonal, PSDOperator
+from bayescurv.linalg import Dense, Diagonal, PSDOperator, internal_dtype
 from bayescurv.params import ParamSet
 
 PER_OUTPUT_STRUCTURES = ("full", "diag")
@@ -42,14 +42,14 @@ class _OutputColumn(Gaussian):
 def sum_of_squares(params: ParamSet, data: Iterable, x_key: str, y_key: str,
                    batch_dim: int = 0) -> Tensor:
     """Per-output sums of squared residuals ``(C,)`` at the current weights (summed over
-    ``torch.distributed`` ranks)."""
+    ``torch.distributed`` ranks), summed in float64 for float32/bf16/fp16 models."""
     lik = Gaussian(1.0)
     sse = None
     for x, y in batches.iterate(data, device=params.device, dtype=params.dtype, x_key=x_key,
                                 y_key=y_key, batch_dim=batch_dim):  # inputs' batch dim
         f = params.model(**x) if isinstance(x, dict) else params.model(x)
         f, y = lik.check(f, y)
-        part = ((f - y) ** 2).sum(0)
+        part = (f - y).to(internal_dtype(f.dtype)).square().sum(0)
         sse = part if sse is None else sse + part
     batches.all_reduce_([sse])
     return sse

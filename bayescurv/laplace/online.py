@@ -92,8 +92,8 @@ def marglik_training(
             f = la.likelihood.check_outputs(model(**x) if isinstance(x, dict) else model(x))
             nll = la.likelihood.nll(*la.likelihood.check(f, y))
             theta = torch.cat([p.reshape(-1) for p in la.params.params])
-            delta = la.prior_diagonal().detach() if la.prior_precision.dim() else \
-                la.prior_precision.detach()
+            delta = (la.prior_diagonal() if la.prior_precision.dim() else
+                     la.prior_precision).detach().to(theta.dtype)
             if delta.dim() == 0:
                 penalty = 0.5 * delta * (theta**2).sum()
             else:

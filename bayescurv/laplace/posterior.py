@@ -8,6 +8,11 @@ precision of the zero-mean Gaussian prior (scalar, one per layer, or one per par
 
 A *layer* is a module that owns parameters of the posterior (weight and bias together), so
 that a per-layer prior keeps every K-FAC block exactly decomposable.
+
+Precision: for float32/bf16/fp16 models the curvature, the mean, the prior and the noise are
+held in float64 (:func:`~bayescurv.linalg.internal_dtype`), so the evidence, its gradient and
+the posterior's decompositions carry float64 rounding; what a user reads back (evidence,
+variances, samples, hyperparameters) is returned in the model's dtype.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from bayescurv.errors import InvalidArgumentError, NotFittedError, ShapeError
 from bayescurv.laplace import marglik, noise, subnetwork
 from bayescurv.laplace.predictive import glm_covariance
 from bayescurv.likelihoods import Gaussian, get_likelihood
-from bayescurv.linalg import PSDOperator, from_state, to_state
+from bayescurv.linalg import PSDOperator, from_state, internal_dtype, to_state
 from bayescurv.params import select
 
 PRED_TYPES = ("glm", "nn")
@@ -104,6 +109,8 @@ class Laplace:
                 )
         else:
             self.params = select(model, subset, last_layer_name=last_layer_name)
+        #: dtype of the curvature, mean and hyperparameters (float64 for float32/bf16/fp16)
+        self.internal_dtype = internal_dtype(self.params.dtype)
         self.layer_index = marglik.layer_index(self.params)
         self.tensor_index = marglik.tensor_index(self.params)
         if self.index is not None:
@@ -143,19 +150,20 @@ class Laplace:
     @property
     def prior_precision(self) -> Tensor:
         """Current prior precision: shape ``()``, ``(num_layers,)``, ``(num_tensors,)`` or
-        ``(num_params,)`` (a count shared by two groupings is read per layer first)."""
-        return self._prior
+        ``(num_params,)`` (a count shared by two groupings is read per layer first), in the
+        model's dtype (held in :attr:`internal_dtype`)."""
+        return self._prior.to(self.params.dtype)
 
     @prior_precision.setter
     def prior_precision(self, value: float | Tensor) -> None:
         self._prior = marglik.check_prior(value, self.num_params, self.num_layers,
-                                          self.params.dtype, self.params.device,
+                                          self.internal_dtype, self.params.device,
                                           num_tensors=self.num_tensors)
 
     @property
     def sigma_noise(self) -> Tensor:
-        """Observation noise: ``()`` or one value per output ``(C,)``."""
-        return self._sigma
+        """Observation noise: ``()`` or one value per output ``(C,)``, in the model's dtype."""
+        return self._sigma.to(self.params.dtype)
 
     @property
     def per_output_noise(self) -> bool:
@@ -163,7 +171,7 @@ class Laplace:
 
     @sigma_noise.setter
     def sigma_noise(self, value: float | Tensor) -> None:
-        s = torch.as_tensor(value, dtype=self.params.dtype, device=self.params.device)
+        s = self._internal(value)
         if not torch.isfinite(s).all() or (s <= 0).any():
             raise InvalidArgumentError(f"sigma_noise must be finite and positive, got {value}")
         if self.likelihood.name != "regression" and not torch.all(s == 1):
@@ -188,10 +196,11 @@ class Laplace:
             raise InvalidArgumentError("per-output sigma_noise is not available with masks")
         self._sigma = s
         if isinstance(self.likelihood, Gaussian):
-            self.likelihood.sigma_noise = s.detach()
+            self.likelihood.sigma_noise = s.detach().to(self.params.dtype)
 
     def prior_diagonal(self, prior_precision: Tensor | None = None) -> Tensor:
-        """The prior precision expanded to ``(num_params,)``."""
+        """The prior precision expanded to ``(num_params,)`` (the current one in
+        :attr:`internal_dtype`, a given one in its own dtype)."""
         prior = self._prior if prior_precision is None else prior_precision
         return marglik.expand_prior(prior, self.prior_groups(prior))
 
@@ -221,7 +230,7 @@ class Laplace:
             curv = subnetwork.masked_curvature(self.params, self.index, unit, loader,
                                                self.structure, **options)
         self._H = curv.matrix
-        self.mean = self._embed_or_select(self.params.vector())
+        self.mean = self._embed_or_select(self.params.vector()).to(self.internal_dtype)
         self.num_data = curv.num_data
         self.loss = curv.loss
         if isinstance(self.likelihood, Gaussian):
@@ -257,8 +266,8 @@ class Laplace:
     ) -> PSDOperator:
         """:math:`\\Lambda = H/\\sigma^2 + diag(\\delta)`, differentiable in both."""
         self._check_fitted()
-        prior = self._prior if prior_precision is None else prior_precision
-        sigma = self._sigma if sigma_noise is None else sigma_noise
+        prior = self._prior if prior_precision is None else self._internal(prior_precision)
+        sigma = self._sigma if sigma_noise is None else self._internal(sigma_noise)
         h = self._H
         if self.likelihood.name == "regression":
             if self._H_outputs is not None:
@@ -289,15 +298,22 @@ class Laplace:
 
     @property
     def posterior_variance(self) -> Tensor:
-        """Marginal posterior variances ``(num_params,)``."""
-        return self.posterior_precision.inv_diagonal()
+        """Marginal posterior variances ``(num_params,)`` (model dtype)."""
+        return self.posterior_precision.inv_diagonal().to(self.params.dtype)
+
+    def _internal(self, value: float | Tensor) -> Tensor:
+        """A hyperparameter in :attr:`internal_dtype` (differentiable cast; Python numbers
+        are converted directly, never through the default float32)."""
+        if not torch.is_tensor(value):
+            return torch.as_tensor(value, dtype=self.internal_dtype, device=self.params.device)
+        return value.to(device=self.params.device, dtype=self.internal_dtype)
 
     def log_likelihood_at(self, sigma_noise: Tensor | None = None) -> Tensor:
         """:math:`\\log p(D | \\theta^*)`, differentiable in the observation noise."""
         self._check_fitted()
         if self.likelihood.name != "regression":
             return -self.loss
-        s = (self._sigma if sigma_noise is None else sigma_noise).reshape(-1)
+        s = (self._sigma if sigma_noise is None else self._internal(sigma_noise)).reshape(-1)
         s = s.expand(self.num_outputs)
         n, c = self.num_data, self.num_outputs
         return (-0.5 * (self._sse / s**2).sum() - n * torch.log(s).sum()
@@ -315,19 +331,21 @@ class Laplace:
               + \tfrac12 \log\det diag(\delta) - \tfrac12\log\det\Lambda,
 
         with the zero-mean Gaussian prior :math:`p(\theta) = N(0, diag(\delta)^{-1})`.
+        Computed in :attr:`internal_dtype` (float64 for float32/bf16/fp16 models) and
+        returned in the model's dtype; gradients reach hyperparameters of either dtype.
         """
         self._check_fitted()
         prior = self._prior if prior_precision is None else marglik.check_prior(
-            prior_precision, self.num_params, self.num_layers, self.params.dtype,
+            prior_precision, self.num_params, self.num_layers, self.internal_dtype,
             self.params.device, allow_grad=True, num_tensors=self.num_tensors)
-        sigma = self._sigma if sigma_noise is None else torch.as_tensor(
-            sigma_noise, dtype=self.params.dtype, device=self.params.device)
+        sigma = self._sigma if sigma_noise is None else self._internal(sigma_noise)
         lam = self.posterior_precision_at(prior, sigma)
-        return (
+        lml = (
             self.log_likelihood_at(sigma)
             + marglik.log_prior(prior, self.mean, self.prior_groups(prior))
             - 0.5 * lam.logdet()
         )
+        return lml.to(self.params.dtype)
 
     def optimize_prior_precision(
         self,
@@ -439,7 +457,7 @@ class Laplace:
             self.params.assign(self._embed(self.mean, full))
         f = torch.stack(outs)
         if self.likelihood.name == "regression":
-            var = f.var(0, unbiased=False) + self._sigma**2
+            var = f.var(0, unbiased=False) + self.sigma_noise**2
             return f.mean(0), var
         probs = self.likelihood.inverse_link(f).mean(0)
         return probs.squeeze(-1) if self.likelihood.name == "binary" else probs
@@ -501,7 +519,7 @@ class Laplace:
                 "state was saved for other parameters: "
                 f"{state['param_names'][:5]}... vs {self.params.names[:5]}..."
             )
-        dev, dt = self.params.device, self.params.dtype
+        dev = self.params.device
         saved = state.get("index")
         if (saved is None) != (self.index is None) or (
             saved is not None and not torch.equal(saved.to(dev), self.index)
@@ -510,7 +528,7 @@ class Laplace:
         self._H = from_state(state["curvature"], device=dev)
         outs = state.get("curvature_outputs")
         self._H_outputs = None if outs is None else [from_state(h, device=dev) for h in outs]
-        self.mean = state["mean"].to(device=dev, dtype=dt)
+        self.mean = state["mean"].to(device=dev, dtype=self.internal_dtype)
         self.prior_precision = state["prior_precision"].to(device=dev)
         self.sigma_noise = state["sigma_noise"].to(device=dev)
         self.loss = state["loss"].to(device=dev)
@@ -529,7 +547,7 @@ class Laplace:
         if self.index is None:
             return theta
         out = full.clone()
-        out[self.index] = theta
+        out[self.index] = theta.to(out.dtype)
         return out
 
     def sample(self, n: int = 100, generator: torch.Generator | None = None) -> Tensor:
@@ -538,7 +556,8 @@ class Laplace:
         self._check_fitted()
         if not isinstance(n, int) or n < 1:
             raise InvalidArgumentError(f"n must be a positive integer, got {n}")
-        return self.mean + self.posterior_precision.sample_inverse(n, generator)
+        draws = self.mean + self.posterior_precision.sample_inverse(n, generator)
+        return draws.to(self.params.dtype)
 
     def __repr__(self) -> str:
         return (f"Laplace(likelihood={self.likelihood.name!r}, structure={self.structure!r}, "

@@ -23,7 +23,7 @@ from bayescurv.curvature.accumulate import per_sample_matrix
 from bayescurv.curvature.engine import HookCapture, stream
 from bayescurv.errors import InvalidArgumentError, ShapeError
 from bayescurv.likelihoods import Likelihood
-from bayescurv.linalg import Dense, Diagonal
+from bayescurv.linalg import Dense, Diagonal, internal_dtype
 from bayescurv.params import ParamSet, select
 
 MASK_STRUCTURES = ("full", "diag")
@@ -78,10 +78,11 @@ def masked_curvature(
     unknown = options.pop("unknown_layers", "error")
     capture = HookCapture(pset, "full", unknown)
     s = index.numel()
-    gram = torch.zeros(s, s, dtype=pset.dtype, device=pset.device)
-    stats = torch.zeros(2, dtype=pset.dtype, device=pset.device)
+    dt = internal_dtype(pset.dtype)  # float64 sums for float32/bf16/fp16 models
+    gram = torch.zeros(s, s, dtype=dt, device=pset.device)
+    stats = torch.zeros(2, dtype=dt, device=pset.device)
     for res in stream(capture, likelihood, data, **options):
-        v = per_sample_matrix(res.records, pset)[:, index]
+        v = per_sample_matrix(res.records, pset, dt)[:, index]
         gram.addmm_(v.T, v)
         stats[0] += res.loss.detach()
         stats[1] += res.batch_size

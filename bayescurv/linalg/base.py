@@ -10,6 +10,7 @@ import copy
 import math
 import warnings
 from abc import ABC, abstractmethod
+from typing import NamedTuple
 
 import torch
 from linear_operator import LinearOperator
@@ -20,7 +21,26 @@ from bayescurv.errors import InvalidArgumentError, NonFiniteError, NumericalErro
 Scalar = float | int | Tensor
 Mod = tuple[str, Tensor]  # ("scale", c) or ("shift", δ)
 
-__all__ = ["PSDOperator", "Scalar", "jittered_cholesky"]
+__all__ = ["PSDOperator", "Scalar", "internal_dtype", "jittered_cholesky"]
+
+#: floating dtypes whose curvature sums and decompositions are carried out in float64
+_WIDENED = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def internal_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype in which curvature reductions and posterior decompositions run for a model
+    of ``dtype``: ``float64`` for ``float16``/``bfloat16``/``float32`` (their rounding, about
+    ``1e-7`` of the largest eigenvalue for float32, is far above the prior precisions that
+    decide the evidence of an ill-conditioned curvature), the dtype itself otherwise
+    (``float64``, complex). The one place this policy is decided."""
+    return torch.float64 if dtype in _WIDENED else dtype
+
+
+class _Layout(NamedTuple):
+    """How :meth:`PSDOperator._as_matrix` reshaped and cast a right-hand side."""
+
+    vector: bool
+    dtype: torch.dtype | None  # the caller's dtype when it differs from the operator's
 
 
 def jittered_cholesky(M: Tensor, *, initial_jitter: float = 1e-10, max_tries: int = 5) -> Tensor:
@@ -194,14 +214,20 @@ class PSDOperator(ABC):
     def _has_vector_shift(self) -> bool:
         return any(kind == "shift" and x.ndim == 1 for kind, x in self._mods)
 
-    def _as_matrix(self, v: Tensor, name: str = "v") -> tuple[Tensor, bool]:
-        """Return ``(V, was_vector)`` with ``V`` of shape ``(n, k)``."""
+    def _as_matrix(self, v: Tensor, name: str = "v") -> tuple[Tensor, _Layout]:
+        """Return ``(V, layout)`` with ``V`` of shape ``(n, k)`` in the operator's dtype;
+        :func:`finish` undoes both (a right-hand side of another floating dtype, e.g. a
+        float32 vector against a float64 posterior, is solved in the operator's precision and
+        returned in its own dtype)."""
         if not isinstance(v, Tensor):
             raise InvalidArgumentError(f"{name} must be a torch.Tensor, got {type(v).__name__}.")
+        cast = None
+        if v.dtype != self.dtype and (v.is_floating_point() or v.is_complex()):
+            cast, v = v.dtype, v.to(self.dtype)
         if v.ndim == 1 and v.shape[0] == self.size:
-            return v.unsqueeze(-1), True
+            return v.unsqueeze(-1), _Layout(True, cast)
         if v.ndim == 2 and v.shape[0] == self.size:
-            return v, False
+            return v, _Layout(False, cast)
         raise ShapeError(
             f"{name} must have shape ({self.size},) or ({self.size}, k), got {tuple(v.shape)}."
         )
@@ -246,6 +272,9 @@ def shift_times(shift: Tensor, V: Tensor) -> Tensor:
     return shift * V if shift.ndim == 0 else shift.unsqueeze(-1) * V
 
 
-def finish(out: Tensor, was_vector: bool) -> Tensor:
-    """Undo :meth:`PSDOperator._as_matrix`."""
-    return out.squeeze(-1) if was_vector else out
+def finish(out: Tensor, layout: _Layout | bool) -> Tensor:
+    """Undo :meth:`PSDOperator._as_matrix` (shape and, where it cast, dtype)."""
+    if isinstance(layout, _Layout):
+        out = out.squeeze(-1) if layout.vector else out
+        return out if layout.dtype is None else out.to(layout.dtype)
+    return out.squeeze(-1) if layout else out

@@ -7,14 +7,16 @@ from linear_operator import LinearOperator
 from linear_operator.operators import DenseLinearOperator
 from torch import Tensor
 
-from bayescurv.errors import ShapeError
+from bayescurv.errors import NumericalError, ShapeError
 from bayescurv.linalg.base import PSDOperator, affine, finish, jittered_cholesky, shift_times
 
 __all__ = ["Dense"]
 
 
 class _EighCache:
-    """Lazily computed ``M = Q diag(λ) Qᵀ`` (no grad, ``λ`` clamped at 0), shared by copies."""
+    """Lazily computed ``M = Q diag(λ) Qᵀ`` (no grad), shared by copies. ``λ`` is kept as
+    computed, negative values included: every operation describes the same matrix as
+    ``matvec`` (an indefinite ``M``, e.g. a Hessian, is never silently clamped)."""
 
     def __init__(self, M: Tensor) -> None:
         self.matrix = M
@@ -24,7 +26,7 @@ class _EighCache:
         if self._eig is None:
             with torch.no_grad():
                 lam, Q = torch.linalg.eigh(self.matrix.detach())
-            self._eig = (lam.clamp_min(0), Q)
+            self._eig = (lam, Q)
         return self._eig
 
 
@@ -35,6 +37,12 @@ class Dense(PSDOperator):
     all scaled/shifted copies): ``A = Q diag(c λ + δ) Qᵀ``, so ``logdet`` is ``O(n)`` and
     ``solve`` ``O(n²)``. A non-constant ``δ`` falls back to a (jittered) Cholesky of the dense
     matrix. Gradients flow to ``c`` and ``δ``; the eigendecomposition is not differentiated.
+
+    ``M`` need not be PSD (a Hessian): the eigenvalues are not clamped, so ``solve``,
+    ``logdet``, ``inv_diagonal`` and the roots describe the same matrix as ``matvec``. Inverse
+    quantities of an ``A`` that is not positive definite raise
+    :class:`~bayescurv.errors.NumericalError`; ``sqrt_matvec`` accepts eigenvalues that are
+    negative only at rounding level (``√eps · max|λ|``) and treats them as zero.
     """
 
     def __init__(self, M: Tensor) -> None:
@@ -76,6 +84,31 @@ class Dense(PSDOperator):
         """``Q`` of the base matrix ``M`` (no grad)."""
         return self._cache.get()[1]
 
+    def _positive_eigenvalues(self, what: str) -> Tensor:
+        """``c λ + δ``, raising :class:`NumericalError` unless all are positive."""
+        lam = self.eigenvalues()
+        low = lam.detach().min()
+        if not bool(low > 0):
+            raise NumericalError(
+                f"Dense.{what}: the matrix is not positive definite (smallest eigenvalue "
+                f"{float(low):.4g}), so its inverse, log determinant and Gaussian are undefined. "
+                "For a Hessian (indefinite away from a minimum) use a PSD curvature "
+                "(kind='ggn' or 'ef') or a prior precision larger than minus its smallest "
+                "eigenvalue."
+            )
+        return lam
+
+    def _nonnegative_eigenvalues(self) -> Tensor:
+        """``c λ + δ`` with rounding-level negatives set to zero; raises for real ones."""
+        lam = self.eigenvalues()
+        tol = torch.finfo(lam.dtype).eps ** 0.5 * lam.detach().abs().max()
+        if bool((lam.detach() < -tol).any()):
+            raise NumericalError(
+                f"Dense.sqrt_matvec: the matrix is indefinite (smallest eigenvalue "
+                f"{float(lam.detach().min()):.4g}) and has no real square root."
+            )
+        return lam.clamp_min(0)
+
     def _cholesky(self) -> Tensor:
         """Cholesky factor of ``A`` (vector shift); cached only when nothing requires grad."""
         if self._chol is not None:
@@ -103,13 +136,13 @@ class Dense(PSDOperator):
             out = torch.cholesky_solve(V, self._cholesky())
         else:
             Q = self.eigenvectors()
-            out = Q @ ((Q.mT @ V) / self.eigenvalues().unsqueeze(-1))
+            out = Q @ ((Q.mT @ V) / self._positive_eigenvalues("solve").unsqueeze(-1))
         return finish(out, vec)
 
     def logdet(self) -> Tensor:
         if self._has_vector_shift():
             return 2 * self._cholesky().diagonal().log().sum()
-        return self.eigenvalues().log().sum()
+        return self._positive_eigenvalues("logdet").log().sum()
 
     def diagonal(self) -> Tensor:
         return affine(self._cache.matrix.diagonal(), *self._affine())
@@ -119,7 +152,8 @@ class Dense(PSDOperator):
             eye = torch.eye(self.size, dtype=self.dtype, device=self.device)
             Linv = torch.linalg.solve_triangular(self._cholesky(), eye, upper=False)
             return Linv.square().sum(0)  # diag(L⁻ᵀ L⁻¹)
-        return self.eigenvectors().square() @ self.eigenvalues().reciprocal()
+        return self.eigenvectors().square() @ self._positive_eigenvalues(
+            "inv_diagonal").reciprocal()
 
     def to_dense(self) -> Tensor:
         c, shift = self._affine()
@@ -135,7 +169,8 @@ class Dense(PSDOperator):
         if self._has_vector_shift():  # R = L⁻ᵀ: R Rᵀ = (L Lᵀ)⁻¹
             out = torch.linalg.solve_triangular(self._cholesky().mT, Z, upper=True)
         else:
-            out = self.eigenvectors() @ (Z * self.eigenvalues().rsqrt().unsqueeze(-1))
+            lam = self._positive_eigenvalues("inv_sqrt_matvec")
+            out = self.eigenvectors() @ (Z * lam.rsqrt().unsqueeze(-1))
         return finish(out, vec)
 
     def sqrt_matvec(self, z: Tensor) -> Tensor:
@@ -143,7 +178,8 @@ class Dense(PSDOperator):
         if self._has_vector_shift():
             out = self._cholesky() @ Z
         else:
-            out = self.eigenvectors() @ (Z * self.eigenvalues().sqrt().unsqueeze(-1))
+            lam = self._nonnegative_eigenvalues()
+            out = self.eigenvectors() @ (Z * lam.sqrt().unsqueeze(-1))
         return finish(out, vec)
 
     def to_linear_operator(self) -> LinearOperator:

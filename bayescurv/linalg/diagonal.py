@@ -7,7 +7,7 @@ from linear_operator import LinearOperator
 from linear_operator.operators import DiagLinearOperator
 from torch import Tensor
 
-from bayescurv.errors import ShapeError
+from bayescurv.errors import NumericalError, ShapeError
 from bayescurv.linalg.base import PSDOperator, affine, finish
 
 __all__ = ["Diagonal"]
@@ -45,7 +45,15 @@ class Diagonal(PSDOperator):
         return finish(V / self.diagonal().unsqueeze(-1), vec)
 
     def logdet(self) -> Tensor:
-        return self.diagonal().log().sum()
+        d = self.diagonal()
+        if bool((d.detach() < 0).any()):
+            raise NumericalError(
+                f"Diagonal.logdet: {int((d.detach() < 0).sum())} negative diagonal entries "
+                f"(smallest {float(d.detach().min()):.4g}): the matrix is not positive definite. "
+                "For a Hessian use a PSD curvature (kind='ggn' or 'ef') or a larger prior "
+                "precision."
+            )
+        return d.log().sum()
 
     def inv_diagonal(self) -> Tensor:
         return self.diagonal().reciprocal()

@@ -23,7 +23,9 @@ __all__ = ["KroneckerEigen", "Kronecker", "kronecker"]
 
 
 class _Eig:
-    """Eigendecomposition of two Kronecker factors, computed once on first use."""
+    """Eigendecomposition of two Kronecker factors, computed once on first use. A factor
+    given as a 1-D tensor is diagonal: its eigenbasis is the identity, stored as ``None``
+    (never materialised, so an embedding's ``V x V`` factor costs ``O(V)``)."""
 
     def __init__(self, A: Tensor | None, B: Tensor | None) -> None:
         self.A, self.B = A, B
@@ -32,12 +34,29 @@ class _Eig:
     def get(self) -> tuple:
         if self.value is None:
             with torch.no_grad():
-                lam_a, qa = torch.linalg.eigh(self.A)
-                lam_b, qb = torch.linalg.eigh(self.B)
+                lam_a, qa = _eigh(self.A)
+                lam_b, qb = _eigh(self.B)
             lam_a, lam_b = lam_a.clamp_min(0), lam_b.clamp_min(0)
             self.value = (qa, qb, torch.outer(lam_a, lam_b), (lam_a, lam_b))
             self.A = self.B = None
         return self.value
+
+
+def _eigh(F: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``(λ, Q)`` of a symmetric factor; ``(F, None)`` for a diagonal one given as ``(p,)``."""
+    if F.ndim == 1:
+        return F, None
+    return torch.linalg.eigh(F)
+
+
+def _left(Q: Tensor | None, X: Tensor) -> Tensor:
+    """``Q X`` with ``None`` standing for the identity."""
+    return X if Q is None else Q @ X
+
+
+def _left_t(Q: Tensor | None, X: Tensor) -> Tensor:
+    """``Qᵀ X`` with ``None`` standing for the identity."""
+    return X if Q is None else Q.mT @ X
 
 
 class KroneckerEigen(PSDOperator):
@@ -46,33 +65,48 @@ class KroneckerEigen(PSDOperator):
     ``Q_A`` ``(p, p)`` and ``Q_B`` ``(q, q)`` are orthogonal, ``Λ`` ``(p, q)`` holds the
     non-negative base eigenvalues (``outer(λ_A, λ_B)`` for K-FAC, arbitrary for EKFAC), ``c``
     and ``δ`` are scalars (differentiable). Products go through ``V ↦ Q_Aᵀ V Q_B``; the
-    ``(pq, pq)`` matrix is never formed except by :meth:`to_dense`.
+    ``(pq, pq)`` matrix is never formed except by :meth:`to_dense`. ``Q_A = None`` (or
+    ``Q_B = None``) stands for the identity: the factor was diagonal (an embedding's row
+    counts), and its ``p x p`` basis is never formed.
     """
 
-    def __init__(self, QA: Tensor, QB: Tensor, eigenvalues: Tensor) -> None:
-        if QA.ndim != 2 or QA.shape[0] != QA.shape[1] or QB.ndim != 2 or QB.shape[0] != QB.shape[1]:
+    def __init__(self, QA: Tensor | None, QB: Tensor | None, eigenvalues: Tensor) -> None:
+        if eigenvalues.ndim != 2:
+            raise ShapeError(f"eigenvalues must be 2-D (p, q), got {tuple(eigenvalues.shape)}.")
+        for Q in (QA, QB):
+            if Q is not None and (Q.ndim != 2 or Q.shape[0] != Q.shape[1]):
+                raise ShapeError(
+                    f"QA and QB must be square, got {_shape(QA)} and {_shape(QB)}."
+                )
+        sizes = (eigenvalues.shape[0] if QA is None else QA.shape[0],
+                 eigenvalues.shape[1] if QB is None else QB.shape[0])
+        if eigenvalues.shape != sizes:
             raise ShapeError(
-                f"QA and QB must be square, got {tuple(QA.shape)} and {tuple(QB.shape)}."
-            )
-        if eigenvalues.shape != (QA.shape[0], QB.shape[0]):
-            raise ShapeError(
-                f"eigenvalues must have shape {(QA.shape[0], QB.shape[0])}, "
-                f"got {tuple(eigenvalues.shape)}."
+                f"eigenvalues must have shape {sizes}, got {tuple(eigenvalues.shape)}."
             )
         self._eig = _Eig(None, None)
         self._eig.value = (QA, QB, eigenvalues.clamp_min(0), None)
-        self._sizes = (QA.shape[0], QB.shape[0])
-        self._meta = QA
+        self._sizes = sizes
+        self._meta = eigenvalues
 
     @classmethod
     def from_factors(cls, A: Tensor, B: Tensor) -> KroneckerEigen:
-        """``kron(A, B)`` for PSD ``A`` ``(p, p)``, ``B`` ``(q, q)``. The two eigh (no grad)
-        run lazily, on the first operation that needs them, and are shared by every scaled
-        or shifted copy: building the curvature costs no decomposition until a posterior
-        uses it."""
+        """``kron(A, B)`` for PSD ``A`` ``(p, p)``, ``B`` ``(q, q)``; a factor given as a 1-D
+        tensor is the diagonal of a diagonal factor (kept diagonal: no ``eigh``, no dense
+        matrix). The eigh (no grad) run lazily, on the first operation that needs them, and
+        are shared by every scaled or shifted copy: building the curvature costs no
+        decomposition until a posterior uses it."""
         for name, F in (("A", A), ("B", B)):
-            if F.ndim != 2 or F.shape[0] != F.shape[1]:
-                raise ShapeError(f"Kronecker factor {name} must be square, got {tuple(F.shape)}.")
+            if F.ndim != 1 and (F.ndim != 2 or F.shape[0] != F.shape[1]):
+                raise ShapeError(
+                    f"Kronecker factor {name} must be square or a 1-D diagonal, got "
+                    f"{tuple(F.shape)}."
+                )
+        if A.dtype != B.dtype or A.device != B.device:
+            raise ShapeError(
+                f"Kronecker factors must share dtype and device, got {A.dtype}/{A.device} and "
+                f"{B.dtype}/{B.device}."
+            )
         op = cls.__new__(cls)
         op._eig = _Eig(A.detach(), B.detach())
         op._sizes = (A.shape[0], B.shape[0])
@@ -116,13 +150,42 @@ class KroneckerEigen(PSDOperator):
 
     @property
     def QA(self) -> Tensor:
-        """Orthogonal ``(p, p)`` eigenbasis of the first factor."""
-        return self._QA
+        """Orthogonal ``(p, p)`` eigenbasis of the first factor. For a diagonal factor
+        (:attr:`diagonal_factors`) this is an identity formed on access, ``p x p``: the
+        operator itself never stores or uses it; prefer :meth:`to_eigenbasis`."""
+        return self._basis(0)
 
     @property
     def QB(self) -> Tensor:
-        """Orthogonal ``(q, q)`` eigenbasis of the second factor."""
-        return self._QB
+        """Orthogonal ``(q, q)`` eigenbasis of the second factor (identity formed on access
+        when diagonal, see :attr:`QA`)."""
+        return self._basis(1)
+
+    @property
+    def diagonal_factors(self) -> tuple[bool, bool]:
+        """Whether each factor is diagonal (eigenbasis the identity, never stored)."""
+        return (self._QA is None, self._QB is None)
+
+    def _basis(self, which: int) -> Tensor:
+        Q = (self._QA, self._QB)[which]
+        if Q is not None:
+            return Q
+        eye = torch.eye(self._sizes[which], dtype=self.dtype, device=self.device)
+        # column-major like eigh's output: torch.kron fails on mixed memory layouts
+        return eye.mT.contiguous().mT
+
+    def to_eigenbasis(self, X: Tensor) -> Tensor:
+        """``Q_Aᵀ X Q_B`` for ``X`` ``(..., p, q)``."""
+        X = _left_t(self._QA, X)
+        return X if self._QB is None else X @ self._QB
+
+    def from_eigenbasis(self, X: Tensor) -> Tensor:
+        """``Q_A X Q_Bᵀ`` for ``X`` ``(..., p, q)``."""
+        X = _left(self._QA, X)
+        return X if self._QB is None else X @ self._QB.mT
+
+    def _squares(self) -> tuple[Tensor | None, Tensor | None]:
+        return tuple(None if Q is None else Q.square() for Q in (self._QA, self._QB))
 
     @property
     def eigenvalues(self) -> Tensor:
@@ -140,19 +203,21 @@ class KroneckerEigen(PSDOperator):
         V, vec = self._as_matrix(v, name)
         p, q = self.factor_sizes
         X = V.mT.reshape(-1, p, q)  # (k, p, q)
-        X = self._QA @ ((self._QA.mT @ X @ self._QB) * weights) @ self._QB.mT
+        X = self.from_eigenbasis(self.to_eigenbasis(X) * weights)
         return finish(X.reshape(-1, p * q).mT, vec)
 
     def _rotate_back(self, z: Tensor, weights: Tensor) -> Tensor:
         """``(Q_A ⊗ Q_B) diag(vec_r(weights)) z``."""
         Z, vec = self._as_matrix(z, "z")
         p, q = self.factor_sizes
-        X = self._QA @ (Z.mT.reshape(-1, p, q) * weights) @ self._QB.mT
+        X = self.from_eigenbasis(Z.mT.reshape(-1, p, q) * weights)
         return finish(X.reshape(-1, p * q).mT, vec)
 
     def _diag_of(self, weights: Tensor) -> Tensor:
         """``diag((Q_A ⊗ Q_B) diag(vec_r(weights)) (Q_A ⊗ Q_B)ᵀ)``."""
-        return (self._QA.square() @ weights @ self._QB.square().mT).reshape(-1)
+        sa, sb = self._squares()
+        out = _left(sa, weights)
+        return (out if sb is None else out @ sb.mT).reshape(-1)
 
     # ------------------------------------------------------------------ algebra
     def matvec(self, v: Tensor) -> Tensor:
@@ -171,7 +236,10 @@ class KroneckerEigen(PSDOperator):
         return self._diag_of(self.eigenvalues.reciprocal())
 
     def to_dense(self) -> Tensor:
-        K = torch.kron(self._QA, self._QB)
+        p, q = self.factor_sizes
+        eye = [torch.eye(n, dtype=self.dtype, device=self.device) for n in (p, q)]
+        K = torch.kron((eye[0] if self._QA is None else self._QA).contiguous(),
+                       (eye[1] if self._QB is None else self._QB).contiguous())
         return (K * self.eigenvalues.reshape(-1)) @ K.mT
 
     def inv_sqrt_matvec(self, z: Tensor) -> Tensor:
@@ -202,17 +270,29 @@ class KroneckerEigen(PSDOperator):
         return self._modified("shift", d)
 
     def to_linear_operator(self) -> LinearOperator:
+        def factor(Q: Tensor | None, lam: Tensor) -> LinearOperator | Tensor:
+            return DiagLinearOperator(lam) if Q is None else (Q * lam) @ Q.mT
+
+        def basis(Q: Tensor | None, n: int) -> LinearOperator | Tensor:
+            return DiagLinearOperator(torch.ones(n, dtype=self.dtype, device=self.device)) \
+                if Q is None else Q
+
         if self._factor_eigs is not None:
             lam_a, lam_b = self._factor_eigs
-            A = (self._QA * lam_a) @ self._QA.mT
-            B = (self._QB * lam_b) @ self._QB.mT
-            return KroneckerProductLinearOperator(self.scale_factor * A, B).add_diagonal(self.shift)
-        K = KroneckerProductLinearOperator(self._QA, self._QB)
+            A = factor(self._QA, lam_a * self.scale_factor)
+            B = factor(self._QB, lam_b)
+            return KroneckerProductLinearOperator(A, B).add_diagonal(self.shift)
+        K = KroneckerProductLinearOperator(basis(self._QA, self._sizes[0]),
+                                           basis(self._QB, self._sizes[1]))
         root = MatmulLinearOperator(K, DiagLinearOperator(self.eigenvalues.reshape(-1).sqrt()))
         return RootLinearOperator(root)
 
 
 Kronecker = KroneckerEigen
+
+
+def _shape(Q: Tensor | None) -> tuple | None:
+    return None if Q is None else tuple(Q.shape)
 
 
 def kronecker(A: Tensor, B: Tensor) -> KroneckerEigen:

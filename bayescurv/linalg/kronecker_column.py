@@ -64,18 +64,23 @@ class KroneckerColumnShift(PSDOperator):
     def _pieces(self) -> tuple[Tensor, Tensor, Tensor]:
         """``E`` ``(p, q)``, ``u`` ``(q,)`` and ``s_o = Σ_i u_i² / E_oi`` ``(p,)``."""
         e = self.base.eigenvalues
-        u = self.base.QB[self.column]
+        QB = self.base._QB
+        if QB is None:  # diagonal second factor: u = e_j
+            u = torch.zeros(e.shape[1], dtype=e.dtype, device=e.device)
+            u[self.column] = 1
+        else:
+            u = QB[self.column]
         return e, u, (u.square() / e).sum(-1)
 
     def _rotate(self, v: Tensor) -> tuple[Tensor, bool]:
         V, vec = self._as_matrix(v)
         p, q = self.factor_sizes
-        X = self.base.QA.mT @ V.mT.reshape(-1, p, q) @ self.base.QB  # (k, p, q)
+        X = self.base.to_eigenbasis(V.mT.reshape(-1, p, q))  # (k, p, q)
         return X, vec
 
     def _unrotate(self, X: Tensor, vec: bool) -> Tensor:
         p, q = self.factor_sizes
-        Y = self.base.QA @ X @ self.base.QB.mT
+        Y = self.base.from_eigenbasis(X)
         return finish(Y.reshape(-1, p * q).mT, vec)
 
     # ------------------------------------------------------------------ algebra
@@ -114,8 +119,10 @@ class KroneckerColumnShift(PSDOperator):
     def inv_diagonal(self) -> Tensor:
         e, u, s = self._pieces()
         beta = self.delta / (1 + self.delta * s)
-        r = (u / e) @ self.base.QB.mT  # (p, q): Q_B E_o⁻¹ u per row o
-        corr = self.base.QA.square() @ (beta[:, None] * r.square())
+        QA, QB = self.base._QA, self.base._QB
+        r = (u / e) if QB is None else (u / e) @ QB.mT  # (p, q): Q_B E_o⁻¹ u per row o
+        corr = beta[:, None] * r.square()
+        corr = corr if QA is None else QA.square() @ corr
         return self.base.inv_diagonal() - corr.reshape(-1)
 
     def to_dense(self) -> Tensor:

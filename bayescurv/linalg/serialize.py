@@ -39,7 +39,8 @@ def to_state(op: PSDOperator) -> dict[str, Any]:
         lam, q = op._cache.get()
         return {"type": "dense", "matrix": op.base, "eigenvalues": lam, "eigenvectors": q}
     if isinstance(op, KroneckerEigen):
-        state = {"type": "kronecker", "QA": op.QA, "QB": op.QB, "eigenvalues": op._lam}
+        # a diagonal factor's identity basis is stored as None
+        state = {"type": "kronecker", "QA": op._QA, "QB": op._QB, "eigenvalues": op._lam}
         if op._factor_eigs is not None:
             state["factor_eigenvalues"] = list(op._factor_eigs)
         return state
@@ -56,8 +57,8 @@ def to_state(op: PSDOperator) -> dict[str, Any]:
 def from_state(state: dict[str, Any], device: torch.device | str | None = None) -> PSDOperator:
     """Rebuild an operator from :func:`to_state`, optionally on another ``device``."""
 
-    def t(x: Tensor) -> Tensor:
-        return x.to(device) if device is not None else x
+    def t(x: Tensor | None) -> Tensor | None:
+        return x.to(device) if device is not None and x is not None else x
 
     kind = state.get("type")
     if kind == "diagonal":
