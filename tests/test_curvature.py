@@ -497,7 +497,10 @@ def test_unknown_layer_refused_then_per_sample(dense_reference, batches_of):
         compute(model, "classification", data, unknown_layers="dense")
 
 
-def test_multihead_attention_refused_by_name():
+def test_multihead_cross_attention_refused_by_name():
+    """Self-attention is supported (tests/test_attention.py); cross-attention is refused
+    with the module's name, and the rest of the net still works without it."""
+
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -505,7 +508,7 @@ def test_multihead_attention_refused_by_name():
             self.out = nn.Linear(4, 2)
 
         def forward(self, x):
-            return self.out(self.mha(x, x, x)[0].mean(1))
+            return self.out(self.mha(x, x.flip(1), x.flip(1))[0].mean(1))
 
     model = Net().to(DT)
     data = [(torch.randn(3, 5, 4, dtype=DT), torch.randint(0, 2, (3,)))]
