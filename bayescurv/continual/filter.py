@@ -36,7 +36,7 @@ from bayescurv.curvature.eigen import lanczos_topk, randomized_eigh
 from bayescurv.curvature.matfree import CurvatureLinearOperator
 from bayescurv.errors import InvalidArgumentError, NotFittedError, ShapeError
 from bayescurv.likelihoods import Likelihood, get_likelihood
-from bayescurv.linalg import BlockDiagonal, LowRankPlusDiagonal
+from bayescurv.linalg import BlockDiagonal, KroneckerEigen, LowRankPlusDiagonal
 from bayescurv.params import ParamSet, select
 
 EIGENSOLVERS = ("randomized", "lanczos", "dense")
@@ -438,12 +438,13 @@ class KFACFilter(_TaskSequence):
         total = self.mean.numel() * self.mean.element_size()
         for K in self.terms:
             for b in K.blocks:
-                for t in (getattr(b, "QA", None), getattr(b, "QB", None),
-                          getattr(b, "base_eigenvalues", None)):
-                    if t is not None:
-                        total += t.numel() * t.element_size()
-                if not hasattr(b, "QA"):
+                if not isinstance(b, KroneckerEigen):
                     total += b.size * b.size * b.to_dense().element_size()
+                    continue
+                # a diagonal factor (embedding counts) stores no eigenbasis
+                bases = [q for q, diag in zip(("QA", "QB"), b.diagonal_factors) if not diag]
+                for t in [getattr(b, q) for q in bases] + [b.base_eigenvalues]:
+                    total += t.numel() * t.element_size()
         return total
 
     def predict(self) -> Tensor:
