@@ -86,7 +86,7 @@ TINY = Config(
     problems=(Problem("burgers", 1, 16, 3, 3),
               Problem("adr", 2, 8, (2, 2), 3, ("test", "reversed"))),
     n_train=4, n_val=2, n_test=2, depth=2, epochs=10, rank=3, members=2, samples=4,
-    lla_batch=2, lowrank_method="sqrt", marglik_steps=10, time_steps=0.25,
+    lla_batch=2, lowrank_method="sqrt", marglik_steps=10,
 )
 
 
@@ -94,7 +94,7 @@ def make_data(p: Problem, cfg: Config) -> dict[str, pde.OperatorData]:
     """``train``, ``val`` and the test splits of a problem (float32)."""
     n_test = p.n_test or cfg.n_test
     n = cfg.n_train + cfg.n_val + n_test
-    make = {"burgers": (pde.burgers, 200), "ks": (pde.kuramoto_sivashinsky, 50),
+    make = {"burgers": (pde.burgers, 2 * p.size), "ks": (pde.kuramoto_sivashinsky, 50),
             "adr": (pde.advection_diffusion_reaction, 30)}
     gen, steps = make[p.name]
     steps = max(1, round(steps * cfg.time_steps))

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bayescurv.errors import InvalidArgumentError
+from bayescurv.errors import InvalidArgumentError, NonFiniteError
 
 ADR_VARIANTS = ("train", "reversed", "source")
 
@@ -167,7 +167,11 @@ def _burgers_like(u0: Tensor, lin: Tensor, length: float, t_final: float, steps:
         return -0.5 * ik * torch.fft.rfft(u * u, norm="forward")
 
     vh = etdrk4(torch.fft.rfft(u0, norm="forward"), lin, nonlinear, t_final / steps, steps)
-    return torch.fft.irfft(vh, n=size, norm="forward")
+    u = torch.fft.irfft(vh, n=size, norm="forward")
+    if not torch.isfinite(u).all():
+        raise NonFiniteError(f"the solver blew up with {steps} time steps on {size} points; "
+                             "use more steps")
+    return u
 
 
 def _finish(a: Tensor, u: Tensor, params: dict, dtype, device) -> OperatorData:
@@ -175,11 +179,14 @@ def _finish(a: Tensor, u: Tensor, params: dict, dtype, device) -> OperatorData:
                         u.unsqueeze(1).to(device=device, dtype=dtype), params)
 
 
-def burgers(n: int = 100, size: int = 128, viscosity: float = 0.1, t_final: float = 1.0,
-            steps: int = 200, seed: int = 0, dtype: torch.dtype = torch.float32,
+def burgers(n: int = 100, size: int = 128, viscosity: float = 0.01, t_final: float = 1.0,
+            steps: int | None = None, seed: int = 0, dtype: torch.dtype = torch.float32,
             device=None) -> OperatorData:
     """1D viscous Burgers: ``a = u(0)`` (the Gaussian random field of Li et al.'s benchmark,
-    :func:`grf` with ``alpha=2, tau=5``), ``u = u(t_final)``, on ``size`` grid points."""
+    :func:`grf` with ``alpha=2, tau=5``), ``u = u(t_final)``, on ``size`` grid points.
+    ``steps`` defaults to ``2 * size * t_final`` (the explicit nonlinear part needs a time
+    step that shrinks with the grid spacing)."""
+    steps = max(1, math.ceil(2 * size * t_final)) if steps is None else steps
     _check(n, size, steps)
     gen = torch.Generator().manual_seed(seed)
     u0 = grf(n, size, 1, gen)
