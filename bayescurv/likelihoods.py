@@ -93,6 +93,18 @@ class Likelihood:
         s = self.hessian_sqrt(f)
         return s @ s.transpose(-1, -2)
 
+    def hessian_sum(self, f: Tensor) -> Tensor:
+        r""":math:`\sum_b H_b` ``(C, C)``, the Hessians of the NLL in ``f`` summed over the
+        batch (the K-FAC output factor of a network's output layer, without square roots)."""
+        return self.hessian(f).sum(0)
+
+    def hessian_diagonal(self, f: Tensor, basis: Tensor | None = None) -> Tensor:
+        """``diag(Qᵀ H_b Q)`` ``(B, C)`` for ``Q = basis`` (identity when ``None``)."""
+        h = self.hessian(f)
+        if basis is not None:
+            h = basis.mT @ h @ basis
+        return torch.diagonal(h, dim1=-2, dim2=-1)
+
     def hessian_sqrt(self, f: Tensor) -> Tensor:
         """Exact square root ``S`` (``S Sᵀ = H``) of shape ``(B, C, K)``."""
         raise NotImplementedError
@@ -242,6 +254,18 @@ class Categorical(Likelihood):
         p = torch.softmax(f, -1)
         sp = p.sqrt()
         return torch.diag_embed(sp) - p.unsqueeze(-1) * sp.unsqueeze(-2)
+
+    def hessian_sum(self, f: Tensor) -> Tensor:
+        r""":math:`\sum_b diag(p_b) - p_b p_b^\top` in ``O(B C^2)`` (no ``(B, C, C)``)."""
+        p = torch.softmax(self.check_outputs(f).detach(), -1)
+        return torch.diag(p.sum(0)) - p.T @ p
+
+    def hessian_diagonal(self, f: Tensor, basis: Tensor | None = None) -> Tensor:
+        """``diag(Qᵀ H_b Q) = p_b Q² − (p_b Q)²`` ``(B, C)``, never forming ``H_b``."""
+        p = torch.softmax(self.check_outputs(f).detach(), -1)
+        if basis is None:
+            return p - p.square()
+        return p @ basis.square() - (p @ basis).square()
 
     def sample(self, f, num_samples, generator):
         p = torch.softmax(f, -1)

@@ -115,15 +115,16 @@ class DiagAccumulator:
             self._add(i, t.square().sum((0, 1)))
 
     def _update_linear(self, rec: ModuleRecord) -> None:
+        wi = rec.owned["weight"]
+        if rec.output_hessian is not None:  # the output layer: Σ_k g² = diag(H_b), closed form
+            lik, f = rec.output_hessian
+            a = rec.linear_inputs(augment=False)[:, 0, :].to(self.dtype)
+            self._add_rank_one(rec, lik.hessian_diagonal(f).to(self.dtype), a)
+            return
         v = rec.linear_view(augment=False)
         v = layers.LinearView(v.a.to(self.dtype), v.g.to(self.dtype))
-        wi = rec.owned["weight"]
         if v.a.shape[1] == 1:  # no sharing: Σ_b (Σ_k g²)ᵀ a², written in place
-            g2 = v.g[:, :, 0, :].square().sum(0)  # (B, O)
-            w = self.diag[self.params.slice_of(wi)].view(g2.shape[1], -1)
-            w.addmm_(g2.T, v.a[:, 0, :].square())
-            if rec.with_bias:
-                self._add(rec.owned["bias"], g2.sum(0))
+            self._add_rank_one(rec, v.g[:, :, 0, :].square().sum(0), v.a[:, 0, :])
             return
         full = rec.linear_view()
         d = layers.linear_diag(layers.LinearView(full.a.to(self.dtype),
@@ -132,6 +133,13 @@ class DiagAccumulator:
             self._add(rec.owned["bias"], d[:, -1])
             d = d[:, :-1]
         self._add(wi, d)
+
+    def _add_rank_one(self, rec: ModuleRecord, g2: Tensor, a: Tensor) -> None:
+        """``diag += Σ_b g2_b ⊗ a_b²`` in place (``g2`` ``(B, O)``, ``a`` ``(B, I)``)."""
+        w = self.diag[self.params.slice_of(rec.owned["weight"])].view(g2.shape[1], -1)
+        w.addmm_(g2.T, a.square())
+        if rec.with_bias:
+            self._add(rec.owned["bias"], g2.sum(0))
 
     def _add(self, index: int, values: Tensor) -> None:
         self.diag[self.params.slice_of(index)] += values.reshape(-1)
@@ -215,9 +223,13 @@ class KFACAccumulator:
             if not rec.called:
                 continue
             if rec.route == "linear":
-                v = rec.linear_view(augment=False)
-                a, g = v.a.to(self.dtype), v.g.to(self.dtype)
-                if self.flavour == "reduce":
+                closed = rec.output_hessian is not None  # the output layer (T = 1)
+                if closed:
+                    a, g = rec.linear_inputs(augment=False).to(self.dtype), None
+                else:
+                    v = rec.linear_view(augment=False)
+                    a, g = v.a.to(self.dtype), v.g.to(self.dtype)
+                if self.flavour == "reduce" and not closed:
                     a = a.mean(1, keepdim=True)
                     g = g.sum(2, keepdim=True)
                 a2 = a.reshape(-1, a.shape[-1])
@@ -225,7 +237,11 @@ class KFACAccumulator:
                 if rec.with_bias:  # the bias column of ones: Σ a and the count
                     self._acc(rec, "a_sum", a2.sum(0))
                 self._acc(rec, "count", a2.shape[0])
-                self._acc_gram(rec, "G", g.reshape(-1, g.shape[-1]))
+                if closed:  # Σ_k g gᵀ summed over the batch is Σ_b H_b: O(B C²), no roots
+                    lik, f = rec.output_hessian
+                    self._acc(rec, "G", lik.hessian_sum(f).to(self.dtype))
+                else:
+                    self._acc_gram(rec, "G", g.reshape(-1, g.shape[-1]))
             elif rec.route == "embedding":
                 for x, g in zip(rec.inputs, rec.grads):
                     self._acc(rec, "A", layers.embedding_counts(rec.module, x).to(self.dtype))
@@ -308,6 +324,12 @@ class EKFACCorrection:
             q1, q2 = self.bases[rec.name]
             dt = self.kfac.dtype
             if rec.route == "linear":
+                if rec.output_hessian is not None:  # output layer: diag(Q_Gᵀ H_b Q_G)
+                    lik, f = rec.output_hessian
+                    gq = lik.hessian_diagonal(f.to(dt), q1)
+                    aq = (rec.linear_inputs()[:, 0, :].to(dt) @ q2).square()
+                    self.scales[rec.name] += gq.T @ aq
+                    continue
                 v = rec.linear_view()
                 v = layers.LinearView(v.a.to(dt), v.g.to(dt))
                 if v.a.shape[1] == 1:  # no sharing: (g Q_G)^2ᵀ (a Q_A)^2, one matmul

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from bayescurv import batches
-from bayescurv.curvature import accumulate, lowrank
+from bayescurv.curvature import accumulate, lowrank, preflight
 from bayescurv.curvature.engine import KINDS, HookCapture, stream
 from bayescurv.errors import InvalidArgumentError, NonFiniteError
 from bayescurv.likelihoods import Likelihood, get_likelihood
@@ -182,6 +182,7 @@ def compute(
     lik = get_likelihood(likelihood)
     pset = params if isinstance(params, ParamSet) else select(model, params)
     _check_params(pset)
+    preflight.check_size(pset, structure, rank)
     if kind == "hessian" and structure not in LOWRANK:
         return _dense_hessian(pset, lik, data, structure, reduction, x_key, y_key)
     if structure == "diag-hesscale":

@@ -35,6 +35,10 @@ class ModuleRecord:
     ``inputs``, ``outputs`` and ``grads`` (``(K, ...)``) hold the batch in dimension 0
     whatever the model's layout; ``batch_dims`` says where each call had it, ``shapes`` the
     call's original ``(input shape, output shape)`` (for error messages).
+    ``returned``: what the hook handed downstream (to recognise the network's output layer);
+    ``output_hessian``: ``(likelihood, f)`` when the module *is* the network's output layer
+    and its curvature comes in closed form from the likelihood (:func:`stream`; then
+    ``grads`` is empty).
     """
 
     name: str
@@ -46,6 +50,8 @@ class ModuleRecord:
     grads: list[Tensor] = field(default_factory=list)
     batch_dims: list[int] = field(default_factory=list)
     shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    returned: list[Tensor] = field(default_factory=list)
+    output_hessian: tuple | None = None
 
     @property
     def with_bias(self) -> bool:
@@ -62,8 +68,16 @@ class ModuleRecord:
         self.grads.clear()
         self.batch_dims.clear()
         self.shapes.clear()
+        self.returned.clear()
+        self.output_hessian = None
 
     # views ------------------------------------------------------------------------------
+    def linear_inputs(self, augment: bool = True) -> Tensor:
+        """Unfolded inputs ``(B, T, I)`` alone (calls stacked along ``T``)."""
+        a = [layers.linear_inputs(self.module, x, self.with_bias and augment)
+             for x in self.inputs]
+        return a[0] if len(a) == 1 else torch.cat(a, 1)
+
     def linear_view(self, augment: bool = True) -> layers.LinearView:
         """Unfolded inputs and gradients, calls of a reused module stacked along ``T``;
         ``augment=False`` leaves out the column of ones of the bias."""
@@ -124,6 +138,7 @@ class HookCapture:
                 f"unknown_layers must be 'error' or 'per_sample', got {unknown_layers!r}"
             )
         self.params = params
+        self.structure = structure
         self.records: list[ModuleRecord] = []
         seen: dict[int, list[str]] = {}
         # attention modules recomputed while capturing: {module: in-projection record or None}
@@ -211,7 +226,9 @@ class HookCapture:
                 rec.outputs.append(output)
                 # hand a copy downstream, so in-place ops after the layer
                 # (ReLU(inplace=True)) cannot change the tensor we differentiate w.r.t.
-                return output.clone()
+                out = output.clone()
+                rec.returned.append(out)
+                return out
             # the batch in front: differentiate w.r.t. that view, and hand downstream a copy
             # of it in the layer's own layout (so gradients arrive batch-first)
             front = output.movedim(bd, 0)
@@ -383,14 +400,43 @@ def stream(
             _check_finite_fast(y, "targets")
             capture.clear()
             with torch.enable_grad():
-                f = model(**x) if isinstance(x, dict) else model(x)
-                f = likelihood.check_outputs(f)
+                raw = model(**x) if isinstance(x, dict) else model(x)
+                f = likelihood.check_outputs(raw)
                 check_finite_outputs(f)
                 fc, yc = likelihood.check(f, y)
                 loss = likelihood.nll(fc.detach(), yc)
-                cols = loss_sqrt(likelihood, fc, yc, kind, num_samples, generator)
-                capture.backward(fc, cols)
+                head = _output_layer(capture, raw, fc)
+                if head is not None and kind == "ggn" and capture.structure in CLOSED_FORM:
+                    capture.check_batch(fc.shape[0])
+                    head.output_hessian = (likelihood, fc.detach())
+                    head.outputs.clear()
+                else:
+                    cols = loss_sqrt(likelihood, fc, yc, kind, num_samples, generator)
+                    if head is not None:  # ∂(sᵀf)/∂f = s: no backward pass at all
+                        capture.check_batch(fc.shape[0])
+                        head.grads.append(cols)
+                        head.outputs.clear()
+                    else:
+                        capture.backward(fc, cols)
             yield BatchResult(capture.records, fc.shape[0], loss)
+
+
+CLOSED_FORM = ("kfac", "kfac-reduce", "diag", "ekfac")
+"""Structures whose output-layer curvature the accumulators take in closed form from the
+likelihood (``Σ_b H_b``, ``diag(Qᵀ H_b Q)``), without square-root columns."""
+
+
+def _output_layer(capture: HookCapture, raw: Tensor, f: Tensor) -> ModuleRecord | None:
+    """The record when the posterior is one linear layer, called once, without weight
+    sharing, whose output *is* the network output ``raw`` (then its output gradients are
+    the loss columns themselves: no backward pass); else ``None``."""
+    if len(capture.records) != 1 or capture.differentiable:
+        return None
+    rec = capture.records[0]
+    if (rec.route != "linear" or len(rec.returned) != 1 or rec.returned[0] is not raw
+            or rec.outputs[0].shape != f.shape or f.dim() != 2):
+        return None
+    return rec
 
 
 def _check_finite_fast(t: Tensor | dict[str, Tensor], what: str) -> None:

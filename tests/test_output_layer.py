@@ -1,0 +1,68 @@
+"""The network's output layer in closed form: its output gradients are the loss columns
+themselves (no backward pass), and for K-FAC, diag and EKFAC the GGN needs no square-root
+columns at all (``Σ_b H_b``, ``diag(Qᵀ H_b Q)`` from the likelihood, ``O(B C²)``); and the
+pre-flight size check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from bayescurv import compute
+from bayescurv.curvature import engine, preflight
+from bayescurv.errors import InvalidArgumentError
+
+C = 7
+
+
+def _case(likelihood):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, C)).double()
+    x = torch.randn(30, 5, dtype=torch.float64)
+    y = torch.randint(0, C, (30,)) if likelihood == "classification" else torch.randn(
+        30, C, dtype=torch.float64)
+    return model, [(x[:17], y[:17]), (x[17:], y[17:])]
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+@pytest.mark.parametrize("structure", ["kfac", "kfac-reduce", "diag", "ekfac", "full",
+                                       "lowrank", "diag+lowrank"])
+def test_output_layer_matches_the_backward_route(structure, likelihood, monkeypatch):
+    model, data = _case(likelihood)
+
+    def no_backward(*args, **kwargs):
+        raise AssertionError("the output layer needs no backward pass")
+
+    with monkeypatch.context() as m:
+        m.setattr(engine.HookCapture, "backward", no_backward)
+        fast = compute(model, likelihood, data, structure=structure, params="last_layer",
+                       rank=4)
+    monkeypatch.setattr(engine, "_output_layer", lambda *args: None)
+    slow = compute(model, likelihood, data, structure=structure, params="last_layer", rank=4)
+    assert torch.allclose(fast.matrix.to_dense(), slow.matrix.to_dense(), rtol=1e-10,
+                          atol=1e-12)
+    assert fast.loss == pytest.approx(float(slow.loss)) and fast.num_data == slow.num_data
+
+
+def test_closed_form_output_factor_is_the_summed_hessian():
+    """K-FAC of the output layer is ``(Σ_b H_b) ⊗ (1/N) Σ_b ã_b ã_bᵀ`` (exact: no sharing)."""
+    model, data = _case("classification")
+    curv = compute(model, "classification", data, structure="kfac", params="last_layer")
+    x = torch.cat([b[0] for b in data])
+    with torch.no_grad():
+        feats = model[:2](x)
+        p = model(x).softmax(-1)
+    g = torch.diag(p.sum(0)) - p.T @ p
+    a = torch.cat([feats, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    ref = torch.kron(g, a.T @ a / len(x))
+    assert torch.allclose(curv.matrix.blocks[0].to_dense(), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_preflight_refuses_an_infeasible_structure(monkeypatch):
+    model = nn.Sequential(nn.Linear(512, 1000))
+    data = [(torch.randn(4, 512), torch.randint(0, 1000, (4,)))]
+    monkeypatch.setattr(preflight, "available_bytes", lambda device: 10 * 2**30)
+    with pytest.raises(InvalidArgumentError, match=r"513,000 parameters needs 1\.9\d TB.*'kfac'"):
+        compute(model, "classification", data, structure="full")
+    compute(model, "classification", data, structure="kfac")  # 9.6 MB: fine
