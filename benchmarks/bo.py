@@ -332,6 +332,9 @@ ABLATION = {
     "one round (MAP at the initial prior only)": dict(rounds=1),
     "no MAP training (NTK GP at init)": dict(steps=0),
     "no noise floor (min_noise 1e-6)": dict(min_noise=1e-6),
+    "prior tuned at init before training (prior_first)": dict(prior_first=True),
+    "inputs to [-3, 3] (center=3)": dict(center=3.0),
+    "ReLU instead of tanh": dict(activation="relu"),
 }
 
 

@@ -5,7 +5,10 @@ A plain BoTorch loop: ``LaplaceModel`` replaces ``SingleTaskGP``; LogEI is optim
 MAP refinement + curvature refit), with a full refit every 10 evaluations. For the comparison
 with laplace-bayesopt, SingleTaskGP and random search, see ``benchmarks/bo.py``.
 
-    python examples/bo_branin_hartmann.py [--evals 30] [--seed 0]
+    python examples/bo_branin_hartmann.py [--evals 30] [--seed 0] [--mlp]
+
+``--mlp`` uses the network surrogate, ``LaplaceModel(..., hidden=(50, 50))`` (the exact
+linearized GP of a 50-50 tanh MLP, ``structure="ntk"``), instead of the Fourier-feature default.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from bayescurv.bo import LaplaceModel
 DT = torch.float64
 
 
-def optimize(f, n_init: int, n_evals: int, seed: int) -> torch.Tensor:
+def optimize(f, n_init: int, n_evals: int, seed: int, **kw) -> torch.Tensor:
     """Run BO on ``f`` (maximization); returns the simple regret after each evaluation."""
     torch.manual_seed(seed)
     lo, hi = f.bounds
@@ -36,7 +39,7 @@ def optimize(f, n_init: int, n_evals: int, seed: int) -> torch.Tensor:
         if model is None or it % 10 == 0:
             model = LaplaceModel(  # defaults: Fourier features, ARD lengthscales by the evidence
                 X, Y, input_transform=Normalize(d, bounds=f.bounds),
-                outcome_transform=Standardize(1), seed=seed + it,
+                outcome_transform=Standardize(1), seed=seed + it, **kw,
             )
         else:
             model = model.condition_on_observations(X[-1:], Y[-1:])
@@ -52,10 +55,12 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--evals", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mlp", action="store_true", help="a 50-50 MLP surrogate")
     args = p.parse_args()
+    kw = dict(hidden=(50, 50)) if args.mlp else {}
     for f in (Branin(negate=True).to(DT), Hartmann(dim=6, negate=True).to(DT)):
         t0 = time.perf_counter()
-        regret = optimize(f, n_init=5, n_evals=args.evals, seed=args.seed)
+        regret = optimize(f, n_init=5, n_evals=args.evals, seed=args.seed, **kw)
         name = type(f).__name__
         print(f"{name:9s} simple regret after 1/10/{args.evals} evaluations: "
               f"{regret[0]:.4f} / {regret[min(9, len(regret) - 1)]:.4f} / {regret[-1]:.4f}  "

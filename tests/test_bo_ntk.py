@@ -230,3 +230,14 @@ def test_ntk_arguments_are_checked():
         LaplaceModel(X, Y, structure="ntk", evidence="laplace", **FAST)
     with pytest.raises(ValueError, match="subset"):
         LaplaceModel(X, Y, structure="ntk", subset="last_layer", **FAST)
+
+
+def test_prior_first_and_center_scale():
+    X, Y = _data(n=10)
+    model = LaplaceModel(X, Y, seed=0, prior_first=True, center=3.0, **FAST)
+    assert model.net[0].scale == 3.0
+    x = torch.rand(5, 2, dtype=DT)
+    torch.testing.assert_close(model.net[0](x), 3.0 * (2 * x - 1))
+    assert torch.isfinite(model.posterior(x[:, None]).mean).all()
+    plain = LaplaceModel(X, Y, seed=0, center=False, **FAST)
+    assert not isinstance(plain.net[0], Center)

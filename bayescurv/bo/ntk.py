@@ -49,11 +49,19 @@ PRIOR_GRANULARITIES = ("ard", "layer", "scalar")
 
 
 class Center(nn.Module):
-    """``x -> 2x - 1``: the unit cube of ``Normalize`` mapped to ``[-1, 1]^d``, so the network
-    (and its NTK) is centred on the search box instead of on one of its corners."""
+    """``x -> scale (2x - 1)``: the unit cube of ``Normalize`` mapped to
+    ``[-scale, scale]^d``, so the network (and its NTK) is centred on the search box instead of
+    on one of its corners; ``scale`` sets how nonlinear the first layer is across the box."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        super().__init__()
+        self.scale = scale
 
     def forward(self, x: Tensor) -> Tensor:
-        return 2 * x - 1
+        return self.scale * (2 * x - 1)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}"
 
 
 def prior_groups(params: ParamSet, input_dim: int, granularity: str = "ard") -> Tensor:
