@@ -76,7 +76,7 @@ class FullAccumulator:
         self.dtype = internal_dtype(self.params.dtype)
         self.matrix = torch.zeros(n, n, dtype=self.dtype, device=self.params.device)
 
-    def update(self, records: list[ModuleRecord]) -> None:
+    def update(self, records: list[ModuleRecord], first: bool = True) -> None:
         v = per_sample_matrix(records, self.params, self.dtype)
         self.matrix.addmm_(v.T, v)
 
@@ -98,7 +98,7 @@ class DiagAccumulator:
         self.dtype = internal_dtype(self.params.dtype)
         self.diag = torch.zeros(self.params.numel, dtype=self.dtype, device=self.params.device)
 
-    def update(self, records: list[ModuleRecord]) -> None:
+    def update(self, records: list[ModuleRecord], first: bool = True) -> None:
         tied_parts: dict[int, Tensor] = {}
         for rec in records:
             if not rec.called:
@@ -218,7 +218,7 @@ class KFACAccumulator:
         """``state[key] += xᵀ x`` in place (``x``: ``(rows, d)``)."""
         self.state[rec.name][key].addmm_(x.T, x)
 
-    def update(self, records: list[ModuleRecord]) -> None:
+    def update(self, records: list[ModuleRecord], first: bool = True) -> None:
         for rec in records:
             if not rec.called:
                 continue
@@ -233,10 +233,11 @@ class KFACAccumulator:
                     a = a.mean(1, keepdim=True)
                     g = g.sum(2, keepdim=True)
                 a2 = a.reshape(-1, a.shape[-1])
-                self._acc_gram(rec, "A", a2)
-                if rec.with_bias:  # the bias column of ones: Σ a and the count
-                    self._acc(rec, "a_sum", a2.sum(0))
-                self._acc(rec, "count", a2.shape[0])
+                if first:  # later chunks of the batch's loss columns see the same inputs
+                    self._acc_gram(rec, "A", a2)
+                    if rec.with_bias:  # the bias column of ones: Σ a and the count
+                        self._acc(rec, "a_sum", a2.sum(0))
+                    self._acc(rec, "count", a2.shape[0])
                 if closed:  # Σ_k g gᵀ summed over the batch is Σ_b H_b: O(B C²), no roots
                     lik, f = rec.output_hessian
                     self._acc(rec, "G", lik.hessian_sum(f).to(self.dtype))
@@ -244,14 +245,17 @@ class KFACAccumulator:
                     self._acc_gram(rec, "G", g.reshape(-1, g.shape[-1]))
             elif rec.route == "embedding":
                 for x, g in zip(rec.inputs, rec.grads):
-                    self._acc(rec, "A", layers.embedding_counts(rec.module, x).to(self.dtype))
-                    self._acc(rec, "count", x.numel())
+                    if first:
+                        self._acc(rec, "A", layers.embedding_counts(rec.module, x).to(
+                            self.dtype))
+                        self._acc(rec, "count", x.numel())
                     self._acc_gram(rec, "G", g.reshape(-1, g.shape[-1]).to(self.dtype))
             else:
                 ps = _per_sample(rec, self.dtype)
                 v = torch.cat([ps[i] for i in sorted(ps)], -1)
                 self._acc_gram(rec, "block", v.reshape(-1, v.shape[-1]))
-                self._acc(rec, "count", v.shape[0] * v.shape[1])
+                if first:
+                    self._acc(rec, "count", v.shape[1])
 
     def tensors(self) -> list[Tensor]:
         return [t for st in self.state.values() for _, t in sorted(st.items())]
@@ -317,7 +321,7 @@ class EKFACCorrection:
                 self.scales[rec.name] = torch.zeros(f1.shape[0], f2.shape[0], dtype=f1.dtype,
                                                     device=f1.device)
 
-    def update(self, records: list[ModuleRecord]) -> None:
+    def update(self, records: list[ModuleRecord], first: bool = True) -> None:
         for rec in records:
             if rec.name not in self.bases or not rec.called:
                 continue

@@ -121,6 +121,7 @@ def compute(
     y_key: str = "y",
     progress: bool = False,
     batch_dim: int = 0,
+    column_chunk: int | None = None,
 ) -> Curvature:
     r"""Curvature of :math:`L(\theta) = \sum_n -\log p(y_n | f(x_n;\theta))` at the current
     parameters.
@@ -165,6 +166,10 @@ def compute(
             not ``kind="hessian"`` (full/diag), ``"diag-hesscale"`` or the matrix-free
             low-rank methods.
 
+        column_chunk: loss-Hessian square-root columns per backward pass (default: as many
+            as fit in :data:`bayescurv.curvature.engine.GRAD_ELEMENTS` output-gradient
+            entries), so memory does not grow with the number of outputs ``C``.
+
     The result is summed across ``torch.distributed`` ranks when a process group is
     initialized, so each rank holds the curvature of the whole data set.
     """
@@ -193,7 +198,7 @@ def compute(
     matfree_lowrank = structure in LOWRANK and lowrank_method != "sqrt"
     # matrix-free low rank alone needs no hooks (and accepts any layer)
     capture = None if structure == "lowrank" and matfree_lowrank else HookCapture(
-        pset, structure, unknown_layers, batch_dim=batch_dim)
+        pset, structure, unknown_layers, batch_dim=batch_dim, column_chunk=column_chunk)
     if structure == "full":
         accs["full"] = accumulate.FullAccumulator(capture)
     if structure in ("diag", "diag+lowrank"):
@@ -209,7 +214,7 @@ def compute(
     if accs:
         for res in stream(capture, lik, data, **opts):
             for acc in accs.values():
-                acc.update(res.records)
+                acc.update(res.records, first=res.first)
             stats[0] += res.loss.detach()
             stats[1] += res.batch_size
     else:  # matrix-free low rank alone: one forward pass for the loss and the count

@@ -131,8 +131,14 @@ class HookCapture:
         unknown_layers: str = "error",
         differentiable: bool = False,
         batch_dim: int = 0,
+        column_chunk: int | None = None,
     ) -> None:
         self.batch_dim = batches.check_batch_dim(batch_dim)
+        if column_chunk is not None and (isinstance(column_chunk, bool) or not isinstance(
+                column_chunk, int) or column_chunk < 1):
+            raise InvalidArgumentError(
+                f"column_chunk must be a positive integer or None, got {column_chunk!r}")
+        self.chunk = column_chunk
         if unknown_layers not in ("error", "per_sample"):
             raise InvalidArgumentError(
                 f"unknown_layers must be 'error' or 'per_sample', got {unknown_layers!r}"
@@ -303,22 +309,28 @@ class HookCapture:
                 "subset (params=/subset= with the other names)"
             )
 
-    def backward(self, f: Tensor, cols: Tensor) -> None:
+    def backward(self, f: Tensor, cols: Tensor, retain: bool = False) -> None:
         """Backpropagate the ``K`` columns ``cols`` ``(K, B, C)`` from ``f`` to every
-        captured layer output in one batched pass; fills ``record.grads``. Refuses calls
-        whose batch dimension does not hold the ``B`` data points (:meth:`check_batch`)."""
+        captured layer output in one batched pass; fills ``record.grads`` (replacing those of
+        an earlier chunk of columns). ``retain`` keeps the graph for further chunks. Refuses
+        calls whose batch dimension does not hold the ``B`` data points
+        (:meth:`check_batch`)."""
         self.check_batch(cols.shape[1])
         self._check_uncalled(f)
         outs = [o for rec in self.records for o in rec.outputs]
+        for rec in self.records:
+            rec.grads.clear()
+        keep = retain or self.differentiable
         try:
             if cols.shape[0] == 1:  # one column (MC with one sample, EF): no vmap needed
                 grads = torch.autograd.grad(f, outs, cols[0], allow_unused=True,
-                                            create_graph=self.differentiable)
+                                            create_graph=self.differentiable,
+                                            retain_graph=keep)
                 grads = [None if g is None else g.unsqueeze(0) for g in grads]
             else:
                 grads = torch.autograd.grad(
                     f, outs, cols, is_grads_batched=True, allow_unused=True,
-                    create_graph=self.differentiable,
+                    create_graph=self.differentiable, retain_graph=keep,
                 )
         except RuntimeError as err:  # an op without a batching rule: one pass per column
             if "vmap" not in str(err) and "batch" not in str(err).lower():
@@ -340,8 +352,19 @@ class HookCapture:
                 g = grads[j]
                 rec.grads.append(g if g is not None else o.new_zeros(cols.shape[0], *o.shape))
                 j += 1
-        for rec in self.records:
-            rec.outputs.clear()  # free the graph
+        if not retain:
+            for rec in self.records:
+                rec.outputs.clear()  # free the graph
+
+    def column_chunk(self, k: int) -> int:
+        """Columns per backward pass: all ``k`` when their output gradients fit in
+        :data:`GRAD_ELEMENTS` entries, else fewer (at least one), so memory is bounded
+        whatever the number of outputs ``C``; ``self.chunk`` (``compute(column_chunk=)``)
+        overrides."""
+        if self.chunk is not None:
+            return max(1, min(k, self.chunk))
+        per_column = sum(o.numel() for rec in self.records for o in rec.outputs)
+        return max(1, min(k, GRAD_ELEMENTS // max(1, per_column)))
 
 
 def loss_sqrt(
@@ -367,9 +390,14 @@ def loss_sqrt(
 
 @dataclass
 class BatchResult:
+    """One chunk of loss columns of one batch. ``batch_size`` and ``loss`` count the batch
+    in its first chunk only (zero in the others), so sums over results are per data point;
+    ``first`` says whether this is the batch's first chunk (inputs are then new)."""
+
     records: list[ModuleRecord]
     batch_size: int
     loss: Tensor
+    first: bool = True
 
 
 def stream(
@@ -404,22 +432,33 @@ def stream(
                 f = likelihood.check_outputs(raw)
                 check_finite_outputs(f)
                 fc, yc = likelihood.check(f, y)
-                loss = likelihood.nll(fc.detach(), yc)
-                head = _output_layer(capture, raw, fc)
-                if head is not None and kind == "ggn" and capture.structure in CLOSED_FORM:
-                    capture.check_batch(fc.shape[0])
-                    head.output_hessian = (likelihood, fc.detach())
-                    head.outputs.clear()
+            loss = likelihood.nll(fc.detach(), yc)
+            b = fc.shape[0]
+            head = _output_layer(capture, raw, fc)
+            if head is not None:  # ∂(sᵀf)/∂f = s: no backward pass at all
+                capture.check_batch(b)
+                head.outputs.clear()
+                if kind == "ggn" and capture.structure in CLOSED_FORM:
+                    head.output_hessian = (likelihood, fc.detach())  # not even the columns
                 else:
-                    cols = loss_sqrt(likelihood, fc, yc, kind, num_samples, generator)
-                    if head is not None:  # ∂(sᵀf)/∂f = s: no backward pass at all
-                        capture.check_batch(fc.shape[0])
-                        head.grads.append(cols)
-                        head.outputs.clear()
-                    else:
-                        capture.backward(fc, cols)
-            yield BatchResult(capture.records, fc.shape[0], loss)
+                    head.grads.append(loss_sqrt(likelihood, fc, yc, kind, num_samples,
+                                                generator))
+                yield BatchResult(capture.records, b, loss)
+                continue
+            cols = loss_sqrt(likelihood, fc, yc, kind, num_samples, generator)
+            step = capture.column_chunk(cols.shape[0])
+            for k0 in range(0, cols.shape[0], step):  # chunks of columns: bounded memory
+                with torch.enable_grad():
+                    capture.backward(fc, cols[k0:k0 + step],
+                                     retain=k0 + step < cols.shape[0])
+                first = k0 == 0
+                yield BatchResult(capture.records, b if first else 0,
+                                  loss if first else torch.zeros_like(loss), first)
 
+
+GRAD_ELEMENTS = 2**26
+"""Largest number of output-gradient entries (over all captured layers) held at once; the
+``K`` loss columns of a batch go back in chunks that fit (:meth:`HookCapture.column_chunk`)."""
 
 CLOSED_FORM = ("kfac", "kfac-reduce", "diag", "ekfac")
 """Structures whose output-layer curvature the accumulators take in closed form from the

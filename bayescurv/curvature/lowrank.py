@@ -64,7 +64,7 @@ class LowRankAccumulator:
         self.root = torch.zeros(self.params.numel, 0, dtype=internal_dtype(self.params.dtype),
                                 device=self.params.device)
 
-    def update(self, records: list[ModuleRecord]) -> None:
+    def update(self, records: list[ModuleRecord], first: bool = True) -> None:
         v = per_sample_matrix(records, self.params, self.root.dtype)  # (K B, P)
         self.root = truncate_root(torch.cat([self.root, v.T], 1), self.rank)
 
