@@ -6,6 +6,7 @@ parameter gradients, no per-sample gradients of the whole net).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -139,10 +140,12 @@ class HookCapture:
             raise InvalidArgumentError(
                 f"column_chunk must be a positive integer or None, got {column_chunk!r}")
         self.chunk = column_chunk
+        self.recording = False  # hooks record only during the model's forward pass
         if unknown_layers not in ("error", "per_sample"):
             raise InvalidArgumentError(
                 f"unknown_layers must be 'error' or 'per_sample', got {unknown_layers!r}"
             )
+        layers.check_modes(params.model)  # dropout / BatchNorm in training mode: refused
         self.params = params
         self.structure = structure
         self.records: list[ModuleRecord] = []
@@ -197,10 +200,10 @@ class HookCapture:
                 continue  # captured by the attention module's own hook below
             bd = 0 if id(rec.module) in out_projs else self.batch_dim
             self._handles.append(
-                rec.module.register_forward_hook(self._hook(rec, self.differentiable, bd)))
+                rec.module.register_forward_hook(self._hook(self, rec, bd)))
         for module, (mname, rec) in self.attention.items():
             self._handles.append(module.register_forward_hook(
-                self._attention_hook(mname, rec, self.differentiable), with_kwargs=True))
+                self._attention_hook(self, mname, rec), with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -216,9 +219,23 @@ class HookCapture:
         for rec in self.records:
             rec.clear()
 
+    @contextlib.contextmanager
+    def forward(self) -> Iterator[None]:
+        """The hooks record inside this context only (the model's own forward pass), not when
+        the extractors call a module again (per-sample gradients by ``torch.func``)."""
+        self.recording = True
+        try:
+            yield
+        finally:
+            self.recording = False
+
     @staticmethod
-    def _hook(rec: ModuleRecord, differentiable: bool, batch_dim: int):
+    def _hook(capture: HookCapture, rec: ModuleRecord, batch_dim: int):
+        differentiable = capture.differentiable
+
         def hook(module, inputs, output):
+            if not capture.recording:  # e.g. per-sample calls of the module by torch.func
+                return None
             if not isinstance(output, Tensor):
                 raise UnsupportedLayerError(
                     f"module {rec.name!r} returns {type(output).__name__}, not a tensor"
@@ -245,7 +262,7 @@ class HookCapture:
         return hook
 
     @staticmethod
-    def _attention_hook(name: str, rec: ModuleRecord | None, differentiable: bool):
+    def _attention_hook(capture: HookCapture, name: str, rec: ModuleRecord | None):
         """Replace an attention module's output by its explicit decomposition
         (:mod:`.attention`), recording the input projection when it is in the posterior."""
 
@@ -257,7 +274,11 @@ class HookCapture:
                 rec.outputs.append(z)
             return z
 
+        differentiable = capture.differentiable
+
         def hook(module, args, kwargs, output):
+            if not capture.recording:
+                return None
             return attention.recompute(module, name, args, kwargs, on_projection)
 
         return hook
@@ -427,8 +448,9 @@ def stream(
             _check_finite_fast(x, "inputs")
             _check_finite_fast(y, "targets")
             capture.clear()
+            with torch.enable_grad(), capture.forward():
+                raw = params.forward(x)  # the output selected by params.output_key
             with torch.enable_grad():
-                raw = model(**x) if isinstance(x, dict) else model(x)
                 f = likelihood.check_outputs(raw)
                 check_finite_outputs(f)
                 fc, yc = likelihood.check(f, y)
@@ -493,7 +515,8 @@ def jacobian_pass(capture: HookCapture, x: Tensor | dict[str, Tensor]) -> Tensor
     model = capture.params.model
     capture.clear()
     with torch.enable_grad():
-        f = model(**x) if isinstance(x, dict) else model(x)
+        with capture.forward():
+            f = capture.params.forward(x)
         if f.dim() == 1:
             f = f.unsqueeze(-1)
         c = f.shape[-1]
