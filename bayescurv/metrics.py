@@ -228,8 +228,9 @@ def plot_reliability(
     diagrams: dict[str, dict[str, Any]], path: str | os.PathLike[str], dpi: int = 100
 ) -> str:
     """Write a PNG with one reliability diagram per model (``name -> reliability_diagram
-    output``): per-bin accuracy as bars against the diagonal of perfect calibration, ECE
-    in the title. Renders with matplotlib's Agg canvas (no pyplot); returns the path."""
+    output``): per-bin accuracy as bars against the diagonal of perfect calibration, the
+    number of points of each bin above its bar, ECE in the title. Renders with matplotlib's
+    Agg canvas (no pyplot); returns the path."""
     if not diagrams:
         raise InvalidArgumentError("plot_reliability needs at least one diagram")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -259,6 +260,10 @@ def plot_reliability(
             alpha=0.3,
             label="gap to confidence",
         )
+        counts = torch.as_tensor(d["count"]).cpu().numpy()[mask]
+        for x0, w, top, n in zip(left, width, acc[mask], counts):  # points per bin
+            ax.text(x0 + w / 2, min(float(top), 0.92) + 0.02, str(int(n)), ha="center",
+                    va="bottom", fontsize=6)
         ax.plot([0, 1], [0, 1], "k--", lw=1)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)

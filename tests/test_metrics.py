@@ -211,3 +211,18 @@ def test_plot_reliability_writes_png(tmp_path):
     data = (tmp_path / "rel.png").read_bytes()
     assert out == str(tmp_path / "rel.png")
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+def test_plot_reliability_labels_bins_with_their_counts(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+
+    probs, y = _random_classification()
+    d = metrics.reliability_diagram(probs, y)
+    labels = []
+    real = Axes.text
+    monkeypatch.setattr(Axes, "text", lambda self, x, yy, s, **kw: labels.append(s) or real(
+        self, x, yy, s, **kw))
+    metrics.plot_reliability({"MAP": d}, tmp_path / "rel.png")
+    counts = [str(int(n)) for n in d["count"] if n > 0]
+    assert labels == counts and sum(map(int, labels)) == len(y)
