@@ -151,7 +151,7 @@ class DiagAccumulator:
         return Diagonal(self.diag)
 
 
-def _kron_index(params: ParamSet, rec: ModuleRecord) -> Tensor:
+def kron_index(params: ParamSet, rec: ModuleRecord) -> Tensor:
     """Flat positions of the row-major entries of ``W̃ = [W | b]`` (shape ``(O, I)``)."""
     w = params.params[rec.owned["weight"]]
     o = w.shape[0]
@@ -277,7 +277,7 @@ class KFACAccumulator:
 
     def index(self, rec: ModuleRecord) -> Tensor:
         if rec.route == "linear":
-            return _kron_index(self.params, rec)
+            return kron_index(self.params, rec)
         return torch.cat([torch.arange(self.params.slice_of(i).start,
                                        self.params.slice_of(i).stop,
                                        device=self.params.device)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from bayescurv.curvature import layers
-from bayescurv.curvature.accumulate import _kron_index, per_sample_matrix
+from bayescurv.curvature.accumulate import kron_index, per_sample_matrix
 from bayescurv.curvature.engine import HookCapture, ModuleRecord, jacobian_pass
 from bayescurv.linalg import (
     BlockDiagonal,
@@ -124,7 +124,7 @@ def _record_index(rec: ModuleRecord, params: ParamSet, kron: bool) -> Tensor:
     ``W̃ = [W | b]`` row-major (``kron=True``, linear-like layers: the Kronecker layout of
     :mod:`bayescurv.curvature.accumulate`), else the owned tensors in flat order."""
     if kron:
-        return _kron_index(params, rec)
+        return kron_index(params, rec)
     return torch.cat([torch.arange(params.slice_of(i).start, params.slice_of(i).stop,
                                    device=params.device) for i in sorted(rec.owned.values())])
 
