@@ -8,9 +8,11 @@ data set of N points has curvature equal to ours divided by N; functions that ac
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -43,6 +45,48 @@ def split_batch(
         "each batch must be a (inputs, targets) pair or a dict with a targets key; "
         f"got {type(batch).__name__}"
     )
+
+
+def as_tensor(x: Any) -> Any:
+    """numpy arrays (also as dict values) become tensors (sharing memory); anything else is
+    returned as it is."""
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x)
+    if isinstance(x, dict):
+        return {k: as_tensor(v) for k, v in x.items()}
+    return x
+
+
+def is_one_shot(data: Any) -> bool:
+    """Whether ``data`` is an iterator (a generator, ``iter(loader)``): iterating it a second
+    time yields nothing."""
+    return isinstance(data, Iterator)
+
+
+def check_reiterable(data: Any, why: str) -> None:
+    """Refuse a one-shot iterator where the data are read more than once, before any work."""
+    if is_one_shot(data):
+        raise InvalidArgumentError(
+            f"{why} reads the data more than once, but a one-shot iterator "
+            f"({type(data).__name__}) was given; pass a re-iterable loader (a DataLoader, or "
+            "a list of batches)"
+        )
+
+
+def peek_inputs(data: Iterable, x_key: str = "x", y_key: str = "y") -> tuple[Any, Iterable]:
+    """The inputs of the first batch of ``data`` and an iterable that still yields every
+    batch (for a one-shot iterator the peeked batch is chained back in front)."""
+    if isinstance(data, Tensor):
+        next(iterate(data))  # raises the usual error for a tensor
+    it = iter(data)
+    try:
+        first = next(it)
+    except StopIteration:
+        raise EmptyDataError("the data loader yielded no data; nothing to fit") from None
+    x, _ = split_batch(first, x_key, y_key)
+    if is_one_shot(data):
+        data = itertools.chain([first], it)
+    return as_tensor(x), data
 
 
 def check_batch_dim(batch_dim: Any) -> int:
@@ -112,7 +156,7 @@ def iterate(
         )
     seen = False
     for batch in data:
-        x, y = split_batch(batch, x_key, y_key)
+        x, y = (as_tensor(t) for t in split_batch(batch, x_key, y_key))
         n = batch_size(x, batch_dim)
         if n == 0:
             continue
@@ -152,6 +196,10 @@ def all_reduce_(tensors: list[Tensor]) -> None:
 
 __all__ = [
     "iterate",
+    "as_tensor",
+    "is_one_shot",
+    "check_reiterable",
+    "peek_inputs",
     "split_batch",
     "batch_size",
     "check_batch_dim",

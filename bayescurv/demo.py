@@ -119,7 +119,7 @@ def run(out_dir: str | Path = "outputs", seed: int = 0, epochs: int = 60,
         la = Laplace(model, "classification", subset=subset, structure="kfac",
                      prior_precision=n * 1e-4)
         la.fit(fit_loader, progress=progress)
-        la.optimize_prior_precision(granularity=granularity, n_steps=100, lr=0.1)
+        la.optimize_prior_precision(granularity=granularity, n_steps=100)
         probs = la.predict(x_test, link="probit")
         probs_ood = la.predict(x_ood, link="probit")
         probs_shift = la.predict(x_shift, link="probit")

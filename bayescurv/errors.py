@@ -41,7 +41,12 @@ class NumericalError(BayesCurvError, ArithmeticError):
     """A matrix that must be positive definite is not, even after the documented jitter."""
 
 
+class ConvergenceWarning(UserWarning):
+    """An iterative tuner (e.g. prior-precision optimization) stopped before its tolerance."""
+
+
 __all__ = [
+    "ConvergenceWarning",
     "BayesCurvError",
     "InvalidArgumentError",
     "ShapeError",

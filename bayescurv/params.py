@@ -11,15 +11,54 @@ Frozen parameters (``requires_grad=False``) are never part of a set. Tied parame
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from bayescurv import batches
 from bayescurv.errors import InvalidArgumentError
 
 SUBSETS = ("all", "last_layer")
+
+OutputKey = str | int | Callable[[Any], Tensor] | None
+"""How to read the network output from what the model returns: ``None`` (the model
+returns a tensor), a key / index (``out[key]`` of a dict, tuple or HuggingFace-style
+output), or a callable ``out -> Tensor``."""
+
+
+def check_output_key(output_key: OutputKey) -> OutputKey:
+    """Validate an ``output_key`` argument (see :data:`OutputKey`)."""
+    if output_key is None or callable(output_key) or (
+            isinstance(output_key, (str, int)) and not isinstance(output_key, bool)):
+        return output_key
+    raise InvalidArgumentError(
+        f"output_key must be None, a str or int key, or a callable (model output -> tensor); "
+        f"got {type(output_key).__name__}"
+    )
+
+
+def select_output(out: Any, output_key: OutputKey) -> Tensor:
+    """The network output tensor of ``out`` (what the model returned), per ``output_key``."""
+    if output_key is not None:
+        try:
+            out = output_key(out) if callable(output_key) else out[output_key]
+        except (KeyError, IndexError, TypeError) as err:
+            keys = f" (keys: {sorted(out)})" if isinstance(out, dict) else ""
+            raise InvalidArgumentError(
+                f"output_key={output_key!r} does not select an output of the model's "
+                f"{type(out).__name__}{keys}: {err}"
+            ) from err
+    if not torch.is_tensor(out):
+        hint = ("pass output_key= (a key, an index, or a callable) to say which entry is the "
+                "network output") if output_key is None else "make output_key return a tensor"
+        raise InvalidArgumentError(
+            f"the model returned a {type(out).__name__}, not a tensor; {hint}"
+        )
+    return out
 
 
 @dataclass
@@ -35,6 +74,7 @@ class ParamSet:
     model: nn.Module
     names: list[str]
     params: list[nn.Parameter]
+    output_key: OutputKey = None
     _offsets: list[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -125,7 +165,14 @@ class ParamSet:
         """Evaluate the model with this set's parameters replaced by ``vector``; all other
         parameters and buffers keep their values. Differentiable in ``vector`` and usable
         under ``torch.func`` transforms."""
-        return torch.func.functional_call(self.model, self.as_dict(vector), args, kwargs)
+        out = torch.func.functional_call(self.model, self.as_dict(vector), args, kwargs)
+        return select_output(out, self.output_key)
+
+    def forward(self, x: Tensor | dict[str, Tensor]) -> Tensor:
+        """The network output at inputs ``x`` (a tensor, or a dict of keyword inputs), read
+        with :attr:`output_key`."""
+        out = self.model(**x) if isinstance(x, dict) else self.model(x)
+        return select_output(out, self.output_key)
 
     # per-module view -----------------------------------------------------------------
     def modules(self) -> list[tuple[str, nn.Module, list[tuple[str, int]]]]:
@@ -157,19 +204,62 @@ def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return out
 
 
-def find_last_layer(model: nn.Module) -> str:
-    """Name of the last module (in registration order) that owns trainable parameters.
+def find_last_layer(model: nn.Module, example_input: Any = None,
+                    output_key: OutputKey = None) -> str:
+    """Name of the output layer: the module owning parameters whose forward call finished
+    last when the model runs on ``example_input`` (a batch of inputs: a tensor or a dict of
+    keyword inputs), found with forward hooks. Modules never called (registered but unused)
+    are not candidates. Without ``example_input``, the last module in registration order
+    that owns trainable parameters (right for ``nn.Sequential``).
 
-    This is the output layer for ``nn.Sequential`` and for models whose modules are
-    registered in forward order; pass ``last_layer_name=`` when that is not so.
+    Warns when the chosen module's output is not itself the network output (an operation
+    follows it), since "last" is then a judgement; pass ``last_layer_name=`` to choose.
+    Raises :class:`InvalidArgumentError` when the found layer has no trainable parameters
+    (a frozen head).
     """
-    last = None
+    if example_input is None:
+        last = None
+        for mname, module in model.named_modules():
+            if any(p.requires_grad for p in module.parameters(recurse=False)):
+                last = mname
+        if last is None:
+            raise InvalidArgumentError("the model has no trainable parameters")
+        return last
+    order: list[tuple[str, Any]] = []
+    handles = []
     for mname, module in model.named_modules():
-        if any(p.requires_grad for p in module.parameters(recurse=False)):
-            last = mname
-    if last is None:
-        raise InvalidArgumentError("the model has no trainable parameters")
-    return last
+        if next(module.parameters(recurse=False), None) is not None:
+            handles.append(module.register_forward_hook(
+                lambda m, i, o, name=mname: order.append((name, o))))
+    first = next(model.parameters(), None)
+    if first is not None:
+        example_input = batches.to_device(example_input, first.device, first.dtype)
+    try:
+        with torch.no_grad():
+            out = model(**example_input) if isinstance(example_input, dict) else model(
+                example_input)
+            out = select_output(out, output_key)
+    finally:
+        for h in handles:
+            h.remove()
+    if not order:
+        raise InvalidArgumentError("no module owning parameters was called in the forward pass")
+    name, last_out = order[-1]
+    module = model.get_submodule(name)
+    if not any(p.requires_grad for p in module.parameters(recurse=False)):
+        raise InvalidArgumentError(
+            f"the last layer of the forward pass, {name!r}, has no trainable parameters "
+            "(frozen); unfreeze it, or pass last_layer_name= (or a list of names as subset)"
+        )
+    if not torch.is_tensor(last_out) or last_out.numel() != out.numel():
+        # a reshape / view after the layer is common and harmless; a reduction (pooling
+        # over positions, a sum with another branch of another size) makes "last" a judgement
+        warnings.warn(
+            f"subset='last_layer' chose {name!r}, the last module with parameters called in "
+            "the forward pass, but its output is not the network output (an operation "
+            "that changes its size follows it); pass last_layer_name= to choose another",
+            stacklevel=3)
+    return name
 
 
 def select(
@@ -177,6 +267,8 @@ def select(
     subset: str | Iterable[str] | dict[str, Tensor] = "all",
     *,
     last_layer_name: str | None = None,
+    example_input: Any = None,
+    output_key: OutputKey = None,
 ) -> ParamSet:
     """Select the parameters of the posterior.
 
@@ -186,6 +278,9 @@ def select(
             of the last parametrised module, or of ``last_layer_name``), or an iterable of
             parameter or module names (a module name selects all its parameters).
         last_layer_name: module name of the output layer, for ``subset="last_layer"``.
+        example_input: a batch of inputs; with it ``"last_layer"`` is found from the forward
+            pass (:func:`find_last_layer`).
+        output_key: how to read the network output (:data:`OutputKey`).
     """
     named = _trainable(model)
     if not named:
@@ -194,7 +289,8 @@ def select(
         if subset == "all":
             chosen = named
         elif subset == "last_layer":
-            lname = last_layer_name if last_layer_name is not None else find_last_layer(model)
+            lname = last_layer_name if last_layer_name is not None else find_last_layer(
+                model, example_input, output_key)
             modules = dict(model.named_modules())
             if lname not in modules:
                 raise InvalidArgumentError(
@@ -228,7 +324,9 @@ def select(
             for n, p in named
             if n in wanted or any(n.startswith(f"{w}.") or w == "" for w in wanted if w in mnames)
         ]
-    return ParamSet(model, [n for n, _ in chosen], [p for _, p in chosen])
+    return ParamSet(model, [n for n, _ in chosen], [p for _, p in chosen],
+                    check_output_key(output_key))
 
 
-__all__ = ["ParamSet", "select", "find_last_layer", "SUBSETS"]
+__all__ = ["ParamSet", "select", "find_last_layer", "select_output", "check_output_key",
+           "OutputKey", "SUBSETS"]

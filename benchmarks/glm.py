@@ -56,9 +56,10 @@ def kernel(lengthscale: float, outputscale: float):
     return k
 
 
-def type2_ml(likelihood, X, y, n, k, steps=30, **fit):
-    """Kernel hyperparameters by maximizing the exact Laplace evidence (Cholesky) on a
-    random subset of ``n`` points: Adam on ``IterGLM.log_marginal_likelihood``."""
+def type2_ml(likelihood, X, y, n, k, steps=20, **fit):
+    """Kernel hyperparameters by maximizing IterGLM's differentiable Laplace evidence
+    (``solver="cholesky"``) on a random subset of ``n`` points: Adam on
+    ``IterGLM.log_marginal_likelihood``. Its time is charged to every IterGLM row."""
     sub = torch.randperm(X.shape[0], generator=torch.Generator().manual_seed(7))[:n]
     k.requires_grad_(True)
     opt = torch.optim.Adam(k.parameters(), lr=0.1)
@@ -79,6 +80,17 @@ def latent_samples(mean, cov, S=200, seed=0):
     return mean + torch.einsum("bij,sbj->sbi", L, z)
 
 
+def set_coverage(probs, y, level=0.95):
+    """Fraction of test labels inside the smallest set of classes whose predictive
+    probability sums to >= ``level``: the coverage of the 95 % predictive set, i.e. the
+    calibration of the predictive probabilities (nominal: >= 0.95, with equality for a
+    calibrated predictor up to the set's discreteness)."""
+    p, order = probs.sort(-1, descending=True)
+    before = p.cumsum(-1) - p  # mass of the classes ranked above
+    inside = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, before < level)
+    return inside.gather(-1, y.view(-1, 1)).double().mean().item()
+
+
 def class_metrics(mean, cov, y, p_true):
     probs = probit_softmax(mean, cov)
     ps = torch.softmax(latent_samples(mean, cov), -1)  # (S, B, C)
@@ -87,12 +99,12 @@ def class_metrics(mean, cov, y, p_true):
     ptrue = p_true.gather(-1, y.view(-1, 1)).squeeze(-1)
     cover = ((ptrue >= lo) & (ptrue <= hi)).double().mean().item()
     return dict(nll=metrics.nll(probs, y), acc=metrics.accuracy(probs, y),
-                ece=metrics.ece(probs, y), cover=cover)
+                ece=metrics.ece(probs, y), cover=cover, setcov=set_coverage(probs, y))
 
 
 def row(name, m, t, actions, extra=""):
-    print(f"{name:<26} {m['nll']:>7.4f} {m['acc']:>7.4f} {m['ece']:>7.4f} {m['cover']:>7.3f} "
-          f"{t:>8.1f} {actions:>8} {extra}")
+    print(f"{name:<26} {m['nll']:>7.4f} {m['acc']:>7.4f} {m['ece']:>7.4f} {m['setcov']:>7.3f} "
+          f"{m['cover']:>7.3f} {t:>8.1f} {actions:>8} {extra}")
 
 
 def svgp(X, y, Xs, C, num_inducing, seconds, seed=0):
@@ -158,11 +170,12 @@ def run_gmm(args):
     print(f"\n## GMM classification: N = {args.n_train}, C = {C}, d = 4, test {args.n_test}; "
           f"RBF lengthscale {float(k.base_kernel.lengthscale):.3f}, outputscale "
           f"{float(k.outputscale):.3f}" + (f" by the Laplace evidence on {args.n_hyper} points "
-          f"({t_hyp:.1f} s, not included below)" if args.n_hyper else " (fixed)"))
-    print(f"{'method':<26} {'NLL':>7} {'acc':>7} {'ECE':>7} {'cov95':>7} {'time s':>8} "
-          f"{'actions':>8}")
+          f"({t_hyp:.1f} s, included in the IterGLM and Cholesky times)" if args.n_hyper
+                                           else " (fixed)"))
+    print(f"{'method':<26} {'NLL':>7} {'acc':>7} {'ECE':>7} {'set95':>7} {'cov p*':>7} "
+          f"{'time s':>8} {'actions':>8}")
     bayes = dict(nll=metrics.nll(ps, ys), acc=metrics.accuracy(ps, ys), ece=metrics.ece(ps, ys),
-                 cover=1.0)
+                 cover=1.0, setcov=set_coverage(ps, ys))
     row("Bayes-optimal", bayes, 0.0, "-")
     curve, runs = [], []
     kf = KernelFunction(k, max_cached=args.n_train ** 2)
@@ -171,16 +184,21 @@ def run_gmm(args):
         model = IterGLM("classification", kf, policy="cg", max_actions=j, tol=1e-8,
                         max_newton=args.newton).fit(X, y)
         pred = model.predict(Xs, computational=False)
-        t = time.perf_counter() - t0
+        t = time.perf_counter() - t0 + t_hyp
+        # the solver's bound on its computational variance, on the first test points
+        nc = min(args.n_comp, Xs.shape[0])
+        comp = float(model.predict(Xs[:nc]).computational.mean()) if nc else float("nan")
         m = class_metrics(pred.mean, pred.covariance, ys, ps)
         row(f"IterGLM-CG j={j}", m, t, model.num_actions)
-        runs.append((j, t, model.num_actions, pred, m))
+        runs.append((j, t, model.num_actions, pred, m, comp))
     ref_cov = runs[-1][3].covariance  # the most converged covariance
-    for j, t, a, pred, m in runs:
+    for j, t, a, pred, m, comp in runs:
         mp = class_metrics(pred.mean, ref_cov, ys, ps)
         row(f"plain CG j={j}", mp, t, a)
-        curve.append((j, t, m["nll"], mp["nll"], float(pred.variance.mean()),
-                      float((pred.variance - ref_cov.diagonal(dim1=-2, dim2=-1)).mean())))
+        curve.append(dict(j=j, t=t, nll=m["nll"], nll_plain=mp["nll"],
+                          var=float(pred.variance.mean()),
+                          excess=float((pred.variance - ref_cov.diagonal(dim1=-2, dim2=-1))
+                                       .mean()), comp_bound=comp))
     for j in args.unit_actions:
         t0 = time.perf_counter()
         model = IterGLM("classification", kf, policy="unit", block=j // C, max_actions=j,
@@ -195,20 +213,53 @@ def run_gmm(args):
     chol = IterGLM("classification", k, solver="cholesky", max_newton=args.newton * 4).fit(
         X[sub], y[sub])
     pred = chol.predict(Xs)
-    t = time.perf_counter() - t0
+    t = time.perf_counter() - t0 + t_hyp
     row(f"Cholesky N={args.n_chol}", class_metrics(pred.mean, pred.covariance, ys, ps), t,
         args.n_chol * C)
+    svgp_pts = []
     for seconds in args.svgp_seconds:
         t0 = time.perf_counter()
         mean, cov, steps = svgp(X, y, Xs, C, args.inducing, seconds)
         t = time.perf_counter() - t0
-        row(f"SVGP M={args.inducing} {seconds}s", class_metrics(mean, cov, ys, ps), t,
-            f"{steps} st")
+        m = class_metrics(mean, cov, ys, ps)
+        row(f"SVGP M={args.inducing} {seconds}s", m, t, f"{steps} st")
+        svgp_pts.append((t, m["nll"]))
     print("\ncompute curve (IterGLM-CG): actions, seconds, NLL, NLL plain CG, mean total var, "
-          "mean excess var over the largest run")
+          "mean excess var over the largest run, mean computational-variance bound")
     for c in curve:
-        print("  " + "  ".join(f"{v:.4g}" for v in c))
+        print("  " + "  ".join(f"{v:.4g}" for v in c.values()))
+    if args.plot:
+        plot(curve, svgp_pts, bayes["nll"], args.plot)
     return curve
+
+
+def plot(curve, svgp_pts, bayes_nll, path):
+    """NLL against wall time (IterGLM-CG, plain CG, SVGP) and latent variance against actions
+    (total, and the computational part: the excess over the largest run and the solver's
+    bound), as a small PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.2), dpi=90)
+    t = [c["t"] for c in curve]
+    a1.plot(t, [c["nll"] for c in curve], "o-", label="IterGLM-CG")
+    a1.plot(t, [c["nll_plain"] for c in curve], "s--", label="plain CG")
+    if svgp_pts:
+        a1.plot(*zip(*svgp_pts), "^-", label="SVGP")
+    a1.axhline(bayes_nll, color="k", lw=0.8, ls=":", label="Bayes-optimal")
+    a1.set(xlabel="wall time [s]", ylabel="test NLL", yscale="log")
+    a1.legend(fontsize=7)
+    j = [c["j"] for c in curve]
+    a2.plot(j, [c["var"] for c in curve], "o-", label="total")
+    a2.plot(j, [c["excess"] for c in curve], "s--", label=f"excess over j={j[-1]}")
+    a2.plot(j, [c["comp_bound"] for c in curve], "^:", label="computational (bound)")
+    a2.set(xlabel="solver actions j", ylabel="mean latent variance", yscale="log")
+    a2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"plot written to {path}")
 
 
 def run_poisson(args):
@@ -224,13 +275,16 @@ def run_poisson(args):
     exs = 0.5 + torch.rand(ns, generator=g, dtype=DT)
     y = torch.poisson(ex * torch.exp(truth(X)), generator=g)
     ys = torch.poisson(exs * torch.exp(truth(Xs)), generator=g)
+    t0 = time.perf_counter()
     k = kernel(0.5, 1.0)
-    if args.n_hyper:
-        k = type2_ml("poisson", X, y, args.n_hyper, k, exposure=ex)
+    if args.n_hyper_poisson:
+        k = type2_ml("poisson", X, y, args.n_hyper_poisson, k, exposure=ex)
+    t_hyp = time.perf_counter() - t0
     print(f"\n## Poisson regression: N = {n}, exposure in [0.5, 1.5], test {ns}; RBF "
           f"lengthscale {float(k.base_kernel.lengthscale):.3f}, outputscale "
-          f"{float(k.outputscale):.3f}" + (f" by the evidence on {args.n_hyper} points"
-                                           if args.n_hyper else " (fixed)"))
+          f"{float(k.outputscale):.3f}" + (f" by the evidence on {args.n_hyper_poisson} points "
+                                           f"({t_hyp:.1f} s, included below)"
+                                           if args.n_hyper_poisson else " (fixed)"))
     print(f"{'method':<26} {'NLL':>7} {'RMSE f':>7} {'cov95':>7} {'time s':>8} {'actions':>8}")
 
     def pmetrics(pred):
@@ -254,13 +308,13 @@ def run_poisson(args):
     t0 = time.perf_counter()
     chol = IterGLM("poisson", kf, solver="cholesky", max_newton=50).fit(X, y, exposure=ex)
     exact = chol.predict(Xs, exposure=exs)
-    prow(f"Cholesky N={n}", exact, time.perf_counter() - t0, n)
+    prow(f"Cholesky N={n}", exact, time.perf_counter() - t0 + t_hyp, n)
     for j in args.poisson_actions:
         t0 = time.perf_counter()
         model = IterGLM("poisson", kf, policy="cg", max_actions=j, tol=1e-8,
                         max_newton=args.newton).fit(X, y, exposure=ex)
         pred = model.predict(Xs, exposure=exs, computational=False)
-        t = time.perf_counter() - t0
+        t = time.perf_counter() - t0 + t_hyp
         prow(f"IterGLM-CG j={j}", pred, t, model.num_actions)
         plain = type(pred)(pred.mean, exact.covariance, pred.computational)
         prow(f"plain CG j={j}", plain, t, model.num_actions)
@@ -283,10 +337,15 @@ def main():
     p.add_argument("--unit-actions", type=int, nargs="*", default=[])
     p.add_argument("--poisson-actions", type=int, nargs="+", default=[5, 20, 60])
     p.add_argument("--newton", type=int, default=6)
-    p.add_argument("--n-hyper", type=int, default=0,
-                   help="tune the kernel by the evidence on this many points (0: fixed)")
+    p.add_argument("--n-hyper-poisson", type=int, default=200)
+    p.add_argument("--n-hyper", type=int, default=60,
+                   help="tune the kernel by the Laplace evidence on this many points (0: fixed "
+                        "hyperparameters); the time is charged to IterGLM")
+    p.add_argument("--n-comp", type=int, default=50,
+                   help="test points for the computational-variance bound (gmm)")
+    p.add_argument("--plot", default="", help="write the compute plot (PNG) here")
     p.add_argument("--inducing", type=int, default=128)
-    p.add_argument("--svgp-seconds", type=float, nargs="+", default=[30.0, 120.0])
+    p.add_argument("--svgp-seconds", type=float, nargs="+", default=[60.0, 150.0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tasks", nargs="+", default=["gmm", "poisson"])
     args = p.parse_args()

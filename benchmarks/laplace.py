@@ -171,7 +171,7 @@ def row_optimize(lib: str, out_dir: Path, repeats: int, steps: int = 100) -> dic
 
         def run() -> torch.Tensor:
             la.prior_precision = 1.0  # start every repeat from the same prior
-            return la.optimize_prior_precision(granularity="layer", n_steps=steps, lr=0.1)
+            return la.optimize_prior_precision(granularity="layer", n_steps=steps)
     else:
         lt = _lt()
         la = lt.Laplace(model, "classification", subset_of_weights="all",
@@ -179,7 +179,7 @@ def row_optimize(lib: str, out_dir: Path, repeats: int, steps: int = 100) -> dic
         la.fit(loader)
 
         def run() -> torch.Tensor:
-            la.optimize_prior_precision(method="marglik", n_steps=steps, lr=0.1,
+            la.optimize_prior_precision(method="marglik", n_steps=steps,
                                         init_prior_prec=1.0, prior_structure="layerwise")
             return la.prior_precision
 

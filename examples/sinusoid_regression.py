@@ -61,7 +61,7 @@ def main(out_dir: str | Path = "outputs") -> dict[str, tuple[float, float]]:
         t1 = time.perf_counter()
         la = Laplace(model, "regression", subset="all", structure=structure,
                      prior_precision=1.0, sigma_noise=1.0).fit(loader, progress=False)
-        la.optimize_prior_precision(method="marglik", n_steps=HYPER_STEPS, lr=0.1,
+        la.optimize_prior_precision(method="marglik", n_steps=HYPER_STEPS,
                                     tune_sigma_noise=True)
         mean, var = la.predict(data.x_test)  # variance of y: latent + sigma²
         sigma, prior = float(la.sigma_noise), float(la.prior_precision)

@@ -172,7 +172,7 @@ def test_optimized_prior_matches_dense_grid_search():
     model = mlp()
     x, y, dl = data(n=40)
     la = Laplace(model, "classification", structure="full").fit(dl, progress=False)
-    tuned = la.optimize_prior_precision(n_steps=300, lr=0.1)
+    tuned = la.optimize_prior_precision(n_steps=300)
     grid = torch.logspace(-3, 3, 2001, dtype=DT)
     values = torch.stack([dense_logml(model, "classification", x, y, float(p)) for p in grid])
     best = grid[values.argmax()]
@@ -204,7 +204,7 @@ def test_sigma_noise_tuning_recovers_noise():
         model.bias.copy_(sol[2])
     la = Laplace(model, "regression", structure="full").fit(
         DataLoader(TensorDataset(x, y), batch_size=100), progress=False)
-    la.optimize_prior_precision(tune_sigma_noise=True, n_steps=500, lr=0.05)
+    la.optimize_prior_precision(tune_sigma_noise=True, n_steps=500)
     assert abs(float(la.sigma_noise) - 0.25) < 0.03
 
 

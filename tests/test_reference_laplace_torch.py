@@ -243,21 +243,27 @@ def test_kfac_layer_prior_without_bias_matches():
     ("diag", "parameter", True),
 ])
 def test_optimize_prior_precision_matches(structure, granularity, bias):
-    """Same objective, same optimizer (Adam on log prior, lr 0.1, same start): the tuned
-    prior precisions agree once converged. (Per-layer on bias-free nets, where a module is
-    one tensor; with biases laplace-torch's per-tensor prior is a different family.)"""
+    """Same objective: laplace-torch's evidence at our tuned prior equals ours, our optimum
+    is at least as good as laplace-torch's after 400 Adam steps from the same start, our
+    tuner reports convergence, and where laplace-torch has converged (scalar, per layer) the
+    priors agree. (Per-layer on bias-free nets, where a module is one tensor; with biases
+    laplace-torch's per-tensor prior is a different family. Per parameter, Adam has not
+    converged in the flattest directions after 400 steps, so only the evidence is compared.)"""
     model = mlp(bias=bias)
     _, _, loader = dataset("classification", 3)
     ours, ref = fit_both(model, "classification", "all", structure, loader, 1.0)
     n_steps = 400
-    got = ours.optimize_prior_precision(granularity=granularity, n_steps=n_steps, lr=0.1)
+    got = ours.optimize_prior_precision(granularity=granularity, n_steps=n_steps)
+    assert ours.tuning.converged and ours.tuning.grad_norm <= 1e-4
     ref.optimize_prior_precision(method="marglik", n_steps=n_steps, lr=0.1,
                                  init_prior_prec=1.0,
                                  prior_structure={"scalar": "scalar", "layer": "layerwise",
                                                   "parameter": "diag"}[granularity])
-    assert_rel(got.reshape(-1), ref.prior_precision.reshape(-1), 1e-4, "tuned prior")
-    assert_rel(ours.log_marginal_likelihood(), ref.log_marginal_likelihood(), 1e-6,
-               "tuned log ML")
+    assert_rel(ours.log_marginal_likelihood(), ref.log_marginal_likelihood(got).detach(),
+               1e-8, "log ML at our optimum")
+    assert ours.log_marginal_likelihood() >= ref.log_marginal_likelihood().detach() - 1e-6
+    if granularity != "parameter":
+        assert_rel(got.reshape(-1), ref.prior_precision.reshape(-1), 1e-4, "tuned prior")
 
 
 def test_per_tensor_prior_nests_the_per_module_prior():
@@ -266,7 +272,7 @@ def test_per_tensor_prior_nests_the_per_module_prior():
     model = mlp()
     _, _, loader = dataset("classification", 3)
     ours, ref = fit_both(model, "classification", "all", "diag", loader, 1.0)
-    got = ours.optimize_prior_precision(granularity="layer", n_steps=400, lr=0.1)
+    got = ours.optimize_prior_precision(granularity="layer", n_steps=400)
     tied = ref.log_marginal_likelihood(got.repeat_interleave(2)).detach()
     assert_rel(ours.log_marginal_likelihood(), tied, what="log ML at the tied prior")
     ref.optimize_prior_precision(method="marglik", n_steps=400, lr=0.1,
@@ -284,7 +290,7 @@ def test_tensor_granularity_is_laplace_torch_layerwise(structure):
     prior = torch.linspace(0.2, 3.0, ours.num_tensors, dtype=torch.float64)
     assert_rel(ours.log_marginal_likelihood(prior), ref.log_marginal_likelihood(prior).detach(),
                what="log ML at a per-tensor prior")
-    got = ours.optimize_prior_precision(granularity="tensor", n_steps=400, lr=0.1)
+    got = ours.optimize_prior_precision(granularity="tensor", n_steps=400)
     ref.optimize_prior_precision(method="marglik", n_steps=400, lr=0.1,
                                  prior_structure="layerwise")
     assert_rel(ours.log_marginal_likelihood(),
@@ -297,7 +303,7 @@ def test_tuned_prior_and_noise_are_stationary_for_laplace_torch():
     model = mlp(2)
     _, _, loader = dataset("regression", 2)
     ours, ref = fit_both(model, "regression", "all", "full", loader, 1.0, 1.0)
-    ours.optimize_prior_precision(n_steps=500, lr=0.05, tune_sigma_noise=True)
+    ours.optimize_prior_precision(n_steps=500, tune_sigma_noise=True)
     log_p = ours.prior_precision.log().reshape(1).clone().requires_grad_(True)
     log_s = ours.sigma_noise.log().clone().requires_grad_(True)
     lml = ref.log_marginal_likelihood(log_p.exp(), log_s.exp())

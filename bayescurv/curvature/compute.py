@@ -3,6 +3,7 @@ streaming pass over the data (two for EKFAC)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -10,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from bayescurv import batches
-from bayescurv.curvature import accumulate, lowrank, preflight
+from bayescurv.curvature import accumulate, layers, lowrank, preflight
 from bayescurv.curvature.engine import KINDS, HookCapture, stream
 from bayescurv.errors import InvalidArgumentError, NonFiniteError
 from bayescurv.likelihoods import Likelihood, get_likelihood
@@ -22,7 +23,7 @@ from bayescurv.linalg import (
     PSDOperator,
     internal_dtype,
 )
-from bayescurv.params import ParamSet, select
+from bayescurv.params import OutputKey, ParamSet, check_output_key, select
 
 STRUCTURES = ("full", "diag", "kfac", "kfac-reduce", "ekfac", "lowrank", "diag+lowrank",
               "diag-hesscale")
@@ -122,6 +123,7 @@ def compute(
     progress: bool = False,
     batch_dim: int = 0,
     column_chunk: int | None = None,
+    output_key: OutputKey = None,
 ) -> Curvature:
     r"""Curvature of :math:`L(\theta) = \sum_n -\log p(y_n | f(x_n;\theta))` at the current
     parameters.
@@ -170,6 +172,11 @@ def compute(
             as fit in :data:`bayescurv.curvature.engine.GRAD_ELEMENTS` output-gradient
             entries), so memory does not grow with the number of outputs ``C``.
 
+        output_key: how to read the network output when the model returns a tuple, a
+            dict or a HuggingFace-style output: a key / index, or a callable ``out -> f``.
+            ``params="last_layer"`` is resolved from a forward pass on the first batch
+            (:func:`bayescurv.params.find_last_layer`).
+
     The result is summed across ``torch.distributed`` ranks when a process group is
     initialized, so each rank holds the curvature of the whole data set.
     """
@@ -185,7 +192,17 @@ def compute(
         )
     batches.check_reduction(reduction)
     lik = get_likelihood(likelihood)
-    pset = params if isinstance(params, ParamSet) else select(model, params)
+    layers.check_modes(model)
+    if structure == "ekfac" or (structure in LOWRANK and lowrank_method != "sqrt"):
+        batches.check_reiterable(data, f"structure={structure!r}")
+    example = None
+    if isinstance(params, str) and params == "last_layer":
+        example, data = batches.peek_inputs(data, x_key, y_key)
+    if isinstance(params, ParamSet):
+        pset = params if output_key is None else dataclasses.replace(
+            params, output_key=check_output_key(output_key))
+    else:
+        pset = select(model, params, example_input=example, output_key=output_key)
     _check_params(pset)
     preflight.check_size(pset, structure, rank)
     if kind == "hessian" and structure not in LOWRANK:
@@ -288,7 +305,7 @@ def _loss_pass(pset: ParamSet, lik: Likelihood, data: Iterable, stats: Tensor, x
     """Accumulate the summed NLL and the number of data points into ``stats``."""
     for x, y in batches.iterate(data, device=pset.device, dtype=pset.dtype, x_key=x_key,
                                 y_key=y_key):
-        f = pset.model(**x) if isinstance(x, dict) else pset.model(x)
+        f = pset.forward(x)
         stats[0] += lik.nll(*lik.check(lik.check_outputs(f), y))
         stats[1] += batches.batch_size(x)
 

@@ -436,7 +436,6 @@ def stream(
     """One pass over ``data``: for every batch, forward with hooks, compute the loss-Hessian
     square root, one batched backward to the layer outputs; yield the records."""
     params = capture.params
-    model = params.model
     it = batches.iterate(data, device=params.device, dtype=params.dtype, x_key=x_key,
                          y_key=y_key, check=False, batch_dim=capture.batch_dim)
     if progress:
@@ -512,7 +511,6 @@ def jacobian_pass(capture: HookCapture, x: Tensor | dict[str, Tensor]) -> Tensor
     """Forward ``x`` with hooks and backpropagate the ``C`` unit vectors of the output in one
     batched pass, so that each record holds the factors of the per-layer Jacobians
     ``∂f_c/∂θ_layer`` (inputs ``a``, output gradients ``g[c]``). Returns ``f`` (detached)."""
-    model = capture.params.model
     capture.clear()
     with torch.enable_grad():
         with capture.forward():

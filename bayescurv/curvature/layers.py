@@ -191,8 +191,31 @@ def embedding_counts(module: nn.Embedding, idx: Tensor) -> Tensor:
     return counts
 
 
+def check_modes(model: nn.Module) -> None:
+    """Refuse a model with dropout in training mode (anywhere in it, owning posterior
+    parameters or not): the curvature and the predictive would be random draws, so two
+    identical calls would differ. Consistent with BatchNorm in training mode, which
+    :func:`check_module` refuses."""
+    active = [n for n, m in model.named_modules()
+              if isinstance(m, nn.modules.dropout._DropoutNd) and m.training
+              and m.p > 0]
+    if active:
+        raise UnsupportedLayerError(
+            f"dropout module(s) {active[:5]} are in training mode, which makes the curvature "
+            "and the predictive random; call model.eval() first"
+        )
+
+
 def check_module(module: nn.Module, name: str, structure: str, allow_generic: bool) -> None:
     """Refuse modules whose parameters the structured extractors cannot handle."""
+    if isinstance(module, nn.RNNBase):
+        raise UnsupportedLayerError(
+            f"module {name!r} ({type(module).__name__}) is a recurrent layer: it returns a "
+            "tuple (outputs, hidden state) and shares its weights over time steps, which the "
+            "hook-based structures do not handle (not even with unknown_layers='per_sample'). "
+            "Exclude it from the subset (e.g. subset='last_layer'), or use the matrix-free "
+            "structure='lowrank' with lowrank_method='lanczos'"
+        )
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
         raise UnsupportedLayerError(
             f"module {name!r} ({type(module).__name__}) is in training mode, where batch "

@@ -59,7 +59,8 @@ class GLMKernel:
         return d[:, None, None] * torch.eye(C, dtype=d.dtype, device=d.device)
 
     def train(self, X: Tensor, C: int) -> Callable[[Tensor], Tensor]:
-        """``V -> K(X, X) V`` for the training inputs (kernels may cache here)."""
+        """``V -> K(X, X) V`` for the training inputs (kernels may cache here; a cached
+        shared-output kernel also attaches ``.columns(idx) -> K(X, X[idx])``, a gather)."""
         return lambda V: self.matmul(X, X, V, C)
 
     @staticmethod
@@ -114,6 +115,7 @@ class KernelFunction(GLMKernel):
         def mm(V: Tensor) -> Tensor:
             return (K @ V.reshape(V.shape[0], -1)).reshape(V.shape)
 
+        mm.columns = lambda idx: K[:, idx]
         return mm
 
 

@@ -167,10 +167,32 @@ class IterGLM:
     def _St(S: Tensor, V: Tensor) -> Tensor:  # Sᵀ: (N, C, k) -> (N*C, k)
         return torch.einsum("ndc,ndk->nck", S, V).reshape(-1, V.shape[-1])
 
+    @staticmethod
+    def _support(V: Tensor) -> Tensor | None:
+        """Rows (data points) where ``V`` ``(N, C, k)`` is non-zero, or ``None`` when that is
+        more than a quarter of them (then a dense product is cheaper)."""
+        rows = V.reshape(V.shape[0], -1).ne(0).any(1).nonzero().squeeze(-1)
+        return rows if rows.numel() <= V.shape[0] // 4 else None
+
+    def _Kmv(self, K_mv, V: Tensor) -> Tensor:
+        """``K V`` for ``V`` ``(N, C, k)``. If ``V`` lives on a few data points (unit actions,
+        directions recycled from them, the weights ``a`` of a subset solve), only those
+        points' kernel columns are used: a gather from a cached matrix, else ``K(X, X[rows])``
+        products (``N · |rows|`` kernel evaluations, or JVP/VJPs on those points for the
+        NTK), never a dense one-hot product."""
+        rows = self._support(V)
+        if rows is None:
+            return K_mv(V)
+        cols = getattr(K_mv, "columns", None)
+        if cols is None:  # kernel evaluations against the few points only (any kernel)
+            return self.kernel.matmul(self.X_, self.X_[rows], V[rows], self.C_)
+        N, C, k = V.shape
+        return (cols(rows) @ V[rows].reshape(rows.numel(), C * k)).reshape(N, C, k)
+
     def _A(self, K_mv, S: Tensor):
         def matmul(V: Tensor) -> Tensor:
             self.num_products += V.shape[1]
-            return V + self._St(S, K_mv(self._S(S, V)))
+            return V + self._St(S, self._Kmv(K_mv, self._S(S, V)))
 
         return matmul
 
@@ -258,9 +280,14 @@ class IterGLM:
         phi = self.kernel.features(self.X_)
         return phi.shape[1] <= phi.shape[0]
 
-    def _psi(self, f: Tensor, a: Tensor, m: Tensor) -> Tensor:
-        r""":math:`\Psi = \log p(y|f + o) - \tfrac12 a^\top (f - m)`, the Newton objective."""
-        return self.likelihood.log_prob(f + self.offset_, self.y_).sum() - 0.5 * (a * (f - m)).sum()
+    def _psi(self, f: Tensor, a: Tensor, m: Tensor, rows: Tensor | None = None) -> Tensor:
+        r""":math:`\Psi = \log p(y|f + o) - \tfrac12 a^\top (f - m)`, the Newton objective;
+        with ``rows``, the likelihood of those data points only."""
+        if rows is None:
+            ll = self.likelihood.log_prob(f + self.offset_, self.y_)
+        else:
+            ll = self.likelihood.log_prob(f[rows] + self.offset_[rows], self.y_[rows])
+        return ll.sum() - 0.5 * (a * (f - m)).sum()
 
     def _fit_function(self) -> None:
         X, C, N = self.X_, self.C_, self.N_
@@ -300,11 +327,18 @@ class IterGLM:
                 break  # the final state belongs to the returned mode
             a_new = self._S(S, state.apply_C(z)).squeeze(-1)
             f_new = m + self._K(K_mv, Kd, a_new)
-            psi_new = self._psi(f_new, a_new, m)
+            # The projected step only sees the sites of the points its actions touch (C is
+            # zero elsewhere): for unit actions, a data subset. Its fixed point is the mode of
+            # that subset's objective, so the step is damped on that objective; on the full
+            # one the subset step need not be an ascent direction, and halving would stall.
+            rows = None if self.solver == "cholesky" else self._support(
+                state.D.reshape(N, C, -1))
+            psi = self._psi(f, a, m, rows)
+            psi_new = self._psi(f_new, a_new, m, rows)
             step = 0
             while psi_new < psi - 1e-12 * abs(float(psi)) and step < 20:  # damped Newton
                 a_new, f_new = 0.5 * (a + a_new), 0.5 * (f + f_new)
-                psi_new, step = self._psi(f_new, a_new, m), step + 1
+                psi_new, step = self._psi(f_new, a_new, m, rows), step + 1
             change = abs(float(psi_new - psi))
             self.history.append({"psi": float(psi_new), "rank": state.rank,
                                  "products": self.num_products, "actions": self.num_actions,
@@ -326,7 +360,7 @@ class IterGLM:
         if Kd is not None:
             return (Kd @ a.reshape(-1)).reshape(a.shape)
         self.num_products += 1
-        return K_mv(a.unsqueeze(-1)).squeeze(-1)
+        return self._Kmv(K_mv, a.unsqueeze(-1)).squeeze(-1)
 
     # weight space (exact, classical IRLS) -----------------------------------------------
     def _weight_prior(self, D: int, like: Tensor, C: int) -> Tensor:
@@ -399,21 +433,32 @@ class IterGLM:
                 phi.shape[1] * C, -1), upper=False).reshape(-1, X.shape[0], C)
             cov = torch.einsum("pbc,pbd->bcd", T, T)
             return GLMPrediction(mean + o, cov, torch.zeros_like(mean))
-        mean = self.kernel.mean(X, C) + self.kernel.matmul(
-            X, self.X_, self.a_.unsqueeze(-1), C).squeeze(-1)
+        mean = self.kernel.mean(X, C) + self._cross_mm(
+            X, self.a_.unsqueeze(-1)).squeeze(-1)
         prior = self.kernel.diag(X, C).to(like.dtype)
         S, state = self.S_, self.state_
         comp = torch.zeros_like(mean)
         if isinstance(state, ActionState):
-            Q = self.kernel.matmul(X, self.X_, self._S(S, state.D), C)  # k(x, X) S D
+            Q = self._cross_mm(X, self._S(S, state.D))  # k(x, X) S D
             cov = prior - torch.einsum("bcj,bdj->bcd", Q, Q)
             if computational and state.rank < self.N_ * C:
                 step = max(1, min(chunk, 2**24 // (self.N_ * C * C)))  # (N C) x (step C) blocks
                 comp = torch.cat([self._computational(x, state) for x in X.split(step)])
+                # the computational part never exceeds the combined variance (the exact
+                # part is >= 0), which tightens the bound where ‖r‖² is loose
+                comp = torch.minimum(comp, torch.diagonal(cov, dim1=-2, dim2=-1).clamp_min(0))
         else:
             cov = torch.cat([prior_c - self._reduction(x, state) for x, prior_c in
                              zip(X.split(chunk), prior.split(chunk))])
         return GLMPrediction(mean + o, cov, comp)
+
+    def _cross_mm(self, X: Tensor, V: Tensor) -> Tensor:
+        """``k(X, X_train) V`` for ``V`` ``(N, C, k)``, restricted to the training points where
+        ``V`` is non-zero when those are few (subset / unit-action solves)."""
+        rows = self._support(V)
+        if rows is None:
+            return self.kernel.matmul(X, self.X_, V, self.C_)
+        return self.kernel.matmul(X, self.X_[rows], V[rows], self.C_)
 
     def _cross(self, x: Tensor) -> Tensor:
         """``U = Sᵀ k(X, x)``: ``(N C, B C)`` (one-hot right-hand sides)."""

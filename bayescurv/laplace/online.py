@@ -8,7 +8,7 @@ learned together: gradient steps on the MAP objective
    diag(\delta)\,\theta\Big]
 
 and, every ``marglik_frequency`` epochs after ``n_epochs_burnin``, a Laplace fit at the current
-weights followed by ``n_hypersteps`` Adam steps on the log evidence w.r.t. the log
+weights followed by at most ``n_hypersteps`` L-BFGS steps on the log evidence w.r.t. the log
 hyperparameters. The weights are thereby trained under the prior the evidence selects (the
 post-hoc setting lacks exactly this consistency). The model with the best evidence is kept.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -59,7 +60,7 @@ def marglik_training(
     n_epochs: int = 100,
     lr: float = 1e-3,
     lr_min: float | None = None,
-    lr_hyp: float = 0.1,
+    lr_hyp: float | None = None,
     n_epochs_burnin: int = 10,
     marglik_frequency: int = 5,
     n_hypersteps: int = 50,
@@ -67,7 +68,12 @@ def marglik_training(
     progress: bool = False,
 ) -> MarglikResult:
     """Train ``model`` and its prior precision (and noise, for regression) by the online
-    Laplace evidence. Uses Adam (cosine-decayed to ``lr_min``) for the weights."""
+    Laplace evidence. Uses Adam (cosine-decayed to ``lr_min``) for the weights and
+    :meth:`Laplace.optimize_prior_precision` for the hyperparameters (``lr_hyp`` is
+    deprecated and ignored: that tuner is L-BFGS with a line search)."""
+    if lr_hyp is not None:
+        warnings.warn("marglik_training(lr_hyp=...) is deprecated and ignored",
+                      FutureWarning, stacklevel=2)
     if n_epochs < 1 or marglik_frequency < 1 or n_hypersteps < 1 or n_epochs_burnin < 0:
         raise InvalidArgumentError(
             "n_epochs, marglik_frequency and n_hypersteps must be >= 1, n_epochs_burnin >= 0"
@@ -108,7 +114,7 @@ def marglik_training(
             continue
         model.eval()
         la.fit(train_loader, progress=False)
-        la.optimize_prior_precision(granularity=granularity, n_steps=n_hypersteps, lr=lr_hyp,
+        la.optimize_prior_precision(granularity=granularity, n_steps=n_hypersteps,
                                     tune_sigma_noise=tune_sigma_noise)
         lml = la.log_marginal_likelihood().item()
         result.history.append((epoch, lml))

@@ -18,6 +18,7 @@ variances, samples, hyperparameters) is returned in the model's dtype.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -26,12 +27,17 @@ from torch import Tensor, nn
 from bayescurv import batches
 from bayescurv.curvature import STRUCTURES, compute
 from bayescurv.curvature.engine import HookCapture
-from bayescurv.errors import InvalidArgumentError, NotFittedError, ShapeError
+from bayescurv.curvature.layers import check_modes
+from bayescurv.errors import (
+    InvalidArgumentError,
+    NotFittedError,
+    ShapeError,
+)
 from bayescurv.laplace import marglik, noise, subnetwork
 from bayescurv.laplace.predictive import glm_covariance
 from bayescurv.likelihoods import Gaussian, get_likelihood
 from bayescurv.linalg import PSDOperator, from_state, internal_dtype, to_state
-from bayescurv.params import select
+from bayescurv.params import OutputKey, check_output_key, find_last_layer, select
 
 PRED_TYPES = ("glm", "nn")
 
@@ -53,6 +59,14 @@ class Laplace:
         batch_dim: the dimension of the model's inputs that indexes data points (0, or 1 for
             sequence-first ``(T, B, ...)`` inputs); used by :meth:`fit` and the predictive.
             See :func:`bayescurv.compute` for how each layer's batch dimension follows.
+        output_key: how to read the network output when the model returns a tuple, a dict
+            or a HuggingFace-style output: a key / index, or a callable ``out -> f``.
+
+    ``subset="last_layer"`` (without ``last_layer_name``) is resolved at :meth:`fit` from a
+    forward pass on the first batch: the module with parameters called last; the choice is
+    in :attr:`last_layer_name`. The posterior is tied to the weights it was fitted at
+    (:attr:`mean`): predictions refuse to run when the live weights differ (refit, or
+    :meth:`restore_map`).
 
     Usage::
 
@@ -79,6 +93,7 @@ class Laplace:
         rank: int = 10,
         lowrank_method: str = "sqrt",
         batch_dim: int = 0,
+        output_key: OutputKey = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InvalidArgumentError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -99,7 +114,14 @@ class Laplace:
         self.batch_dim = batches.check_batch_dim(batch_dim)
         self.curvature_options = {"rank": rank, "lowrank_method": lowrank_method} \
             if structure in ("lowrank", "diag+lowrank") else {}
+        self.output_key = check_output_key(output_key)
         self.index: Tensor | None = None  # masked subnetwork: flat positions in self.params
+        #: the output layer's module name for ``subset="last_layer"`` (else ``None``)
+        self.last_layer_name: str | None = last_layer_name
+        # "last_layer" without a name: provisional (registration order) until fit() finds it
+        # from the forward pass
+        self._find_last_layer = isinstance(subset, str) and subset == "last_layer" and (
+            last_layer_name is None)
         if subnetwork.is_mask_subset(subset):
             self.params, self.index = subnetwork.parse_masks(model, subset)
             if structure not in subnetwork.MASK_STRUCTURES:
@@ -107,15 +129,14 @@ class Laplace:
                     f"a masked subnetwork supports structure in {subnetwork.MASK_STRUCTURES}, "
                     f"got {structure!r}"
                 )
+            self.params.output_key = self.output_key
         else:
-            self.params = select(model, subset, last_layer_name=last_layer_name)
-        #: dtype of the curvature, mean and hyperparameters (float64 for float32/bf16/fp16)
-        self.internal_dtype = internal_dtype(self.params.dtype)
-        self.layer_index = marglik.layer_index(self.params)
-        self.tensor_index = marglik.tensor_index(self.params)
-        if self.index is not None:
-            self.layer_index = self.layer_index[self.index]
-            self.tensor_index = self.tensor_index[self.index]
+            if self._find_last_layer:
+                self.last_layer_name = find_last_layer(model)
+            self.params = select(model, subset, last_layer_name=self.last_layer_name,
+                                 output_key=self.output_key)
+        self.tuning: marglik.TuningReport | None = None  #: report of the last marglik tuning
+        self._use_params()
         self.prior_precision = prior_precision
         self.sigma_noise = sigma_noise
         self._H: PSDOperator | None = None
@@ -124,6 +145,30 @@ class Laplace:
         self.loss: Tensor | None = None
         self.num_data = 0
         self.num_outputs = 0
+
+    def _use_params(self) -> None:
+        """Set what depends on :attr:`params` (dtype, layer and tensor groupings)."""
+        #: dtype of the curvature, mean and hyperparameters (float64 for float32/bf16/fp16)
+        self.internal_dtype = internal_dtype(self.params.dtype)
+        self.layer_index = marglik.layer_index(self.params)
+        self.tensor_index = marglik.tensor_index(self.params)
+        if self.index is not None:
+            self.layer_index = self.layer_index[self.index]
+            self.tensor_index = self.tensor_index[self.index]
+
+    def _resolve_last_layer(self, loader: Iterable, x_key: str, y_key: str) -> Iterable:
+        """Find the output layer from a forward pass on the first batch (``subset=
+        "last_layer"``); re-select the parameters when it is not the provisional one."""
+        x, loader = batches.peek_inputs(loader, x_key, y_key)
+        name = find_last_layer(self.model, x, self.output_key)
+        if name != self.last_layer_name:
+            self.params = select(self.model, "last_layer", last_layer_name=name,
+                                 output_key=self.output_key)
+            self._use_params()
+            self.last_layer_name = name
+            self.prior_precision = self._prior  # re-validated for the new layer
+        self._find_last_layer = False
+        return loader
 
     # hyperparameters ---------------------------------------------------------------------
     @property
@@ -216,6 +261,14 @@ class Laplace:
         """Compute the curvature at the current parameters (the MAP) in one pass over
         ``loader`` and store ``θ*``. Regression curvature is computed at unit noise and
         scaled by ``1/σ²`` afterwards, so ``σ`` can be tuned without refitting."""
+        if self.structure == "ekfac" or self.likelihood.name == "regression" or (
+                self.curvature_options.get("lowrank_method", "sqrt") != "sqrt"):
+            batches.check_reiterable(
+                loader, f"structure={self.structure!r}" if self.likelihood.name != "regression"
+                else "regression (curvature, then residuals for the noise)")
+        check_modes(self.model)
+        if self._find_last_layer:
+            loader = self._resolve_last_layer(loader, x_key, y_key)
         unit = Gaussian(1.0) if self.likelihood.name == "regression" else self.likelihood
         options = dict(kind=self.kind, num_samples=self.num_samples, generator=self.generator,
                        unknown_layers=self.unknown_layers, x_key=x_key, y_key=y_key,
@@ -253,6 +306,28 @@ class Laplace:
     def _check_fitted(self) -> None:
         if self._H is None:
             raise NotFittedError("call fit(train_loader) before using the posterior")
+
+    def _check_weights(self) -> None:
+        """Refuse to predict when the network's live weights are not the posterior mean
+        ``θ*`` (changed after fit, or a state dict of another model loaded): the predictive
+        would mix the new network with the old covariance. One ``O(P)`` comparison."""
+        live = self._embed_or_select(self.params.vector()).to(self.internal_dtype)
+        if live.shape != self.mean.shape or not torch.equal(live, self.mean):
+            raise InvalidArgumentError(
+                "the network's weights are not the ones this posterior was fitted at (they "
+                "changed after fit, or load_state_dict restored another posterior); call "
+                "la.fit(train_loader) again to refit at the new weights, or la.restore_map() "
+                "to write the posterior mean back into the network"
+            )
+
+    def restore_map(self) -> Laplace:
+        """Write the posterior mean ``θ*`` into the network's parameters (e.g. after
+        :meth:`load_state_dict` into a freshly built model, or after the weights were
+        changed), so the posterior and the network agree again."""
+        self._check_fitted()
+        self.params.assign(self._embed(self.mean.to(self.params.dtype),
+                                       self.params.vector()))
+        return self
 
     # the posterior -----------------------------------------------------------------------
     @property
@@ -334,6 +409,12 @@ class Laplace:
         Computed in :attr:`internal_dtype` (float64 for float32/bf16/fp16 models) and
         returned in the model's dtype; gradients reach hyperparameters of either dtype.
         """
+        return self._log_evidence(prior_precision, sigma_noise).to(self.params.dtype)
+
+    def _log_evidence(self, prior_precision: Tensor | None = None,
+                      sigma_noise: Tensor | None = None) -> Tensor:
+        """:meth:`log_marginal_likelihood` in :attr:`internal_dtype` (what the tuner
+        optimizes: float64 values for its line search also for float32 models)."""
         self._check_fitted()
         prior = self._prior if prior_precision is None else marglik.check_prior(
             prior_precision, self.num_params, self.num_layers, self.internal_dtype,
@@ -345,7 +426,7 @@ class Laplace:
             + marglik.log_prior(prior, self.mean, self.prior_groups(prior))
             - 0.5 * lam.logdet()
         )
-        return lml.to(self.params.dtype)
+        return lml
 
     def optimize_prior_precision(
         self,
@@ -353,17 +434,23 @@ class Laplace:
         granularity: str = "scalar",
         *,
         n_steps: int = 100,
-        lr: float = 0.1,
+        lr: float | None = None,
         tune_sigma_noise: bool = False,
         verbose: bool = False,
         val_loader: Iterable | None = None,
         metric: str | Callable = "nll",
         grid: Tensor | None = None,
         link: str = "probit",
+        tol: float = 1e-4,
+        x_key: str = "x",
+        y_key: str = "y",
     ) -> Tensor:
         """Tune the prior precision (and, with ``tune_sigma_noise``, the observation noise) by
-        maximizing :meth:`log_marginal_likelihood` with Adam on log-parameters
-        (``method="marglik"``), or by a grid search over a scalar prior precision on
+        maximizing :meth:`log_marginal_likelihood` (``method="marglik"``: a coarse log-grid
+        start for a scalar prior, then L-BFGS on the log-hyperparameters with at most
+        ``n_steps`` iterations, stopping when the largest gradient entry is below ``tol``;
+        a :class:`~bayescurv.errors.ConvergenceWarning` when it is not, and the report in
+        :attr:`tuning`), or by a grid search over a scalar prior precision on
         ``val_loader`` (``method="gridsearch"``) minimizing ``metric``: ``"nll"`` (predictive
         NLL; for regression the Gaussian predictive NLL, which depends on the prior, unlike
         the RMSE), ``"ece"``, ``"brier"``, or a callable ``(prediction, y) -> float`` (lower is
@@ -378,19 +465,27 @@ class Laplace:
         each step then costs ``O(P)`` for diag, K-FAC and EKFAC and for full with a scalar
         prior (a full posterior with a non-scalar prior needs a Cholesky per step).
         Returns the tuned prior precision (also stored).
+
+        ``lr`` is deprecated and ignored (it was Adam's step size; L-BFGS needs none).
         """
         self._check_fitted()
+        if lr is not None:
+            warnings.warn("optimize_prior_precision(lr=...) is deprecated and ignored: the "
+                          "tuner is L-BFGS with a line search", FutureWarning, stacklevel=2)
         if method == "gridsearch":
             if val_loader is None:
                 raise InvalidArgumentError("method='gridsearch' needs a val_loader")
             if granularity != "scalar":
                 raise InvalidArgumentError("method='gridsearch' tunes a scalar prior precision")
-            return marglik.gridsearch(self, val_loader, metric, grid, link, verbose)
+            return marglik.gridsearch(self, val_loader, metric, grid, link, verbose,
+                                      x_key=x_key, y_key=y_key)
         if method != "marglik":
             raise InvalidArgumentError(
                 f"unknown method {method!r}; use 'marglik' or 'gridsearch'"
             )
-        return marglik.optimize(self, granularity, n_steps, lr, tune_sigma_noise, verbose)
+        prior, self.tuning = marglik.optimize(self, granularity, n_steps, tune_sigma_noise,
+                                              verbose, tol=tol)
+        return prior
 
     # predictions -------------------------------------------------------------------------
     def _inputs(self, x):
