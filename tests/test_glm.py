@@ -32,7 +32,7 @@ def _dense(la, X, Y, prior, sigma):
     params = la.params
     theta = params.vector()
     J = torch.func.jacrev(lambda v: params.functional_call(v, X).reshape(-1))(theta)
-    J = la._embed_or_select(J.T).T
+    J = la.posterior_entries(J.T).T
     r = (Y - params.model(X)).reshape(-1).detach() + J @ la.mean
     D = torch.diag(la.prior_diagonal(prior))
     cov = J @ torch.linalg.inv(D) @ J.T + sigma**2 * torch.eye(J.shape[0], dtype=DT)
@@ -74,11 +74,11 @@ def test_laplace_evidence_at_the_linear_posterior_mean_is_exact():
     theta_bar = glm.posterior_mean()
     exact = glm.log_marginal_likelihood()
     offset = glm.mean_offset(X, theta_bar)
-    la.params.assign(la._embed(theta_bar, la.params.vector()))
+    la.params.assign(la.with_posterior_entries(theta_bar, la.params.vector()))
     la.fit(data, progress=False)
     torch.testing.assert_close(la.log_marginal_likelihood(), exact, rtol=1e-10, atol=1e-9)
     # the linearization of a linear layer is exact: f(x; θ̄) = f(x; θ*) + J(x)(θ̄ - θ*)
-    before = la.params.functional_call(la._embed(glm.theta, la.params.vector()), X)
+    before = la.params.functional_call(la.with_posterior_entries(glm.theta, la.params.vector()), X)
     torch.testing.assert_close(net(X), before + offset, rtol=1e-10, atol=1e-10)
 
 

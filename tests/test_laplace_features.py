@@ -51,6 +51,85 @@ def test_state_dict_rejects_other_posteriors():
                 structure="kfac").load_state_dict(state)
 
 
+def _fitted(structure="kfac"):
+    model, x, y, dl = setup()
+    return Laplace(model, "classification", structure=structure).fit(dl, progress=False), x
+
+
+def test_predict_refuses_weights_changed_after_fit_and_restore_map_reties_them():
+    la, x = _fitted()
+    before = la.predict(x[:4])
+    with torch.no_grad():
+        la.model[0].weight.add_(0.1)
+    for call in (lambda: la.predict(x[:4]), lambda: la.functional(x[:4]),
+                 lambda: la.functional_samples(x[:4], n=3),
+                 lambda: la.predict(x[:4], pred_type="nn", num_samples=2)):
+        with pytest.raises(errors.InvalidArgumentError, match="not the ones this posterior"):
+            call()
+    la.restore_map()
+    torch.testing.assert_close(la.predict(x[:4]), before, rtol=0, atol=0)
+
+
+def test_loaded_state_of_another_model_is_refused_until_restore_map():
+    la, x = _fitted()
+    other, _, _, _ = setup(seed=5)  # same architecture, other weights
+    la2 = Laplace(other, "classification", structure="kfac").load_state_dict(la.state_dict())
+    with pytest.raises(errors.InvalidArgumentError, match="restore_map"):
+        la2.predict(x[:4])
+    la2.restore_map()
+    torch.testing.assert_close(la2.predict(x[:4]), la.predict(x[:4]))
+
+
+def test_pred_type_nn_leaves_the_weights_exactly_as_found():
+    la, x = _fitted()
+    found = [p.detach().clone() for p in la.model.parameters()]
+    la.predict(x[:4], pred_type="nn", num_samples=3, generator=torch.Generator().manual_seed(0))
+    for p, q in zip(la.model.parameters(), found):
+        assert torch.equal(p, q)
+
+
+def _state_with(mutate):
+    la, _ = _fitted()
+    state = la.state_dict()
+    mutate(state)
+    return state
+
+
+@pytest.mark.parametrize("mutate, error, phrase", [
+    (lambda s: s.pop("curvature"), errors.InvalidArgumentError, "lacks the keys"),
+    (lambda s: s.update(mean=s["mean"][:-1]), errors.ShapeError, "parameters"),
+    (lambda s: s["mean"].__setitem__(0, float("nan")), errors.NonFiniteError, "NaN"),
+    (lambda s: s["curvature"]["blocks"][0]["eigenvalues"].fill_(float("nan")),
+     errors.NonFiniteError, "NaN"),
+    (lambda s: s.update(version=99), errors.InvalidArgumentError, "version"),
+    (lambda s: s.update(kind="ef"), errors.InvalidArgumentError, "kind"),
+    (lambda s: s["curvature"].pop("blocks"), errors.InvalidArgumentError, "malformed"),
+])
+def test_load_state_dict_validates_before_assigning(mutate, error, phrase):
+    state = _state_with(mutate)
+    model, _, _, _ = setup()
+    la = Laplace(model, "classification", structure="kfac")
+    with pytest.raises(error, match=phrase):
+        la.load_state_dict(state)
+    with pytest.raises(errors.NotFittedError):  # nothing was assigned
+        la.predict(torch.zeros(2, 4, dtype=DT))
+
+
+def test_load_state_dict_refuses_a_wider_net_with_the_same_names():
+    la, _ = _fitted()
+    torch.manual_seed(0)
+    wide = nn.Sequential(nn.Linear(4, 9), nn.Tanh(), nn.Linear(9, 3)).to(DT)
+    with pytest.raises(errors.ShapeError, match="other shapes"):
+        Laplace(wide, "classification", structure="kfac").load_state_dict(la.state_dict())
+
+
+def test_unbatched_input_gets_a_clear_error():
+    la, x = _fitted()
+    with pytest.raises(errors.ShapeError, match="unsqueeze"):
+        la.predict(x[0])
+    assert la.predict(x[0].unsqueeze(0)).shape == (1, 3)
+
+
 def test_functional_samples_are_jointly_correlated():
     """Samples at two inputs have the posterior's cross-covariance: neither independent nor
     perfectly correlated (laplace-torch reuses one normal draw across the batch)."""

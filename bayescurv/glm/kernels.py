@@ -244,7 +244,7 @@ class EmpiricalNTK(GLMKernel):
         if not isinstance(laplace, Laplace):
             raise InvalidArgumentError(
                 f"laplace must be a bayescurv.Laplace, got {type(laplace).__name__}")
-        laplace._check_fitted()
+        laplace.check_fitted()
         if laplace.index is not None:
             raise InvalidArgumentError("EmpiricalNTK does not support masked subnetworks")
         self.laplace = laplace

@@ -61,7 +61,7 @@ class GaussianGLM:
     """
 
     def __init__(self, la: Laplace, data: Iterable, *, x_key: str = "x", y_key: str = "y"):
-        la._check_fitted()
+        la.check_fitted()
         if la.likelihood.name != "regression" or la.kind != "ggn" or la.structure != "full":
             raise InvalidArgumentError(
                 "the exact linearized Gaussian model needs likelihood='regression', kind='ggn' "
@@ -91,7 +91,7 @@ class GaussianGLM:
         batches.all_reduce_([grad, sse])
         theta = la.mean.detach()
         G = la.curvature.to_dense().detach().to(dt)
-        jr = la._embed_or_select(grad)  # J^T (y - f)
+        jr = la.posterior_entries(grad)  # J^T (y - f)
         self.theta = theta
         self.b = jr + G @ theta  # J^T r~
         self.rr = sse + 2 * theta @ jr + theta @ G @ theta  # ||r~||^2
@@ -101,8 +101,8 @@ class GaussianGLM:
         la = self.la
         prior = la.prior_precision if prior_precision is None else prior_precision
         sigma = la.sigma_noise if sigma_noise is None else sigma_noise
-        sigma = la._internal(sigma).reshape(())
-        prior = la._internal(prior)
+        sigma = la.as_internal(sigma).reshape(())
+        prior = la.as_internal(prior)
         return la.posterior_precision_at(prior, sigma), prior, sigma
 
     def posterior_mean(self, prior_precision: Tensor | None = None,
@@ -130,7 +130,7 @@ class GaussianGLM:
         differentiable in ``x``. Output shaped like the network's output at ``x``."""
         params = self.la.params
         full = params.vector()
-        direction = self.la._embed((theta_bar - self.theta).to(full.dtype),
+        direction = self.la.with_posterior_entries((theta_bar - self.theta).to(full.dtype),
                                    torch.zeros_like(full))
         _, out = torch.func.jvp(lambda v: params.functional_call(v, x), (full,), (direction,))
         return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -183,10 +184,57 @@ def _start(la: Laplace, granularity: str, log_sigma: Tensor) -> Tensor:
         return init.log()
     cands = torch.cat([GRID.to(init), init.reshape(1)])
     with torch.no_grad():
-        values = torch.stack([la._log_evidence(c, log_sigma.exp()).to(cands)
+        values = torch.stack([la.log_marginal_likelihood(c, log_sigma.exp(), in_internal_dtype=True).to(cands)
                               for c in cands])
     values = torch.where(torch.isfinite(values), values, -math.inf)
     return cands[values.argmax()].log()
+
+
+def maximize_lbfgs(
+    objective: Callable[[], Tensor], variables: list[Tensor], max_iter: int, *,
+    tol: float = 1e-4, keep_best: bool = False,
+) -> tuple[float, int, float]:
+    r"""Maximize ``objective()`` over ``variables`` (leaf tensors that require grad, updated in
+    place; ``objective`` reads them): the inner loop of :func:`optimize`, shared with the
+    MAP-II tuners of :mod:`bayescurv.bo`.
+
+    L-BFGS with a strong-Wolfe line search (history 20), at most ``max_iter`` iterations
+    (none for ``max_iter < 1``: the objective is only evaluated), stopping when the largest
+    gradient entry is below ``tol``. A non-finite value is a failed trial step: the line
+    search sees :math:`+\infty` as the loss and backs off (``objective`` may raise instead).
+    With ``keep_best`` the variables end at the best finite iterate evaluated, else where
+    L-BFGS stopped. Returns the objective at the result, the iterations taken and the
+    max-norm of the gradient there (``-inf`` and ``inf`` when the result is not finite).
+    """
+    best: tuple[float, list[Tensor]] = (-math.inf, [v.detach().clone() for v in variables])
+    opt = torch.optim.LBFGS(variables, lr=1.0, max_iter=max(max_iter, 1), history_size=20,
+                            tolerance_grad=tol, tolerance_change=1e-12,
+                            line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        nonlocal best
+        opt.zero_grad()
+        value = objective()
+        if not torch.isfinite(value):
+            return torch.tensor(math.inf, dtype=value.dtype, device=value.device)
+        if keep_best and value.item() > best[0]:
+            best = (value.item(), [v.detach().clone() for v in variables])
+        (-value).backward()
+        return -value
+
+    if max_iter >= 1:
+        opt.step(closure)
+    if keep_best:
+        with torch.no_grad():
+            for v, b in zip(variables, best[1]):
+                v.copy_(b)
+    loss = closure()  # gradient at the result
+    if not torch.isfinite(loss):
+        return -math.inf, 0, math.inf
+    grad = max((v.grad.abs().max().item() for v in variables if v.grad is not None),
+               default=0.0)
+    steps = int(opt.state[opt._params[0]].get("n_iter", 0))
+    return -loss.item(), steps, grad
 
 
 def optimize(
@@ -197,9 +245,10 @@ def optimize(
 
     Method (chosen for a smooth problem with few variables and an ``O(P)`` exact gradient):
     a coarse log-grid start for a scalar prior, then L-BFGS with a strong-Wolfe line search
-    in log space, at most ``n_steps`` iterations, stopping when the largest gradient entry is
-    below ``tol``. Adam with a fixed learning rate (the earlier method) stopped far from the
-    optimum from a distant start. Warns (:class:`ConvergenceWarning`) when not converged.
+    in log space (:func:`maximize_lbfgs`), at most ``n_steps`` iterations, stopping when the
+    largest gradient entry is below ``tol``. Adam with a fixed learning rate (the earlier
+    method) stopped far from the optimum from a distant start. Warns
+    (:class:`ConvergenceWarning`) when not converged.
     """
     if granularity not in GRANULARITIES:
         raise InvalidArgumentError(
@@ -217,28 +266,21 @@ def optimize(
     variables = [log_prior.requires_grad_(True)]
     if tune_sigma:
         variables.append(log_sigma.requires_grad_(True))
-    opt = torch.optim.LBFGS(variables, lr=1.0, max_iter=n_steps, history_size=20,
-                            tolerance_grad=tol, tolerance_change=1e-12,
-                            line_search_fn="strong_wolfe")
 
-    def closure() -> Tensor:
-        opt.zero_grad()
-        lml = la._log_evidence(log_prior.exp(), log_sigma.exp())
+    def objective() -> Tensor:
+        lml = la.log_marginal_likelihood(log_prior.exp(), log_sigma.exp(),
+                                         in_internal_dtype=True)
         if not torch.isfinite(lml):
             raise NonFiniteError(
                 "the log marginal likelihood became non-finite at prior precision "
                 f"{log_prior.detach().exp().tolist()}; check the curvature and the data"
             )
-        (-lml).backward()
         if verbose:
             print(f"log evidence {lml.item():.6f}")
-        return -lml
+        return lml
 
-    opt.step(closure)
-    loss = closure()  # gradient at the result
-    grad = torch.cat([v.grad.reshape(-1) for v in variables]).abs().max().item()
-    steps = int(opt.state[opt._params[0]].get("n_iter", 0))
-    report = TuningReport(grad <= tol, steps, grad, -loss.item(), start)
+    value, steps, grad = maximize_lbfgs(objective, variables, n_steps, tol=tol)
+    report = TuningReport(grad <= tol, steps, grad, value, start)
     if not report.converged:
         warnings.warn(
             f"prior-precision optimization did not converge in {steps} L-BFGS steps "

@@ -35,14 +35,15 @@ from bayescurv.errors import (
 )
 from bayescurv.laplace import marglik, noise, subnetwork
 from bayescurv.laplace.predictive import glm_covariance
+from bayescurv.laplace.state import StateDictMixin
 from bayescurv.likelihoods import Gaussian, get_likelihood
-from bayescurv.linalg import PSDOperator, from_state, internal_dtype, to_state
+from bayescurv.linalg import PSDOperator, internal_dtype
 from bayescurv.params import OutputKey, check_output_key, find_last_layer, select
 
 PRED_TYPES = ("glm", "nn")
 
 
-class Laplace:
+class Laplace(StateDictMixin):
     """Post-hoc Laplace approximation of a trained network.
 
     Args:
@@ -216,7 +217,7 @@ class Laplace:
 
     @sigma_noise.setter
     def sigma_noise(self, value: float | Tensor) -> None:
-        s = self._internal(value)
+        s = self.as_internal(value)
         if not torch.isfinite(s).all() or (s <= 0).any():
             raise InvalidArgumentError(f"sigma_noise must be finite and positive, got {value}")
         if self.likelihood.name != "regression" and not torch.all(s == 1):
@@ -283,7 +284,7 @@ class Laplace:
             curv = subnetwork.masked_curvature(self.params, self.index, unit, loader,
                                                self.structure, **options)
         self._H = curv.matrix
-        self.mean = self._embed_or_select(self.params.vector()).to(self.internal_dtype)
+        self.mean = self.posterior_entries(self.params.vector()).to(self.internal_dtype)
         self.num_data = curv.num_data
         self.loss = curv.loss
         if isinstance(self.likelihood, Gaussian):
@@ -303,15 +304,16 @@ class Laplace:
                     **{k: v for k, v in options.items() if k != "progress"})
         return self
 
-    def _check_fitted(self) -> None:
+    def check_fitted(self) -> None:
+        """Raise :class:`~bayescurv.errors.NotFittedError` before :meth:`fit`."""
         if self._H is None:
             raise NotFittedError("call fit(train_loader) before using the posterior")
 
-    def _check_weights(self) -> None:
+    def check_weights(self) -> None:
         """Refuse to predict when the network's live weights are not the posterior mean
         ``θ*`` (changed after fit, or a state dict of another model loaded): the predictive
         would mix the new network with the old covariance. One ``O(P)`` comparison."""
-        live = self._embed_or_select(self.params.vector()).to(self.internal_dtype)
+        live = self.posterior_entries(self.params.vector()).to(self.internal_dtype)
         if live.shape != self.mean.shape or not torch.equal(live, self.mean):
             raise InvalidArgumentError(
                 "the network's weights are not the ones this posterior was fitted at (they "
@@ -324,8 +326,8 @@ class Laplace:
         """Write the posterior mean ``θ*`` into the network's parameters (e.g. after
         :meth:`load_state_dict` into a freshly built model, or after the weights were
         changed), so the posterior and the network agree again."""
-        self._check_fitted()
-        self.params.assign(self._embed(self.mean.to(self.params.dtype),
+        self.check_fitted()
+        self.params.assign(self.with_posterior_entries(self.mean.to(self.params.dtype),
                                        self.params.vector()))
         return self
 
@@ -333,16 +335,16 @@ class Laplace:
     @property
     def curvature(self) -> PSDOperator:
         """``H``, the curvature of the summed NLL (unit noise for regression)."""
-        self._check_fitted()
+        self.check_fitted()
         return self._H
 
     def posterior_precision_at(
         self, prior_precision: Tensor | None = None, sigma_noise: Tensor | None = None
     ) -> PSDOperator:
         """:math:`\\Lambda = H/\\sigma^2 + diag(\\delta)`, differentiable in both."""
-        self._check_fitted()
-        prior = self._prior if prior_precision is None else self._internal(prior_precision)
-        sigma = self._sigma if sigma_noise is None else self._internal(sigma_noise)
+        self.check_fitted()
+        prior = self._prior if prior_precision is None else self.as_internal(prior_precision)
+        sigma = self._sigma if sigma_noise is None else self.as_internal(sigma_noise)
         h = self._H
         if self.likelihood.name == "regression":
             if self._H_outputs is not None:
@@ -376,7 +378,7 @@ class Laplace:
         """Marginal posterior variances ``(num_params,)`` (model dtype)."""
         return self.posterior_precision.inv_diagonal().to(self.params.dtype)
 
-    def _internal(self, value: float | Tensor) -> Tensor:
+    def as_internal(self, value: float | Tensor) -> Tensor:
         """A hyperparameter in :attr:`internal_dtype` (differentiable cast; Python numbers
         are converted directly, never through the default float32)."""
         if not torch.is_tensor(value):
@@ -385,17 +387,18 @@ class Laplace:
 
     def log_likelihood_at(self, sigma_noise: Tensor | None = None) -> Tensor:
         """:math:`\\log p(D | \\theta^*)`, differentiable in the observation noise."""
-        self._check_fitted()
+        self.check_fitted()
         if self.likelihood.name != "regression":
             return -self.loss
-        s = (self._sigma if sigma_noise is None else self._internal(sigma_noise)).reshape(-1)
+        s = (self._sigma if sigma_noise is None else self.as_internal(sigma_noise)).reshape(-1)
         s = s.expand(self.num_outputs)
         n, c = self.num_data, self.num_outputs
         return (-0.5 * (self._sse / s**2).sum() - n * torch.log(s).sum()
                 - 0.5 * n * c * math.log(2 * math.pi))
 
     def log_marginal_likelihood(
-        self, prior_precision: Tensor | None = None, sigma_noise: Tensor | None = None
+        self, prior_precision: Tensor | None = None, sigma_noise: Tensor | None = None,
+        *, in_internal_dtype: bool = False,
     ) -> Tensor:
         r"""Laplace log evidence, differentiable in ``prior_precision`` and ``sigma_noise``:
 
@@ -407,26 +410,21 @@ class Laplace:
 
         with the zero-mean Gaussian prior :math:`p(\theta) = N(0, diag(\delta)^{-1})`.
         Computed in :attr:`internal_dtype` (float64 for float32/bf16/fp16 models) and
-        returned in the model's dtype; gradients reach hyperparameters of either dtype.
+        returned in the model's dtype (``in_internal_dtype=True``: as computed, what the
+        tuner's line search uses); gradients reach hyperparameters of either dtype.
         """
-        return self._log_evidence(prior_precision, sigma_noise).to(self.params.dtype)
-
-    def _log_evidence(self, prior_precision: Tensor | None = None,
-                      sigma_noise: Tensor | None = None) -> Tensor:
-        """:meth:`log_marginal_likelihood` in :attr:`internal_dtype` (what the tuner
-        optimizes: float64 values for its line search also for float32 models)."""
-        self._check_fitted()
+        self.check_fitted()
         prior = self._prior if prior_precision is None else marglik.check_prior(
             prior_precision, self.num_params, self.num_layers, self.internal_dtype,
             self.params.device, allow_grad=True, num_tensors=self.num_tensors)
-        sigma = self._sigma if sigma_noise is None else self._internal(sigma_noise)
+        sigma = self._sigma if sigma_noise is None else self.as_internal(sigma_noise)
         lam = self.posterior_precision_at(prior, sigma)
         lml = (
             self.log_likelihood_at(sigma)
             + marglik.log_prior(prior, self.mean, self.prior_groups(prior))
             - 0.5 * lam.logdet()
         )
-        return lml
+        return lml if in_internal_dtype else lml.to(self.params.dtype)
 
     def optimize_prior_precision(
         self,
@@ -468,7 +466,7 @@ class Laplace:
 
         ``lr`` is deprecated and ignored (it was Adam's step size; L-BFGS needs none).
         """
-        self._check_fitted()
+        self.check_fitted()
         if lr is not None:
             warnings.warn("optimize_prior_precision(lr=...) is deprecated and ignored: the "
                           "tuner is L-BFGS with a line search", FutureWarning, stacklevel=2)
@@ -489,12 +487,20 @@ class Laplace:
 
     # predictions -------------------------------------------------------------------------
     def _inputs(self, x):
-        self._check_fitted()
+        """Validate and move a batch of inputs; the posterior must be fitted and tied to the
+        network's live weights (:meth:`check_weights`)."""
+        self.check_fitted()
+        self.check_weights()
         if isinstance(x, dict):
             x = batches.to_device(x, self.params.device, self.params.dtype)
         else:
             if not torch.is_tensor(x):
                 raise InvalidArgumentError(f"x must be a tensor, got {type(x).__name__}")
+            if x.dim() == 1 and x.is_floating_point():
+                raise ShapeError(
+                    f"x has shape {tuple(x.shape)}: predictions take a batch of inputs; for "
+                    "one input of D features use x.unsqueeze(0), for a batch of scalars "
+                    "x.unsqueeze(-1)")
             x = x.to(device=self.params.device,
                      dtype=self.params.dtype if x.is_floating_point() else x.dtype)
         batches.check_finite(x, "inputs")
@@ -545,11 +551,11 @@ class Laplace:
         try:
             full = self.params.vector()
             for theta in thetas:
-                self.params.assign(self._embed(theta, full))
+                self.params.assign(self.with_posterior_entries(theta, full))
                 f = self.model(**x) if isinstance(x, dict) else self.model(x)
                 outs.append(self.likelihood.check_outputs(f))
         finally:
-            self.params.assign(self._embed(self.mean, full))
+            self.params.assign(full)  # exactly the weights found (== θ*, checked above)
         f = torch.stack(outs)
         if self.likelihood.name == "regression":
             var = f.var(0, unbiased=False) + self.sigma_noise**2
@@ -574,70 +580,11 @@ class Laplace:
                         device=cov.device)
         return mean.unsqueeze(0) + (root @ z).T.reshape(n, *mean.shape)
 
-    # serialization ----------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """Everything to restore the fitted posterior: tensors, strings and lists only, so it
-        loads with ``torch.load(path, weights_only=True)``."""
-        self._check_fitted()
-        state = {
-            "version": 1,
-            "likelihood": self.likelihood.name,
-            "structure": self.structure,
-            "kind": self.kind,
-            "param_names": list(self.params.names),
-            "index": self.index,
-            "mean": self.mean,
-            "prior_precision": self._prior,
-            "sigma_noise": self._sigma,
-            "curvature": to_state(self._H),
-            "curvature_outputs": None if self._H_outputs is None else [
-                to_state(h) for h in self._H_outputs],
-            "loss": self.loss,
-            "num_data": self.num_data,
-            "num_outputs": self.num_outputs,
-        }
-        if hasattr(self, "_sse"):
-            state["sse"] = self._sse
-        return state
-
-    def load_state_dict(self, state: dict) -> Laplace:
-        """Restore a posterior saved by :meth:`state_dict` into this (unfitted or fitted)
-        object, built for the same model, likelihood, subset and structure; tensors move to
-        the model's device."""
-        for key, mine in (("likelihood", self.likelihood.name), ("structure", self.structure)):
-            if state.get(key) != mine:
-                raise InvalidArgumentError(
-                    f"state has {key}={state.get(key)!r} but this posterior has {mine!r}"
-                )
-        if list(state["param_names"]) != list(self.params.names):
-            raise InvalidArgumentError(
-                "state was saved for other parameters: "
-                f"{state['param_names'][:5]}... vs {self.params.names[:5]}..."
-            )
-        dev = self.params.device
-        saved = state.get("index")
-        if (saved is None) != (self.index is None) or (
-            saved is not None and not torch.equal(saved.to(dev), self.index)
-        ):
-            raise InvalidArgumentError("state was saved for another subnetwork mask")
-        self._H = from_state(state["curvature"], device=dev)
-        outs = state.get("curvature_outputs")
-        self._H_outputs = None if outs is None else [from_state(h, device=dev) for h in outs]
-        self.mean = state["mean"].to(device=dev, dtype=self.internal_dtype)
-        self.prior_precision = state["prior_precision"].to(device=dev)
-        self.sigma_noise = state["sigma_noise"].to(device=dev)
-        self.loss = state["loss"].to(device=dev)
-        self.num_data = int(state["num_data"])
-        self.num_outputs = int(state["num_outputs"])
-        if "sse" in state:
-            self._sse = state["sse"].to(device=dev)
-        return self
-
-    def _embed_or_select(self, full: Tensor) -> Tensor:
+    def posterior_entries(self, full: Tensor) -> Tensor:
         """The posterior's entries of a full flat vector of ``self.params``."""
         return full if self.index is None else full[self.index]
 
-    def _embed(self, theta: Tensor, full: Tensor) -> Tensor:
+    def with_posterior_entries(self, theta: Tensor, full: Tensor) -> Tensor:
         """A full flat vector with the posterior's entries replaced by ``theta``."""
         if self.index is None:
             return theta
@@ -648,7 +595,7 @@ class Laplace:
     def sample(self, n: int = 100, generator: torch.Generator | None = None) -> Tensor:
         """``n`` parameter vectors from the posterior, ``(n, num_params)`` in flat order
         (for a masked subnetwork: the masked entries, in flat order)."""
-        self._check_fitted()
+        self.check_fitted()
         if not isinstance(n, int) or n < 1:
             raise InvalidArgumentError(f"n must be a positive integer, got {n}")
         draws = self.mean + self.posterior_precision.sample_inverse(n, generator)

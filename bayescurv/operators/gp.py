@@ -94,7 +94,7 @@ class OperatorGP:
         """The GP of a fitted :class:`bayescurv.Laplace` whose model is a
         :class:`FlattenOutput` (or any operator with flat outputs): its parameters, posterior
         precision at the current hyperparameters, and observation noise."""
-        la._check_fitted()
+        la.check_fitted()
         if la.index is not None:
             raise InvalidArgumentError("masked subnetworks are not supported by OperatorGP; "
                                        "select parameters by name")
