@@ -397,7 +397,11 @@ def test_fantasize_all_structures(case_model):
 def test_noise_hyperprior_map2():
     """MAP-II noise tuning: the objective is the Laplace evidence plus the LogNormal log density
     of σ² (hand-computed), and the tuned (δ, σ) is at least as good as the start."""
-    from bayescurv.bo.model import default_noise_prior, noise_log_prior, tune_hyperparameters
+    from bayescurv.bo.hyperparameters import (
+        default_noise_prior,
+        noise_log_prior,
+        tune_hyperparameters,
+    )
 
     X, Y = _data(n=10)
     model = LaplaceModel(X, Y, seed=0, **{**FAST, "marglik_steps": 0})
@@ -461,7 +465,7 @@ def test_default_model_is_exact_bayesian_linear_regression_on_the_selected_featu
                                (Pq @ torch.linalg.solve(A, Pq.T)).diagonal(), rtol=1e-6, atol=1e-9)
     cov = Phi @ Phi.T / delta + s2 * torch.eye(15, dtype=DT)
     ev = torch.distributions.MultivariateNormal(torch.zeros(15, dtype=DT), cov).log_prob(Y[:, 0])
-    from bayescurv.bo.model import default_noise_prior, noise_log_prior
+    from bayescurv.bo.hyperparameters import default_noise_prior, noise_log_prior
 
     objective = ev + noise_log_prior(default_noise_prior(), model.la.sigma_noise)
     torch.testing.assert_close(torch.as_tensor(model.log_evidence, dtype=DT), objective,

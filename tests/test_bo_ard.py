@@ -10,7 +10,7 @@ import torch
 from bayescurv.bo import LaplaceModel
 from bayescurv.bo.ard import default_lengthscale_prior, fit_lengthscales, linear_model_log_evidence
 from bayescurv.bo.features import FourierFeatures
-from bayescurv.bo.model import default_noise_prior, noise_log_prior
+from bayescurv.bo.hyperparameters import default_noise_prior, noise_log_prior
 
 DT = torch.float64
 

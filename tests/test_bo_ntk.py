@@ -178,7 +178,7 @@ def test_fantasy_equals_gp_conditioning_ntk(ntk_model):
     Xt_train = model.train_X
     for k in range(3):
         Yk = torch.cat([model.train_Y, fm.Y_cond[k]])
-        ref = LinearizedGP(gp.params, gp.theta0, model._ntk["groups"], gp.prior_precision,
+        ref = LinearizedGP(gp.params, gp.theta0, model._ntk.groups, gp.prior_precision,
                            gp.sigma_noise, torch.cat([Xt_train, fm.X_cond]), Yk)
         mean, cov = ref.moments(model.transform_inputs(Xq)[None])
         std2 = model.outcome_transform.stdvs.reshape(()) ** 2
@@ -196,7 +196,7 @@ def test_condition_on_observations_refines_ntk(ntk_model):
     assert new.train_X.shape[0] == 15 and new.net is not model.net
     assert (model.posterior(Xn[:, None]).mean - 3).abs().mean() > \
         (new.posterior(Xn[:, None]).mean - 3).abs().mean()
-    torch.testing.assert_close(new._ntk["theta0"], model._ntk["theta0"])  # prior mean kept
+    torch.testing.assert_close(new._ntk.theta0, model._ntk.theta0)  # prior mean kept
 
 
 def test_user_network_and_two_outputs():

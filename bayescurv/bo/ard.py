@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from bayescurv.bo.features import FourierFeatures
-from bayescurv.errors import NonFiniteError, NumericalError, ShapeError
+from bayescurv.errors import InvalidArgumentError, NonFiniteError, NumericalError, ShapeError
 
 #: isotropic starting lengthscales (unit-cube units) of the multi-start L-BFGS
 ARD_STARTS = (0.15, 0.4, 1.0)
@@ -111,7 +111,7 @@ def fit_lengthscales(
     if not (torch.isfinite(X).all() and torch.isfinite(Y).all()):
         raise NonFiniteError("X and Y must be finite")
     if min_noise <= 0 and fixed_noise is None:
-        raise ValueError("min_noise must be positive")
+        raise InvalidArgumentError("min_noise must be positive (or give fixed_noise)")
     n, d = X.shape
     if lengthscale_prior == "default":
         lengthscale_prior = default_lengthscale_prior(d, X.dtype, X.device)

@@ -22,6 +22,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from bayescurv.errors import InvalidArgumentError, ShapeError
+
 
 class FourierFeatures(nn.Module):
     """``(..., d) -> (..., num_features)`` random Fourier features (frozen buffers).
@@ -41,7 +43,8 @@ class FourierFeatures(nn.Module):
                  generator: torch.Generator | None = None) -> None:
         super().__init__()
         if input_dim < 1 or num_features < 1:
-            raise ValueError("input_dim and num_features must be positive")
+            raise InvalidArgumentError(
+                f"input_dim and num_features must be positive, got {input_dim} and {num_features}")
         self.register_buffer("omega", torch.randn(num_features, input_dim, generator=generator))
         self.register_buffer("phase", 2 * math.pi * torch.rand(num_features, generator=generator))
         self.register_buffer("lengthscale", torch.ones(input_dim))
@@ -52,9 +55,11 @@ class FourierFeatures(nn.Module):
         """Set the lengthscale (one value, or ``d`` for ARD; positive)."""
         ls = torch.as_tensor(lengthscale, dtype=self.lengthscale.dtype,
                              device=self.lengthscale.device).detach()
-        if ls.numel() not in (1, self.lengthscale.numel()) or not (ls > 0).all():
-            raise ValueError(f"lengthscale must be positive, one value or "
-                             f"{self.lengthscale.numel()} values")
+        if ls.numel() not in (1, self.lengthscale.numel()):
+            raise ShapeError(f"lengthscale must be one value or {self.lengthscale.numel()} "
+                             f"values (one per input), got {ls.numel()}")
+        if not (ls > 0).all():
+            raise InvalidArgumentError(f"lengthscale must be positive, got {ls.tolist()}")
         self.lengthscale.copy_(ls.reshape(-1).expand_as(self.lengthscale))
 
     @property

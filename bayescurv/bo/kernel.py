@@ -23,7 +23,8 @@ from linear_operator import to_linear_operator
 from linear_operator.operators import LinearOperator
 from torch import Tensor
 
-from bayescurv.bo._joint import functional
+from bayescurv.bo.joint import functional
+from bayescurv.errors import InvalidArgumentError
 from bayescurv.laplace import Laplace
 
 
@@ -42,8 +43,9 @@ class NTKKernel(Kernel):
     def __init__(self, laplace: Laplace, max_points: int = 1024, **kwargs) -> None:
         super().__init__(**kwargs)
         if not isinstance(laplace, Laplace):
-            raise TypeError(f"laplace must be a bayescurv.Laplace, got {type(laplace).__name__}")
-        laplace._check_fitted()
+            raise InvalidArgumentError(
+                f"laplace must be a fitted bayescurv.Laplace, got {type(laplace).__name__}")
+        laplace.check_fitted()
         self.laplace = laplace
         self.max_points = max_points
 

@@ -17,7 +17,7 @@ from botorch.models.model import Model
 from botorch.posteriors.gpytorch import GPyTorchPosterior
 from torch import Tensor
 
-from bayescurv.bo._joint import check_output_indices
+from bayescurv.bo.checks import check_output_indices
 
 
 class OutputSubsetModel(Model):

@@ -19,27 +19,11 @@ from gpytorch.distributions import MultitaskMultivariateNormal, MultivariateNorm
 from linear_operator import to_linear_operator
 from torch import Tensor
 
+from bayescurv.bo.checks import check_output_indices
 from bayescurv.laplace import Laplace
 
 #: points per joint ``functional`` call when ``q > 1``
 MAX_POINTS = 128
-
-
-def check_inputs(X: Tensor, d: int, dtype: torch.dtype, what: str = "X") -> None:
-    """BoTorch-style validation of a ``batch x q x d`` input tensor."""
-    if not torch.is_tensor(X):
-        raise InputDataError(f"{what} must be a tensor, got {type(X).__name__}")
-    if X.dim() < 2 or X.shape[-1] != d:
-        raise BotorchTensorDimensionError(
-            f"{what} must have shape batch_shape x q x {d}, got {tuple(X.shape)}"
-        )
-    if X.dtype != dtype:
-        raise InputDataError(
-            f"Expected {what} to have the model's dtype {dtype}, got {X.dtype}; "
-            f"convert with {what}.to(dtype)"
-        )
-    if torch.isnan(X).any():
-        raise InputDataError(f"{what} contains NaN values.")
 
 
 @contextmanager
@@ -99,11 +83,6 @@ def _joint_functional(la: Laplace, X: Tensor, max_points: int) -> tuple[Tensor, 
     return torch.cat(means), torch.cat(covs)
 
 
-def add_noise(cov: Tensor, noise: Tensor) -> Tensor:
-    """``cov + diag(noise)`` for ``noise`` of shape ``cov.shape[:-1]``."""
-    return cov + torch.diag_embed(noise)
-
-
 def expand_noise(
     observation_noise: bool | Tensor, sigma2: Tensor, shape: torch.Size
 ) -> Tensor | None:
@@ -123,15 +102,6 @@ def expand_noise(
             f"observation_noise of shape {tuple(observation_noise.shape)} does not broadcast "
             f"to batch_shape x q x m = {tuple(shape)}"
         ) from e
-
-
-def check_output_indices(idcs: list[int], m: int) -> list[int]:
-    """``idcs`` as non-negative output indices (negative ones count from the end); a
-    ``BotorchTensorDimensionError`` when empty or out of range for ``m`` outputs."""
-    idcs = [int(i) for i in idcs]
-    if not idcs or min(idcs) < -m or max(idcs) >= m:
-        raise BotorchTensorDimensionError(f"output indices {idcs} out of range for {m} outputs")
-    return [i % m for i in idcs]
 
 
 def make_mvn(

@@ -1,0 +1,101 @@
+"""BoTorch-style validation of the tensors a surrogate receives.
+
+The errors are BoTorch's (``InputDataError``, ``BotorchTensorDimensionError``), as every
+BoTorch model raises them: acquisition code and users catch those types at this boundary.
+"""
+
+from __future__ import annotations
+
+import torch
+from botorch.exceptions.errors import BotorchTensorDimensionError, InputDataError
+from torch import Tensor
+
+
+def check_inputs(X: Tensor, d: int, dtype: torch.dtype, what: str = "X") -> None:
+    """BoTorch-style validation of a ``batch x q x d`` input tensor."""
+    if not torch.is_tensor(X):
+        raise InputDataError(f"{what} must be a tensor, got {type(X).__name__}")
+    if X.dim() < 2 or X.shape[-1] != d:
+        raise BotorchTensorDimensionError(
+            f"{what} must have shape batch_shape x q x {d}, got {tuple(X.shape)}"
+        )
+    if X.dtype != dtype:
+        raise InputDataError(
+            f"Expected {what} to have the model's dtype {dtype}, got {X.dtype}; "
+            f"convert with {what}.to(dtype)"
+        )
+    if torch.isnan(X).any():
+        raise InputDataError(f"{what} contains NaN values.")
+
+
+def check_observations(X: Tensor, Y: Tensor, d: int, m: int, dtype: torch.dtype) -> None:
+    """Observations to condition on: ``X`` ``batch x n' x d`` (:func:`check_inputs`) and ``Y``
+    ``batch' x n' x m`` of the same dtype, without NaN."""
+    check_inputs(X, d, dtype)
+    if not torch.is_tensor(Y) or Y.dtype != X.dtype:
+        raise InputDataError(
+            f"Expected all inputs to share the same dtype. Got {X.dtype} for X and "
+            f"{getattr(Y, 'dtype', type(Y))} for Y."
+        )
+    if Y.dim() < 2 or Y.shape[-1] != m or Y.shape[-2] != X.shape[-2]:
+        raise BotorchTensorDimensionError(
+            f"Y must have shape batch_shape x {X.shape[-2]} x {m} "
+            f"(an explicit output dimension), got {tuple(Y.shape)}"
+        )
+    if torch.isnan(Y).any():
+        raise InputDataError("Input data contains NaN values (Y).")
+
+
+def check_training_data(train_X: Tensor, train_Y: Tensor) -> None:
+    """BoTorch conventions for training data: tensors, ``n x d`` / ``n x m``, one dtype and
+    device, floating point, finite."""
+    if not (torch.is_tensor(train_X) and torch.is_tensor(train_Y)):
+        raise InputDataError("train_X and train_Y must be tensors")
+    if train_X.dim() != train_Y.dim():
+        if train_X.dim() - train_Y.dim() == 1 and train_X.shape[:-1] == train_Y.shape:
+            raise BotorchTensorDimensionError(
+                "An explicit output dimension is required for targets. Expected Y with "
+                f"dimension {train_X.dim()} (got {train_Y.dim()}); use train_Y.unsqueeze(-1)"
+            )
+        raise BotorchTensorDimensionError(
+            f"Expected X and Y to have the same number of dimensions (got X with dimension "
+            f"{train_X.dim()} and Y with dimension {train_Y.dim()})."
+        )
+    if train_X.dim() != 2:
+        raise BotorchTensorDimensionError(
+            "LaplaceModel does not support batched training data (batch_shape x n x d): "
+            "it takes train_X n x d and train_Y n x m, got "
+            f"{tuple(train_X.shape)} and {tuple(train_Y.shape)}. Fit one model per batch "
+            "element (e.g. combined with botorch.models.ModelList)."
+        )
+    if train_X.shape[0] != train_Y.shape[0]:
+        raise BotorchTensorDimensionError(
+            f"train_X has {train_X.shape[0]} points but train_Y has {train_Y.shape[0]}"
+        )
+    if train_X.shape[0] == 0:
+        raise InputDataError("no training data: train_X has 0 rows")
+    if not (train_X.is_floating_point() and train_Y.is_floating_point()):
+        raise InputDataError("train_X and train_Y must be floating-point tensors")
+    if train_X.dtype != train_Y.dtype:
+        raise InputDataError(
+            "Expected all inputs to share the same dtype. Got "
+            f"{train_X.dtype} for X and {train_Y.dtype} for Y."
+        )
+    if train_X.device != train_Y.device:
+        raise InputDataError(
+            f"train_X is on {train_X.device} but train_Y on {train_Y.device}"
+        )
+    for name, t in (("train_X", train_X), ("train_Y", train_Y)):
+        if torch.isnan(t).any():
+            raise InputDataError(f"Input data contains NaN values ({name}).")
+        if torch.isinf(t).any():
+            raise InputDataError(f"Input data contains infinite values ({name}).")
+
+
+def check_output_indices(idcs: list[int], m: int) -> list[int]:
+    """``idcs`` as non-negative output indices (negative ones count from the end); a
+    ``BotorchTensorDimensionError`` when empty or out of range for ``m`` outputs."""
+    idcs = [int(i) for i in idcs]
+    if not idcs or min(idcs) < -m or max(idcs) >= m:
+        raise BotorchTensorDimensionError(f"output indices {idcs} out of range for {m} outputs")
+    return [i % m for i in idcs]

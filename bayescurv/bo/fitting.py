@@ -1,0 +1,205 @@
+r"""One fit of the surrogate's posterior: MAP training, curvature and MAP-II tuning.
+
+:class:`~bayescurv.bo.LaplaceModel` calls these for every candidate network, and again, warm
+started, when it is conditioned on real data. Three routes:
+
+- :func:`fit_laplace`: MAP training (:func:`~bayescurv.bo.training.train_map`), a
+  :class:`~bayescurv.Laplace` fit of the requested structure and MAP-II tuning of prior
+  precision and noise (:func:`~bayescurv.bo.hyperparameters.tune_hyperparameters`), with the
+  linearized model's evidence and posterior mean (:class:`~bayescurv.laplace.glm.GaussianGLM`)
+  for ``evidence="linearized"``;
+- :func:`prepare_ntk` and :func:`fit_ntk` (``structure="ntk"``): alternating MAP training
+  towards the prior mean and evidence tuning on the data-space kernel, then the exact
+  linearized GP (:class:`~bayescurv.bo.ntk.LinearizedGP`);
+- :func:`fit_ard_network`: the default Fourier network with ARD lengthscales fitted by the
+  evidence (:func:`~bayescurv.bo.ard.fit_lengthscales`).
+
+``cfg`` is the model's configuration dictionary (the keyword arguments of ``LaplaceModel``
+after defaults are resolved).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bayescurv.bo.ard import ARDFit, fit_lengthscales
+from bayescurv.bo.features import fourier_network
+from bayescurv.bo.hyperparameters import noise_log_prior, tune_hyperparameters
+from bayescurv.bo.ntk import Center, LinearizedGP, group_grams, jacobian, prior_groups, tune
+from bayescurv.bo.training import train_map
+from bayescurv.laplace import Laplace
+from bayescurv.laplace.glm import GaussianGLM
+from bayescurv.params import select
+
+#: points per batch of the Laplace fit
+FIT_CHUNK = 2048
+
+
+@dataclass
+class PosteriorFit:
+    """A fitted posterior: ``la`` (with ``glm`` and its mean ``theta_bar`` for
+    ``evidence="linearized"``) or, for ``structure="ntk"``, ``gp``; the MAP-II objective and
+    the final MAP training loss (NaN when there was no training)."""
+
+    objective: float
+    train_loss: float
+    la: Laplace | None = None
+    glm: GaussianGLM | None = None
+    theta_bar: Tensor | None = None
+    gp: LinearizedGP | None = None
+
+
+@dataclass
+class NTKState:
+    r"""What the ``"ntk"`` fits of one network share: the prior mean :math:`\theta_0` and the
+    prior group of every parameter (:func:`~bayescurv.bo.ntk.prior_groups`)."""
+
+    theta0: Tensor
+    groups: Tensor
+    num_groups: int
+
+
+def fixed_noise(cfg: dict[str, Any]) -> float | None:
+    """The fixed noise std of ``noise=<float>``, else ``None``."""
+    mode = cfg["noise"]
+    return float(mode) if isinstance(mode, (int, float)) else None
+
+
+def fit_laplace(
+    net: nn.Module, X: Tensor, Y: Tensor, cfg: dict[str, Any], *, steps: int,
+    prior_precision, sigma_noise, noise_prior, generator: torch.Generator,
+    marglik_steps: int | None = None,
+) -> PosteriorFit:
+    """MAP training (``steps`` Adam steps from the current weights of ``net``, in place),
+    Laplace fit and marginal-likelihood tuning of prior precision and noise; the objective is
+    the MAP-II one (log evidence + log noise prior)."""
+    n = X.shape[0]
+    prior = torch.as_tensor(prior_precision, dtype=X.dtype, device=X.device)
+    sigma = torch.as_tensor(sigma_noise, dtype=X.dtype, device=X.device).reshape(())
+    wd = float((sigma**2 * prior.mean()).item()) / n
+    train_loss = math.nan
+    if cfg.get("train", True):
+        train_loss = train_map(
+            net, X, Y, wd, steps=steps, lr=cfg["lr"], batch_size=cfg["batch_size"],
+            patience=cfg["patience"], generator=generator,
+        )
+    mode = cfg["noise"]
+    if mode == "residual":  # sigma^2 = training MSE (floored): the MAP fit's own noise level
+        with torch.no_grad():
+            mse = (net(X) - Y).square().mean()
+        sigma = mse.clamp_min(cfg["min_noise"] ** 2).sqrt()
+    elif mode != "marglik":
+        sigma = torch.as_tensor(float(mode), dtype=X.dtype, device=X.device)
+    la = Laplace(net, "regression", subset=cfg["subset"], structure=cfg["structure"],
+                 prior_precision=prior, sigma_noise=sigma)
+    data = [(X[i:i + FIT_CHUNK], Y[i:i + FIT_CHUNK]) for i in range(0, n, FIT_CHUNK)]
+    la.fit(data, progress=False)
+    glm = GaussianGLM(la, data) if cfg["evidence"] == "linearized" else None
+    evidence = la.log_marginal_likelihood if glm is None else glm.log_marginal_likelihood
+    steps_ml = cfg["marglik_steps"] if marglik_steps is None else marglik_steps
+    tune_sigma = mode == "marglik"
+    if steps_ml > 0:
+        tune_hyperparameters(la, cfg["prior_granularity"], steps_ml, tune_sigma=tune_sigma,
+                             noise_prior=noise_prior, evidence=evidence)
+        if tune_sigma and la.sigma_noise < cfg["min_noise"]:
+            la.sigma_noise = cfg["min_noise"]
+    with torch.no_grad():
+        objective = evidence(la.prior_precision, la.sigma_noise)
+        if tune_sigma:
+            objective = objective + noise_log_prior(noise_prior, la.sigma_noise)
+    theta_bar = None if glm is None else glm.posterior_mean().detach()
+    return PosteriorFit(float(objective), train_loss, la=la, glm=glm, theta_bar=theta_bar)
+
+
+def prepare_ntk(net: nn.Module, input_dim: int, cfg: dict[str, Any]) -> tuple[nn.Module,
+                                                                               NTKState]:
+    """The network as the ``"ntk"`` posterior sees it (behind :class:`~bayescurv.bo.ntk.Center`
+    when ``cfg["center"]``) and its prior mean and groups."""
+    if cfg["center"]:
+        net = nn.Sequential(Center(float(cfg["center"])), net)
+    ps = select(net, "all")
+    theta0 = ps.vector() if cfg["prior_mean"] == "init" else torch.zeros(ps.numel).to(
+        ps.vector())
+    groups = prior_groups(ps, input_dim, cfg["prior_granularity"])
+    return net, NTKState(theta0, groups, int(groups.max()) + 1)
+
+
+def fit_ntk(
+    net: nn.Module, X: Tensor, Y: Tensor, cfg: dict[str, Any], state: NTKState, *,
+    steps: int, delta: Tensor, sigma: float, rounds: int, warm: bool, noise_prior,
+    generator: torch.Generator, tune_iter: int = 100,
+) -> PosteriorFit:
+    r"""``rounds`` x (MAP training of ``net`` in place toward :math:`\theta_0` with the
+    per-group weight decay :math:`\sigma^2\delta_g/N`, then the evidence on at most
+    ``tune_points`` points), then the linearized GP on all data. The first round's tuning
+    starts at the data-driven precisions unless ``warm``. ``noise_prior`` applies to
+    ``noise="marglik"`` only."""
+    n = X.shape[0]
+    ps = select(net, "all")
+    theta0, groups, G = state.theta0, state.groups, state.num_groups
+    anchor = ps.unflatten(theta0)
+    mode = cfg["noise"]
+    fixed = fixed_noise(cfg)
+    prior_ = noise_prior if mode == "marglik" else None
+    train_loss = objective = math.nan
+
+    def evidence_fit(delta: Tensor | None, sigma: float, fixed: float | None):
+        Xs, Ys = X, Y
+        if n > cfg["tune_points"]:
+            idx = torch.randperm(n, generator=generator)[:cfg["tune_points"]]
+            Xs, Ys = X[idx.to(X.device)], Y[idx.to(X.device)]
+        with torch.no_grad():
+            f, J = jacobian(ps, Xs)
+            res = Ys.reshape(-1) - f + J @ (ps.vector() - theta0)
+            grams = group_grams(J, groups, G)
+        hyper = tune(grams, res, init_precision=delta, init_sigma=sigma,
+                     min_noise=cfg["min_noise"], fixed_noise=fixed, noise_prior=prior_,
+                     max_iter=tune_iter)
+        return hyper.prior_precision, hyper.sigma_noise.item(), hyper.objective
+
+    train = cfg["train"] and steps > 0
+    start: Tensor | None = delta if warm else None
+    if train and not warm and cfg["prior_first"] and mode != "residual":
+        # the evidence of the NTK GP at θ₀ chooses the prior the MAP is trained under
+        delta, sigma, objective = evidence_fit(None, sigma, fixed)
+        start = delta
+    for _ in range(max(rounds, 1) if train else 1):
+        if train:
+            wd = ps.unflatten(sigma**2 * delta[groups] / n)
+            train_loss = train_map(
+                net, X, Y, wd, anchor=anchor, steps=steps, lr=cfg["lr"],
+                batch_size=cfg["batch_size"], patience=cfg["patience"], generator=generator)
+        if mode == "residual":
+            with torch.no_grad():
+                mse = (net(X) - Y).square().mean().item()
+            fixed = math.sqrt(max(mse, cfg["min_noise"] ** 2))
+        delta, sigma, objective = evidence_fit(start, sigma if fixed is None else fixed, fixed)
+        start = delta
+        steps = steps if warm else max(steps // 2, 1)  # later rounds start from θ*
+    gp = LinearizedGP(ps, theta0, groups, delta, torch.tensor(sigma), X, Y)
+    if n > cfg["tune_points"]:  # the evidence of all data at the tuned values
+        objective = float(gp.log_evidence) + (
+            0.0 if prior_ is None else float(noise_log_prior(prior_, gp.sigma_noise)))
+    return PosteriorFit(objective, train_loss, gp=gp)
+
+
+def fit_ard_network(
+    X: Tensor, Y: Tensor, cfg: dict[str, Any], *, num_features: int, seed: int | None,
+    max_points: int, noise_prior, generator: torch.Generator,
+) -> tuple[nn.Module, ARDFit]:
+    """The default Fourier network with ARD lengthscales fitted by the evidence on (at most
+    ``max_points`` of) the training data, and the fit (its prior precision and noise are the
+    initial values for the Laplace fit)."""
+    if X.shape[0] > max_points:
+        idx = torch.randperm(X.shape[0], generator=generator)[:max_points]
+        X, Y = X[idx.to(X.device)], Y[idx.to(X.device)]
+    net = fourier_network(X.shape[-1], Y.shape[-1], num_features, 1.0, seed).to(X)
+    fit = fit_lengthscales(net[0], X, Y, noise_prior=noise_prior,
+                           min_noise=cfg["min_noise"], fixed_noise=fixed_noise(cfg))
+    net[0].set_lengthscale(fit.lengthscale)
+    return net, fit

@@ -1,0 +1,104 @@
+r"""MAP-II tuning of the surrogate's prior precision and noise, and its noise hyperprior.
+
+The objective is the evidence plus the log density of a hyperprior on the noise variance,
+:math:`\log p(D \mid \delta, \sigma) + \log p(\sigma^2)`, as BoTorch's GPs fit theirs. The
+``structure="ntk"`` path tunes the same objective on the data-space kernel
+(:func:`bayescurv.bo.ntk.tune`); the Fourier default fits it together with its lengthscales
+(:func:`bayescurv.bo.ard.fit_lengthscales`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bayescurv.laplace import Laplace
+from bayescurv.laplace.marglik import maximize_lbfgs
+
+
+def noise_log_prior(noise_prior, sigma: Tensor) -> Tensor:
+    r"""Log density of the noise hyperprior at the noise variance :math:`\sigma^2` (as GPyTorch
+    places priors on the noise variance; no Jacobian of the log parametrization, the MAP-II
+    convention of BoTorch's GPs). ``noise_prior`` is a ``torch.distributions.Distribution`` over
+    :math:`\sigma^2` or ``None`` (returns 0)."""
+    if noise_prior is None:
+        return sigma.new_zeros(())
+    return noise_prior.log_prob(sigma.reshape(()) ** 2).sum()
+
+
+def default_noise_prior(dtype=torch.float64, device=None):
+    r"""LogNormal(-4, 1) on :math:`\sigma^2` in standardized outcome units: BoTorch's default
+    noise prior for ``SingleTaskGP`` (median :math:`\sigma^2 = e^{-4}`, i.e.
+    :math:`\sigma \approx 0.14`)."""
+    return torch.distributions.LogNormal(torch.tensor(-4.0, dtype=dtype, device=device),
+                                         torch.tensor(1.0, dtype=dtype, device=device))
+
+
+def resolve_noise_prior(spec: Any, dtype=torch.float64, device=None):
+    """The ``noise_prior`` argument of :class:`~bayescurv.bo.LaplaceModel` as a distribution:
+    ``"default"`` is :func:`default_noise_prior`; a distribution or ``None`` is returned
+    as is."""
+    if isinstance(spec, str):  # "default"
+        return default_noise_prior(dtype, device)
+    return spec
+
+
+def tune_hyperparameters(
+    la: Laplace, granularity: str, n_steps: int, lr: float | None = None,
+    tune_sigma: bool = True, noise_prior=None,
+    evidence: Callable[[Tensor, Tensor], Tensor] | None = None, tol: float = 1e-4,
+) -> float:
+    r"""MAP-II: maximize :math:`\log p(D \mid \delta, \sigma) + \log p(\sigma^2)` (the
+    evidence plus the noise hyperprior) over :math:`\log\delta` (one per layer for
+    ``granularity="layer"``, else one) and :math:`\log\sigma`, by at most ``n_steps`` L-BFGS
+    iterations from the current values. ``evidence(prior, sigma)`` defaults to the Laplace
+    evidence ``la.log_marginal_likelihood`` (e.g.
+    :meth:`GaussianGLM.log_marginal_likelihood` instead). Keeps the best iterate and stores it
+    in ``la``; returns the best objective. ``lr`` is ignored (the line search sets the steps;
+    it was Adam's learning rate).
+
+    Shared with :meth:`Laplace.optimize_prior_precision`
+    (:func:`bayescurv.laplace.marglik.optimize`): the log-space parametrization and the inner
+    L-BFGS loop, :func:`~bayescurv.laplace.marglik.maximize_lbfgs`. Different, because the
+    surrogate needs it:
+
+    - the objective: any ``evidence`` (the linearized model's, whose posterior mean is
+      re-solved for every :math:`(\delta, \sigma)`) plus a noise hyperprior; ``optimize``
+      maximizes the Laplace evidence of ``la`` alone (type-II maximum likelihood);
+    - a non-finite evidence is a failed trial step and the best finite iterate is kept, where
+      ``optimize`` raises: a BO loop refits the surrogate at every iteration and must not stop
+      on one extreme trial point;
+    - the start is the current :math:`(\delta, \sigma)` (warm start across refits), not
+      ``optimize``'s grid scan for a scalar prior; and ``n_steps`` is a budget (refits use a
+      fraction of it), so stopping before ``tol`` warns nothing.
+    """
+    if lr is not None:
+        warnings.warn("tune_hyperparameters: lr is ignored (L-BFGS with a line search)",
+                      DeprecationWarning, stacklevel=2)
+    evidence = la.log_marginal_likelihood if evidence is None else evidence
+    cur = la.prior_precision
+    size = la.num_layers if granularity == "layer" else 0
+    if size == 0:
+        init = cur.mean().reshape(())
+    elif cur.dim() == 1 and cur.numel() == size:
+        init = cur.clone()
+    else:
+        init = cur.mean().expand(size).clone()
+    log_prior = init.log().clone().requires_grad_(True)
+    log_sigma = la.sigma_noise.reshape(()).log().clone().requires_grad_(tune_sigma)
+    variables = [log_prior] + ([log_sigma] if tune_sigma else [])
+
+    def objective() -> Tensor:
+        sigma = log_sigma.exp()
+        lml = evidence(log_prior.exp(), sigma)
+        return lml + noise_log_prior(noise_prior if tune_sigma else None, sigma)
+
+    best, _, _ = maximize_lbfgs(objective, variables, n_steps, tol=tol, keep_best=True)
+    la.prior_precision = log_prior.detach().exp()
+    if tune_sigma:
+        la.sigma_noise = log_sigma.detach().exp()
+    return best
