@@ -41,10 +41,46 @@ def split_batch(
         return {k: v for k, v in batch.items() if k != y_key}, batch[y_key]
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
+    hint = ""
+    if torch.is_tensor(batch) or isinstance(batch, np.ndarray):
+        hint = (". The data are read batch by batch: pass a DataLoader or a list of (x, y) "
+                "pairs, e.g. [(x, y)], not a single (x, y) pair")
     raise InvalidArgumentError(
         "each batch must be a (inputs, targets) pair or a dict with a targets key; "
-        f"got {type(batch).__name__}"
+        f"got {type(batch).__name__}{hint}"
     )
+
+
+def check_data(data: Any) -> None:
+    """Refuse what cannot be a collection of batches (``None``, a number, a tensor) before
+    any work, naming what to pass instead."""
+    if isinstance(data, (Tensor, np.ndarray)):
+        raise InvalidArgumentError(
+            "expected an iterable of (x, y) batches such as a DataLoader, got a "
+            f"{type(data).__name__}; wrap it as DataLoader(TensorDataset(x, y), batch_size=...)"
+            " or pass [(x, y)]"
+        )
+    if isinstance(data, (str, bytes, dict)) or not isinstance(data, Iterable):
+        raise InvalidArgumentError(
+            "expected an iterable of (x, y) batches such as a DataLoader or a list of (x, y) "
+            f"pairs, got {type(data).__name__}"
+        )
+
+
+def _check_types(x: Any, y: Any) -> None:
+    """Inputs must be tensors (or a dict of them), targets a tensor, after numpy conversion."""
+    values = x.values() if isinstance(x, dict) else [x]
+    bad = [type(v).__name__ for v in values if not torch.is_tensor(v)]
+    if bad:
+        raise InvalidArgumentError(
+            f"batch inputs must be a tensor or numpy array (or a dict of them), got {bad[0]}; "
+            "convert them with torch.as_tensor (or let a DataLoader collate them)"
+        )
+    if not torch.is_tensor(y):
+        raise InvalidArgumentError(
+            f"batch targets must be a tensor or numpy array, got {type(y).__name__}; convert "
+            "them with torch.as_tensor (or let a DataLoader collate them)"
+        )
 
 
 def as_tensor(x: Any) -> Any:
@@ -76,17 +112,17 @@ def check_reiterable(data: Any, why: str) -> None:
 def peek_inputs(data: Iterable, x_key: str = "x", y_key: str = "y") -> tuple[Any, Iterable]:
     """The inputs of the first batch of ``data`` and an iterable that still yields every
     batch (for a one-shot iterator the peeked batch is chained back in front)."""
-    if isinstance(data, Tensor):
-        next(iterate(data))  # raises the usual error for a tensor
+    check_data(data)
     it = iter(data)
     try:
         first = next(it)
     except StopIteration:
         raise EmptyDataError("the data loader yielded no data; nothing to fit") from None
-    x, _ = split_batch(first, x_key, y_key)
+    x, y = (as_tensor(t) for t in split_batch(first, x_key, y_key))
+    _check_types(x, y)
     if is_one_shot(data):
         data = itertools.chain([first], it)
-    return as_tensor(x), data
+    return x, data
 
 
 def check_batch_dim(batch_dim: Any) -> int:
@@ -149,14 +185,11 @@ def iterate(
     """Yield validated ``(x, y)`` batches on ``device``; raise :class:`EmptyDataError` when
     ``data`` yields nothing (or only empty batches). ``batch_dim``: the dimension of the
     inputs that indexes data points (targets are always batch-first)."""
-    if isinstance(data, Tensor):
-        raise InvalidArgumentError(
-            "expected an iterable of (x, y) batches such as a DataLoader, got a tensor; wrap "
-            "it as DataLoader(TensorDataset(x, y), batch_size=...)"
-        )
+    check_data(data)
     seen = False
     for batch in data:
         x, y = (as_tensor(t) for t in split_batch(batch, x_key, y_key))
+        _check_types(x, y)
         n = batch_size(x, batch_dim)
         if n == 0:
             continue
@@ -196,6 +229,7 @@ def all_reduce_(tensors: list[Tensor]) -> None:
 
 __all__ = [
     "iterate",
+    "check_data",
     "as_tensor",
     "is_one_shot",
     "check_reiterable",
@@ -209,3 +243,25 @@ __all__ = [
     "all_reduce_",
     "REDUCTIONS",
 ]
+
+
+def is_batch_iterable(x: Any) -> bool:
+    """Whether ``x`` is a loader / iterable of batches rather than one batch (a tensor, an
+    array or a dict of tensors)."""
+    return not isinstance(x, (Tensor, np.ndarray, dict, str, bytes)) and hasattr(x, "__iter__")
+
+
+def inputs_of(batch: Any, x_key: str = "x", y_key: str = "y") -> Any:
+    """The inputs of one batch of a prediction loader: a tensor / array, an ``(x, y)`` or
+    ``(x,)`` tuple, or a dict (``batch[x_key]`` when present, else every entry but
+    ``y_key`` as keyword inputs)."""
+    if isinstance(batch, (tuple, list)) and len(batch) in (1, 2):
+        batch = batch[0]
+    elif isinstance(batch, dict):
+        batch = batch[x_key] if x_key in batch else {
+            k: v for k, v in batch.items() if k != y_key}
+    elif not isinstance(batch, (Tensor, np.ndarray)):
+        raise InvalidArgumentError(
+            "each batch must be inputs, an (inputs, targets) pair, an (inputs,) tuple or a "
+            f"dict; got {type(batch).__name__}")
+    return as_tensor(batch)

@@ -45,8 +45,15 @@ class ConvergenceWarning(UserWarning):
     """An iterative tuner (e.g. prior-precision optimization) stopped before its tolerance."""
 
 
+class UnderconfidenceWarning(UserWarning):
+    """The tuned Laplace predictive is far less confident than the MAP network on the
+    training data (all-weights Laplace often is; see the guide's "when Laplace is
+    under-confident")."""
+
+
 __all__ = [
     "ConvergenceWarning",
+    "UnderconfidenceWarning",
     "BayesCurvError",
     "InvalidArgumentError",
     "ShapeError",

@@ -62,7 +62,7 @@ def test_predict_refuses_weights_changed_after_fit_and_restore_map_reties_them()
     with torch.no_grad():
         la.model[0].weight.add_(0.1)
     for call in (lambda: la.predict(x[:4]), lambda: la.functional(x[:4]),
-                 lambda: la.functional_samples(x[:4], n=3),
+                 lambda: la.functional_samples(x[:4], num_samples=3),
                  lambda: la.predict(x[:4], pred_type="nn", num_samples=2)):
         with pytest.raises(errors.InvalidArgumentError, match="not the ones this posterior"):
             call()
@@ -273,3 +273,50 @@ def test_predict_with_a_module_skipped_and_with_frozen_weights(structure):
         p.requires_grad_(False)
     torch.testing.assert_close(la.functional(x[:3])[1], ref)
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_predict_and_functional_accept_a_loader():
+    la, x = _fitted()
+    y = torch.zeros(len(x), dtype=torch.long)
+    loaders = [DataLoader(TensorDataset(x, y), batch_size=7), DataLoader(TensorDataset(x),
+               batch_size=7), [x[:10], x[10:]], [{"x": x[:10]}, {"x": x[10:]}]]
+    for loader in loaders:
+        torch.testing.assert_close(la.predict(loader), la.predict(x))
+        for a, b in zip(la.functional(loader, progress=False), la.functional(x)):
+            torch.testing.assert_close(a, b)
+    with pytest.raises(errors.InvalidArgumentError, match="joint=True"):
+        la.functional(loaders[0], joint=True)
+    with pytest.raises(errors.EmptyDataError):
+        la.predict([])
+
+
+def test_renamed_sample_count_warns_and_still_works():
+    la, x = _fitted()
+    g = torch.Generator().manual_seed(0)
+    with pytest.warns(FutureWarning, match="num_samples"):
+        old = la.sample(n=4, generator=g)
+    new = la.sample(num_samples=4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(old, new)
+    with pytest.warns(FutureWarning, match="num_samples"):
+        assert la.functional_samples(x[:2], n=3).shape == (3, 2, 3)
+
+
+def test_underconfident_tuned_prior_is_warned_about():
+    _, x, y, dl = setup(n=20)
+    torch.manual_seed(0)  # over-parameterized: the curvature leaves many directions to the prior
+    model = nn.Sequential(nn.Linear(4, 50), nn.Tanh(), nn.Linear(50, 3)).to(DT)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(300):  # a confident MAP
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    la = Laplace(model, "classification", structure="kfac").fit(dl)
+    with pytest.warns(errors.UnderconfidenceWarning, match="last_layer"):
+        la.optimize_prior_precision("gridsearch", val_loader=dl,
+                                    grid=torch.tensor([1e-6], dtype=DT))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", errors.UnderconfidenceWarning)
+        la.optimize_prior_precision("gridsearch", val_loader=dl,
+                                    grid=torch.tensor([1e4], dtype=DT))

@@ -184,8 +184,9 @@ def _start(la: Laplace, granularity: str, log_sigma: Tensor) -> Tensor:
         return init.log()
     cands = torch.cat([GRID.to(init), init.reshape(1)])
     with torch.no_grad():
-        values = torch.stack([la.log_marginal_likelihood(c, log_sigma.exp(), in_internal_dtype=True).to(cands)
-                              for c in cands])
+        values = torch.stack([
+            la.log_marginal_likelihood(c, log_sigma.exp(), in_internal_dtype=True).to(cands)
+            for c in cands])
     values = torch.where(torch.isfinite(values), values, -math.inf)
     return cands[values.argmax()].log()
 
@@ -330,9 +331,15 @@ def gridsearch(la: Laplace, val_loader, metric, grid, link: str, verbose: bool,
     fn = _metric_fn(la, metric)
     if grid is None:
         grid = torch.logspace(-4, 4, 21, dtype=la.params.dtype)
-    grid = torch.as_tensor(grid, dtype=la.params.dtype).reshape(-1)
-    if grid.numel() == 0 or (grid <= 0).any():
-        raise InvalidArgumentError("grid must hold positive prior precisions")
+    try:
+        grid = torch.as_tensor(grid, dtype=la.params.dtype).reshape(-1)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise InvalidArgumentError(
+            f"grid must be a sequence or tensor of positive prior precisions, got "
+            f"{type(grid).__name__} ({err})"
+        ) from None
+    if grid.numel() == 0 or not bool(torch.isfinite(grid).all()) or bool((grid <= 0).any()):
+        raise InvalidArgumentError("grid must hold positive prior precisions (finite, > 0)")
     data = list(batches.iterate(val_loader, device=la.params.device, dtype=la.params.dtype,
                                 batch_dim=la.batch_dim, x_key=x_key, y_key=y_key))
     ys = torch.cat([y for _, y in data])

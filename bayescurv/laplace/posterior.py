@@ -28,12 +28,14 @@ from bayescurv import batches
 from bayescurv.curvature import STRUCTURES, compute
 from bayescurv.curvature.engine import HookCapture
 from bayescurv.curvature.layers import check_modes
+from bayescurv.deprecation import UNSET, renamed
 from bayescurv.errors import (
+    EmptyDataError,
     InvalidArgumentError,
     NotFittedError,
     ShapeError,
 )
-from bayescurv.laplace import marglik, noise, subnetwork
+from bayescurv.laplace import confidence, marglik, noise, subnetwork
 from bayescurv.laplace.predictive import glm_covariance
 from bayescurv.laplace.state import StateDictMixin
 from bayescurv.likelihoods import Gaussian, get_likelihood
@@ -254,7 +256,7 @@ class Laplace(StateDictMixin):
     def fit(
         self,
         loader: Iterable,
-        progress: bool = True,
+        progress: bool = False,
         *,
         x_key: str = "x",
         y_key: str = "y",
@@ -270,6 +272,8 @@ class Laplace(StateDictMixin):
         check_modes(self.model)
         if self._find_last_layer:
             loader = self._resolve_last_layer(loader, x_key, y_key)
+        if self.likelihood.name != "regression":
+            loader = self._keep_inputs(loader, x_key, y_key)
         unit = Gaussian(1.0) if self.likelihood.name == "regression" else self.likelihood
         options = dict(kind=self.kind, num_samples=self.num_samples, generator=self.generator,
                        unknown_layers=self.unknown_layers, x_key=x_key, y_key=y_key,
@@ -475,15 +479,45 @@ class Laplace(StateDictMixin):
                 raise InvalidArgumentError("method='gridsearch' needs a val_loader")
             if granularity != "scalar":
                 raise InvalidArgumentError("method='gridsearch' tunes a scalar prior precision")
-            return marglik.gridsearch(self, val_loader, metric, grid, link, verbose,
-                                      x_key=x_key, y_key=y_key)
+            prior = marglik.gridsearch(self, val_loader, metric, grid, link, verbose,
+                                       x_key=x_key, y_key=y_key)
+            self._check_confidence()
+            return prior
         if method != "marglik":
             raise InvalidArgumentError(
                 f"unknown method {method!r}; use 'marglik' or 'gridsearch'"
             )
         prior, self.tuning = marglik.optimize(self, granularity, n_steps, tune_sigma_noise,
                                               verbose, tol=tol)
+        self._check_confidence()
         return prior
+
+    def _keep_inputs(self, loader: Iterable, x_key: str, y_key: str) -> Iterable:
+        """Keep a few training inputs (first batch) for :meth:`_check_confidence`."""
+        x, loader = batches.peek_inputs(loader, x_key, y_key)
+
+        def head(t: Tensor) -> Tensor:
+            n = min(confidence.NUM_INPUTS, t.shape[self.batch_dim])
+            return t.detach().narrow(self.batch_dim, 0, n)
+
+        self._kept_inputs = {k: head(v) for k, v in x.items()} if isinstance(x, dict) \
+            else head(x)
+        return loader
+
+    def _check_confidence(self) -> None:
+        """After tuning a classification posterior: warn when the predictive on the kept
+        training inputs is far less confident than the MAP (:mod:`~bayescurv.laplace.
+        confidence`)."""
+        x = getattr(self, "_kept_inputs", None)
+        if x is None or self.likelihood.name == "regression":
+            return
+        x = self._inputs(x)
+        with torch.no_grad():
+            f = self.likelihood.check_outputs(self.params.forward(x))
+            map_probs = self.likelihood.inverse_link(f)
+            if self.likelihood.name == "binary":
+                map_probs = map_probs.squeeze(-1)
+            confidence.warn_if_underconfident(map_probs, self.predict(x))
 
     # predictions -------------------------------------------------------------------------
     def _inputs(self, x):
@@ -491,6 +525,7 @@ class Laplace(StateDictMixin):
         network's live weights (:meth:`check_weights`)."""
         self.check_fitted()
         self.check_weights()
+        x = batches.as_tensor(x)
         if isinstance(x, dict):
             x = batches.to_device(x, self.params.device, self.params.dtype)
         else:
@@ -506,10 +541,35 @@ class Laplace(StateDictMixin):
         batches.check_finite(x, "inputs")
         return x
 
-    def functional(self, x: Tensor, joint: bool = False) -> tuple[Tensor, Tensor]:
+    def _over_batches(self, data: Iterable, fn: Callable, progress: bool, x_key: str,
+                      what: str):
+        """Apply ``fn`` to the inputs of every batch of ``data`` and concatenate along the
+        batch dimension (a tensor, or a tuple of tensors)."""
+        it: Iterable = (batches.inputs_of(b, x_key) for b in data)
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, desc=what, leave=False)
+        outs = [fn(x) for x in it]
+        if not outs:
+            raise EmptyDataError(f"{what}: the loader yielded no batches")
+        if isinstance(outs[0], tuple):
+            return tuple(torch.cat(parts, dim=self.batch_dim) for parts in zip(*outs))
+        return torch.cat(outs, dim=self.batch_dim)
+
+    def functional(self, x: Tensor | Iterable, joint: bool = False, *, progress: bool = False,
+                   x_key: str = "x") -> tuple[Tensor, Tensor]:
         """Linearized network at ``x``: mean ``f(x; θ*)`` ``(B, C)`` and covariance
         ``J Σ Jᵀ`` ``(B, C, C)`` (or ``(B*C, B*C)`` across inputs with ``joint=True``),
-        from the posterior's structure without whole-net Jacobians."""
+        from the posterior's structure without whole-net Jacobians. ``x`` may be a loader
+        (any iterable of batches: inputs, ``(x, y)`` or ``(x,)`` tuples, dicts read with
+        ``x_key``): evaluated batch by batch (``progress``: a progress bar) and
+        concatenated; ``joint=True`` needs one batch."""
+        if batches.is_batch_iterable(x):
+            if joint:
+                raise InvalidArgumentError("joint=True needs the inputs as one batch, not a "
+                                           "loader (the covariance couples every pair)")
+            return self._over_batches(x, self.functional, progress, x_key, "functional")
         x = self._inputs(x)
         needs_grad = torch.is_grad_enabled() and any(
             t.requires_grad for t in (x.values() if isinstance(x, dict) else [x])
@@ -526,8 +586,12 @@ class Laplace(StateDictMixin):
         pred_type: str = "glm",
         num_samples: int = 100,
         generator: torch.Generator | None = None,
+        *,
+        progress: bool = False,
+        x_key: str = "x",
     ):
-        """Predictive distribution at ``x``.
+        """Predictive distribution at ``x`` (a batch, or a loader as in :meth:`functional`,
+        evaluated batch by batch).
 
         Classification: class probabilities ``(B, C)`` (``link`` in ``"probit"``,
         ``"bridge"``, ``"mc"``). Binary: ``p(y=1)`` ``(B,)``. Regression: predictive mean
@@ -538,6 +602,10 @@ class Laplace(StateDictMixin):
         if pred_type not in PRED_TYPES:
             raise InvalidArgumentError(f"unknown pred_type {pred_type!r}; use one of {PRED_TYPES}")
         self.likelihood.check_link(link)
+        if batches.is_batch_iterable(x):
+            return self._over_batches(
+                x, lambda b: self.predict(b, link, pred_type, num_samples, generator),
+                progress, x_key, "predict")
         if pred_type == "nn":
             return self._predict_nn(x, num_samples, generator)
         mean, cov = self.functional(x)
@@ -552,7 +620,7 @@ class Laplace(StateDictMixin):
             full = self.params.vector()
             for theta in thetas:
                 self.params.assign(self.with_posterior_entries(theta, full))
-                f = self.model(**x) if isinstance(x, dict) else self.model(x)
+                f = self.params.forward(x)
                 outs.append(self.likelihood.check_outputs(f))
         finally:
             self.params.assign(full)  # exactly the weights found (== θ*, checked above)
@@ -564,16 +632,18 @@ class Laplace(StateDictMixin):
         return probs.squeeze(-1) if self.likelihood.name == "binary" else probs
 
     def functional_samples(
-        self, x: Tensor, n: int = 100, generator: torch.Generator | None = None
+        self, x: Tensor, num_samples: int = 100, generator: torch.Generator | None = None,
+        *, n: int = UNSET,
     ) -> Tensor:
-        """``n`` samples of the linearized network's outputs at the inputs ``x`` drawn
+        """``num_samples`` samples of the linearized network's outputs at the inputs ``x`` drawn
         *jointly* across inputs and outputs from ``N(f(x; θ*), J Σ Jᵀ)``: shape ``(n, B, C)``.
         (Draws for different inputs are correlated exactly as the posterior says, not
         perfectly.)"""
         from bayescurv.links import psd_sqrt
 
-        if not isinstance(n, int) or n < 1:
-            raise InvalidArgumentError(f"n must be a positive integer, got {n}")
+        n = renamed(num_samples, n, "num_samples", "n", "Laplace.functional_samples")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InvalidArgumentError(f"num_samples must be a positive integer, got {n}")
         mean, cov = self.functional(x, joint=True)
         root = psd_sqrt(cov)
         z = torch.randn(cov.shape[0], n, generator=generator, dtype=cov.dtype,
@@ -592,12 +662,14 @@ class Laplace(StateDictMixin):
         out[self.index] = theta.to(out.dtype)
         return out
 
-    def sample(self, n: int = 100, generator: torch.Generator | None = None) -> Tensor:
-        """``n`` parameter vectors from the posterior, ``(n, num_params)`` in flat order
+    def sample(self, num_samples: int = 100, generator: torch.Generator | None = None,
+               *, n: int = UNSET) -> Tensor:
+        """``num_samples`` parameter vectors from the posterior, ``(n, num_params)`` in flat order
         (for a masked subnetwork: the masked entries, in flat order)."""
         self.check_fitted()
-        if not isinstance(n, int) or n < 1:
-            raise InvalidArgumentError(f"n must be a positive integer, got {n}")
+        n = renamed(num_samples, n, "num_samples", "n", "Laplace.sample")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InvalidArgumentError(f"num_samples must be a positive integer, got {n}")
         draws = self.mean + self.posterior_precision.sample_inverse(n, generator)
         return draws.to(self.params.dtype)
 
