@@ -26,26 +26,21 @@ from torch import Tensor, nn
 
 from bayescurv import batches
 from bayescurv.curvature import STRUCTURES, compute
-from bayescurv.curvature.engine import HookCapture
 from bayescurv.curvature.layers import check_modes
-from bayescurv.deprecation import UNSET, renamed
 from bayescurv.errors import (
-    EmptyDataError,
     InvalidArgumentError,
     NotFittedError,
     ShapeError,
 )
 from bayescurv.laplace import confidence, marglik, noise, subnetwork
-from bayescurv.laplace.predictive import glm_covariance
+from bayescurv.laplace.predictions import PredictionsMixin
 from bayescurv.laplace.state import StateDictMixin
 from bayescurv.likelihoods import Gaussian, get_likelihood
 from bayescurv.linalg import PSDOperator, internal_dtype
 from bayescurv.params import OutputKey, check_output_key, find_last_layer, select
 
-PRED_TYPES = ("glm", "nn")
 
-
-class Laplace(StateDictMixin):
+class Laplace(PredictionsMixin, StateDictMixin):
     """Post-hoc Laplace approximation of a trained network.
 
     Args:
@@ -519,137 +514,6 @@ class Laplace(StateDictMixin):
                 map_probs = map_probs.squeeze(-1)
             confidence.warn_if_underconfident(map_probs, self.predict(x))
 
-    # predictions -------------------------------------------------------------------------
-    def _inputs(self, x):
-        """Validate and move a batch of inputs; the posterior must be fitted and tied to the
-        network's live weights (:meth:`check_weights`)."""
-        self.check_fitted()
-        self.check_weights()
-        x = batches.as_tensor(x)
-        if isinstance(x, dict):
-            x = batches.to_device(x, self.params.device, self.params.dtype)
-        else:
-            if not torch.is_tensor(x):
-                raise InvalidArgumentError(f"x must be a tensor, got {type(x).__name__}")
-            if x.dim() == 1 and x.is_floating_point():
-                raise ShapeError(
-                    f"x has shape {tuple(x.shape)}: predictions take a batch of inputs; for "
-                    "one input of D features use x.unsqueeze(0), for a batch of scalars "
-                    "x.unsqueeze(-1)")
-            x = x.to(device=self.params.device,
-                     dtype=self.params.dtype if x.is_floating_point() else x.dtype)
-        batches.check_finite(x, "inputs")
-        return x
-
-    def _over_batches(self, data: Iterable, fn: Callable, progress: bool, x_key: str,
-                      what: str):
-        """Apply ``fn`` to the inputs of every batch of ``data`` and concatenate along the
-        batch dimension (a tensor, or a tuple of tensors)."""
-        it: Iterable = (batches.inputs_of(b, x_key) for b in data)
-        if progress:
-            from tqdm.auto import tqdm
-
-            it = tqdm(it, desc=what, leave=False)
-        outs = [fn(x) for x in it]
-        if not outs:
-            raise EmptyDataError(f"{what}: the loader yielded no batches")
-        if isinstance(outs[0], tuple):
-            return tuple(torch.cat(parts, dim=self.batch_dim) for parts in zip(*outs))
-        return torch.cat(outs, dim=self.batch_dim)
-
-    def functional(self, x: Tensor | Iterable, joint: bool = False, *, progress: bool = False,
-                   x_key: str = "x") -> tuple[Tensor, Tensor]:
-        """Linearized network at ``x``: mean ``f(x; θ*)`` ``(B, C)`` and covariance
-        ``J Σ Jᵀ`` ``(B, C, C)`` (or ``(B*C, B*C)`` across inputs with ``joint=True``),
-        from the posterior's structure without whole-net Jacobians. ``x`` may be a loader
-        (any iterable of batches: inputs, ``(x, y)`` or ``(x,)`` tuples, dicts read with
-        ``x_key``): evaluated batch by batch (``progress``: a progress bar) and
-        concatenated; ``joint=True`` needs one batch."""
-        if batches.is_batch_iterable(x):
-            if joint:
-                raise InvalidArgumentError("joint=True needs the inputs as one batch, not a "
-                                           "loader (the covariance couples every pair)")
-            return self._over_batches(x, self.functional, progress, x_key, "functional")
-        x = self._inputs(x)
-        needs_grad = torch.is_grad_enabled() and any(
-            t.requires_grad for t in (x.values() if isinstance(x, dict) else [x])
-        )
-        capture = HookCapture(self.params, self.structure, self.unknown_layers,
-                              differentiable=needs_grad, batch_dim=self.batch_dim)
-        return glm_covariance(capture, self.posterior_precision, x, joint=joint,
-                              index=self.index)
-
-    def predict(
-        self,
-        x: Tensor,
-        link: str = "probit",
-        pred_type: str = "glm",
-        num_samples: int = 100,
-        generator: torch.Generator | None = None,
-        *,
-        progress: bool = False,
-        x_key: str = "x",
-    ):
-        """Predictive distribution at ``x`` (a batch, or a loader as in :meth:`functional`,
-        evaluated batch by batch).
-
-        Classification: class probabilities ``(B, C)`` (``link`` in ``"probit"``,
-        ``"bridge"``, ``"mc"``). Binary: ``p(y=1)`` ``(B,)``. Regression: predictive mean
-        and variance (observation noise included), each ``(B, C)``.
-        ``pred_type="nn"`` averages the network over ``num_samples`` posterior samples
-        instead of linearizing.
-        """
-        if pred_type not in PRED_TYPES:
-            raise InvalidArgumentError(f"unknown pred_type {pred_type!r}; use one of {PRED_TYPES}")
-        self.likelihood.check_link(link)
-        if batches.is_batch_iterable(x):
-            return self._over_batches(
-                x, lambda b: self.predict(b, link, pred_type, num_samples, generator),
-                progress, x_key, "predict")
-        if pred_type == "nn":
-            return self._predict_nn(x, num_samples, generator)
-        mean, cov = self.functional(x)
-        return self.likelihood.predictive(mean, cov, link, num_samples, generator)
-
-    @torch.no_grad()
-    def _predict_nn(self, x, num_samples, generator):
-        x = self._inputs(x)
-        thetas = self.sample(num_samples, generator)
-        outs = []
-        try:
-            full = self.params.vector()
-            for theta in thetas:
-                self.params.assign(self.with_posterior_entries(theta, full))
-                f = self.params.forward(x)
-                outs.append(self.likelihood.check_outputs(f))
-        finally:
-            self.params.assign(full)  # exactly the weights found (== θ*, checked above)
-        f = torch.stack(outs)
-        if self.likelihood.name == "regression":
-            var = f.var(0, unbiased=False) + self.sigma_noise**2
-            return f.mean(0), var
-        probs = self.likelihood.inverse_link(f).mean(0)
-        return probs.squeeze(-1) if self.likelihood.name == "binary" else probs
-
-    def functional_samples(
-        self, x: Tensor, num_samples: int = 100, generator: torch.Generator | None = None,
-        *, n: int = UNSET,
-    ) -> Tensor:
-        """``num_samples`` samples of the linearized network's outputs at the inputs ``x`` drawn
-        *jointly* across inputs and outputs from ``N(f(x; θ*), J Σ Jᵀ)``: shape ``(n, B, C)``.
-        (Draws for different inputs are correlated exactly as the posterior says, not
-        perfectly.)"""
-        from bayescurv.links import psd_sqrt
-
-        n = renamed(num_samples, n, "num_samples", "n", "Laplace.functional_samples")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise InvalidArgumentError(f"num_samples must be a positive integer, got {n}")
-        mean, cov = self.functional(x, joint=True)
-        root = psd_sqrt(cov)
-        z = torch.randn(cov.shape[0], n, generator=generator, dtype=cov.dtype,
-                        device=cov.device)
-        return mean.unsqueeze(0) + (root @ z).T.reshape(n, *mean.shape)
-
     def posterior_entries(self, full: Tensor) -> Tensor:
         """The posterior's entries of a full flat vector of ``self.params``."""
         return full if self.index is None else full[self.index]
@@ -661,17 +525,6 @@ class Laplace(StateDictMixin):
         out = full.clone()
         out[self.index] = theta.to(out.dtype)
         return out
-
-    def sample(self, num_samples: int = 100, generator: torch.Generator | None = None,
-               *, n: int = UNSET) -> Tensor:
-        """``num_samples`` parameter vectors from the posterior, ``(n, num_params)`` in flat order
-        (for a masked subnetwork: the masked entries, in flat order)."""
-        self.check_fitted()
-        n = renamed(num_samples, n, "num_samples", "n", "Laplace.sample")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise InvalidArgumentError(f"num_samples must be a positive integer, got {n}")
-        draws = self.mean + self.posterior_precision.sample_inverse(n, generator)
-        return draws.to(self.params.dtype)
 
     def __repr__(self) -> str:
         return (f"Laplace(likelihood={self.likelihood.name!r}, structure={self.structure!r}, "
