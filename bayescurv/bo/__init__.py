@@ -9,15 +9,13 @@
 """
 
 from bayescurv.bo.ard import fit_lengthscales
+from bayescurv.bo.conditioned import ConditionedLaplaceModel
 from bayescurv.bo.features import FourierFeatures, fourier_network
 from bayescurv.bo.kernel import NTKKernel
-from bayescurv.bo.model import (
-    ConditionedLaplaceModel,
-    LaplaceModel,
-    default_network,
-    train_map,
-)
+from bayescurv.bo.model import LaplaceModel
+from bayescurv.bo.networks import default_network
 from bayescurv.bo.subset import OutputSubsetModel
+from bayescurv.bo.training import train_map
 
 __all__ = ["LaplaceModel", "ConditionedLaplaceModel", "NTKKernel", "FourierFeatures",
            "OutputSubsetModel",

@@ -26,13 +26,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from bayescurv.bo.features import FourierFeatures
+from bayescurv.bo.hyperparameters import CLOSED_FORM_TOL
 from bayescurv.errors import InvalidArgumentError, NonFiniteError, NumericalError, ShapeError
+from bayescurv.laplace.marglik import maximize_lbfgs
 
 #: isotropic starting lengthscales (unit-cube units) of the multi-start L-BFGS
 ARD_STARTS = (0.15, 0.4, 1.0)
@@ -99,7 +102,8 @@ def fit_lengthscales(
     r"""Maximize :math:`\log p(Y \mid \ell, \delta, \sigma) + \log p(\sigma^2) +
     \sum_i \log p(\ell_i)` over ARD lengthscales :math:`\ell \in R^d_+`, the prior precision
     :math:`\delta` and the noise :math:`\sigma \ge` ``min_noise`` (held at ``fixed_noise`` when
-    given), by L-BFGS from each isotropic lengthscale in ``starts``; the best iterate over all
+    given), by L-BFGS (:func:`~bayescurv.laplace.marglik.maximize_lbfgs`) from each isotropic
+    lengthscale in ``starts``; the best iterate over all
     starts is returned. ``noise_prior`` / ``lengthscale_prior``: ``torch.distributions`` over
     :math:`\sigma^2` / each :math:`\ell_i`, ``None``, or (lengthscales) ``"default"``
     (:func:`default_lengthscale_prior`). ``features`` is not modified.
@@ -141,20 +145,10 @@ def fit_lengthscales(
     for ell in starts:
         z = torch.tensor([math.log(ell)] * d + [0.0, math.log(1e-2)], dtype=X.dtype,
                          device=X.device, requires_grad=True)
-        opt = torch.optim.LBFGS([z], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-        def closure(z=z, opt=opt):
-            nonlocal best
-            opt.zero_grad()
-            value = objective(z)
-            if not torch.isfinite(value):  # a failed step: steer the line search away
-                return torch.tensor(math.inf, dtype=z.dtype, device=z.device)
-            if best is None or value.item() > best[0]:
-                best = (value.item(), z.detach().clone())
-            (-value).backward()
-            return -value
-
-        opt.step(closure)
+        value, _, _ = maximize_lbfgs(partial(objective, z), [z], max_iter, tol=CLOSED_FORM_TOL,
+                                     keep_best=True)
+        if math.isfinite(value) and (best is None or value > best[0]):
+            best = (value, z.detach().clone())
     if best is None:
         raise NumericalError("the ARD evidence was not finite at any start (singular "
                              "feature Gram matrix; raise min_noise)")

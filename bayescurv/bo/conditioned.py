@@ -15,7 +15,7 @@ It is cheap, batched over any number of fantasy samples and differentiable in ``
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from botorch.exceptions.errors import BotorchTensorDimensionError
@@ -27,19 +27,19 @@ from torch import Tensor
 from bayescurv.bo.base import LinearizedModelMixin
 from bayescurv.bo.checks import check_inputs
 
-if TYPE_CHECKING:
-    from bayescurv.bo.model import LaplaceModel
-
 
 class ConditionedLaplaceModel(LinearizedModelMixin, Model):
     r"""A :class:`LaplaceModel` conditioned on (possibly batched) observations through the exact
     update of its linearized model (GP conditioning with the NTK kernel
     :math:`J\Sigma J^\top`). ``X_cond`` (``batch x n' x d``) is in transformed input space,
-    ``Y_cond`` (``batch' x n' x m``) and ``noise`` in transformed outcome space.
+    ``Y_cond`` (``batch' x n' x m``) and ``noise`` in transformed outcome space. ``base`` is
+    the :class:`~bayescurv.bo.LaplaceModel` (typed by its mixin: this module does not import
+    the model, which imports it).
     """
 
     def __init__(
-        self, base: LaplaceModel, X_cond: Tensor, Y_cond: Tensor, noise: Tensor | None = None
+        self, base: LinearizedModelMixin, X_cond: Tensor, Y_cond: Tensor,
+        noise: Tensor | None = None,
     ) -> None:
         super().__init__()
         self.base = [base]  # a list: keep the base out of this module's children

@@ -19,6 +19,10 @@ from torch import Tensor
 from bayescurv.laplace import Laplace
 from bayescurv.laplace.marglik import maximize_lbfgs
 
+#: gradient tolerance of the closed-form evidence tuners (:func:`bayescurv.bo.ntk.tune`,
+#: :func:`bayescurv.bo.ard.fit_lengthscales`): their objectives are exact Gaussian densities
+#: of a few variables, cheap to evaluate, so they run to torch's default ``tolerance_grad``
+CLOSED_FORM_TOL = 1e-7
 
 def noise_log_prior(noise_prior, sigma: Tensor) -> Tensor:
     r"""Log density of the noise hyperprior at the noise variance :math:`\sigma^2` (as GPyTorch

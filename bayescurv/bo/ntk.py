@@ -40,7 +40,9 @@ import torch
 from linear_operator.utils.cholesky import psd_safe_cholesky
 from torch import Tensor, nn
 
+from bayescurv.bo.hyperparameters import CLOSED_FORM_TOL
 from bayescurv.errors import InvalidArgumentError, NumericalError
+from bayescurv.laplace.marglik import maximize_lbfgs
 from bayescurv.params import ParamSet
 
 #: points per vmapped Jacobian call
@@ -141,7 +143,8 @@ def tune(
 ) -> Hyper:
     r"""Maximize :math:`\log N(\tilde r; 0, \sum_g K_g/\delta_g + \sigma^2 I) + \log p(\sigma^2)`
     over :math:`\log\delta_g` and :math:`s` with :math:`\sigma^2 = \sigma_{min}^2 + e^s` (the
-    floor holds during tuning) by L-BFGS; the best iterate is returned. ``init_precision``
+    floor holds during tuning) by L-BFGS (:func:`~bayescurv.laplace.marglik.maximize_lbfgs`,
+    the loop of every evidence tuner); the best iterate is returned. ``init_precision``
     defaults to the data-driven :math:`\delta_g = G\,tr(K_g)/N` (every group explains an equal
     share of a unit prior variance). ``fixed_noise`` holds :math:`\sigma` fixed."""
     G, n, _ = grams.shape
@@ -170,31 +173,13 @@ def tune(
             value = value + noise_prior.log_prob(s2).sum()
         return value
 
-    best: tuple[float, Tensor] | None = None
-    opt = torch.optim.LBFGS([z], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure() -> Tensor:
-        nonlocal best
-        opt.zero_grad()
-        value = objective(z)
-        if not torch.isfinite(value):  # a failed step: steer the line search away
-            return torch.tensor(math.inf, dtype=z.dtype, device=z.device)
-        if best is None or value.item() > best[0]:
-            best = (value.item(), z.detach().clone())
-        (-value).backward()
-        return -value
-
-    if max_iter > 0:
-        opt.step(closure)
-    else:
-        with torch.no_grad():
-            value = objective(z)
-        best = (value.item(), z.detach().clone()) if torch.isfinite(value) else None
-    if best is None:
+    value, _, _ = maximize_lbfgs(lambda: objective(z), [z], max_iter, tol=CLOSED_FORM_TOL,
+                                 keep_best=True)
+    if not math.isfinite(value):
         raise NumericalError("the linearized evidence is not finite at any iterate (singular "
                              "kernel matrix); raise min_noise")
-    delta, s2 = unpack(best[1])
-    return Hyper(delta.detach(), s2.sqrt().detach(), best[0])
+    delta, s2 = unpack(z.detach())
+    return Hyper(delta, s2.sqrt(), value)
 
 
 class LinearizedGP:
