@@ -13,6 +13,7 @@ Laplace pays off out of distribution (OOD AUROC) and under shift (NLL, ECE).
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from torch import nn
 
 from bayescurv import metrics
 from bayescurv.data import load_digits_split, loaders, permuted_digits, rotated_digits
+from bayescurv.errors import InvalidArgumentError
 from bayescurv.laplace import Laplace
 
 
@@ -91,9 +93,55 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def check_epochs(epochs: object) -> int:
+    """``epochs`` as a positive int, or :class:`InvalidArgumentError`."""
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise InvalidArgumentError(f"epochs must be a positive integer, got {epochs!r}")
+    return epochs
+
+
+def check_seed(seed: object) -> int:
+    """``seed`` as an int in ``[0, 2**32 - 1]`` (what every random source here accepts)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise InvalidArgumentError(f"seed must be an integer in [0, 2**32 - 1], got {seed!r}")
+    return seed
+
+
+def prepare_out_dir(out_dir: str | Path) -> Path:
+    """Create ``out_dir`` (and its parents) and check that a file can be written there, before
+    any training, so that a bad path fails in a second and not after the run. Raises
+    :class:`InvalidArgumentError` naming the path and the reason."""
+    out = Path(out_dir).expanduser()
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "it" if existing == out else f"its parent {str(existing)!r}"
+        raise InvalidArgumentError(
+            f"output folder {str(out)!r}: {where} is a file, not a directory; choose another "
+            "folder"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise InvalidArgumentError(
+            f"output folder {str(out)!r} cannot be created or written to "
+            f"({err.strerror or err}); choose a writable folder"
+        ) from None
+    return out
+
+
 def run(out_dir: str | Path = "outputs", seed: int = 0, epochs: int = 60,
         progress: bool = False) -> list[Row]:
-    """Run the demo; print the table; write ``reliability.png`` into ``out_dir``."""
+    """Run the demo; print the table; write ``reliability.png`` into ``out_dir``.
+
+    ``epochs`` (a positive int), ``seed`` and ``out_dir`` (created if needed, and written to
+    once as a check) are validated before any data is loaded or any training starts."""
+    check_epochs(epochs)
+    check_seed(seed)
+    out = prepare_out_dir(out_dir)
     torch.manual_seed(seed)
     split = load_digits_split(seed=seed)
     train_loader, _ = loaders(split, batch_size=64, seed=seed)
@@ -129,8 +177,6 @@ def run(out_dir: str | Path = "outputs", seed: int = 0, epochs: int = 60,
     print(f"digits: {n} train / {len(y_test)} test points; OOD = pixel-permuted test digits; "
           "rot30 = test digits rotated by 30 degrees")
     print(format_table(rows))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     diagrams = {k: metrics.reliability_diagram(p, y_test) for k, p in preds.items()}
     path = metrics.plot_reliability(diagrams, out / "reliability.png")
     print(f"reliability diagram: {path}")

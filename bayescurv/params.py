@@ -11,6 +11,7 @@ Frozen parameters (``requires_grad=False``) are never part of a set. Tied parame
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -59,6 +60,26 @@ def select_output(out: Any, output_key: OutputKey) -> Tensor:
             f"the model returned a {type(out).__name__}, not a tensor; {hint}"
         )
     return out
+
+
+def check_keyword_inputs(model: nn.Module, x: dict[str, Any]) -> None:
+    """Refuse a dict of keyword inputs that ``model.forward`` does not accept, before the
+    call (a dict batch without an ``x_key`` entry is passed to the model as keyword
+    arguments; a wrong ``x_key`` would otherwise surface as a ``TypeError`` from inside the
+    model)."""
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # no introspectable signature: let the call decide
+        return
+    try:
+        sig.bind(**x)
+    except TypeError as err:
+        raise InvalidArgumentError(
+            f"the batch inputs are a dict with keys {sorted(x)}, passed to the model as keyword "
+            f"arguments (the batches have no x_key entry), but "
+            f"{type(model).__name__}.forward does not accept them ({err}). Pass x_key= the "
+            "name of the entry that holds the inputs (and y_key= that of the targets)"
+        ) from None
 
 
 @dataclass
@@ -165,14 +186,18 @@ class ParamSet:
         """Evaluate the model with this set's parameters replaced by ``vector``; all other
         parameters and buffers keep their values. Differentiable in ``vector`` and usable
         under ``torch.func`` transforms."""
+        if kwargs and not args:
+            check_keyword_inputs(self.model, kwargs)
         out = torch.func.functional_call(self.model, self.as_dict(vector), args, kwargs)
         return select_output(out, self.output_key)
 
     def forward(self, x: Tensor | dict[str, Tensor]) -> Tensor:
         """The network output at inputs ``x`` (a tensor, or a dict of keyword inputs), read
         with :attr:`output_key`."""
-        out = self.model(**x) if isinstance(x, dict) else self.model(x)
-        return select_output(out, self.output_key)
+        if isinstance(x, dict):
+            check_keyword_inputs(self.model, x)
+            return select_output(self.model(**x), self.output_key)
+        return select_output(self.model(x), self.output_key)
 
     # per-module view -----------------------------------------------------------------
     def modules(self) -> list[tuple[str, nn.Module, list[tuple[str, int]]]]:
@@ -234,6 +259,8 @@ def find_last_layer(model: nn.Module, example_input: Any = None,
     first = next(model.parameters(), None)
     if first is not None:
         example_input = batches.to_device(example_input, first.device, first.dtype)
+    if isinstance(example_input, dict):
+        check_keyword_inputs(model, example_input)
     try:
         with torch.no_grad():
             out = model(**example_input) if isinstance(example_input, dict) else model(
@@ -329,4 +356,4 @@ def select(
 
 
 __all__ = ["ParamSet", "select", "find_last_layer", "select_output", "check_output_key",
-           "OutputKey", "SUBSETS"]
+           "check_keyword_inputs", "OutputKey", "SUBSETS"]

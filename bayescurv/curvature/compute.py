@@ -180,7 +180,18 @@ def compute(
     The result is summed across ``torch.distributed`` ranks when a process group is
     initialized, so each rank holds the curvature of the whole data set.
     """
+    if not isinstance(model, nn.Module):
+        raise InvalidArgumentError(
+            f"model must be an nn.Module, got {type(model).__name__}; wrap a function of the "
+            "parameters in an nn.Module that owns them"
+        )
     _check_options(structure, kind, num_samples, rank, lowrank_method)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise InvalidArgumentError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}; "
+            "pass torch.Generator().manual_seed(seed)"
+        )
+    batches.check_data(data)
     if batches.check_batch_dim(batch_dim) and (
         structure == "diag-hesscale" or (kind == "hessian" and structure not in LOWRANK)
         or (structure in LOWRANK and lowrank_method != "sqrt")

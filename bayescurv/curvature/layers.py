@@ -192,10 +192,12 @@ def embedding_counts(module: nn.Embedding, idx: Tensor) -> Tensor:
 
 
 def check_modes(model: nn.Module) -> None:
-    """Refuse a model with dropout in training mode (anywhere in it, owning posterior
-    parameters or not): the curvature and the predictive would be random draws, so two
-    identical calls would differ. Consistent with BatchNorm in training mode, which
-    :func:`check_module` refuses."""
+    """Refuse a model with dropout or batch normalization in training mode (anywhere in it,
+    owning posterior parameters or not). Dropout makes the curvature and the predictive
+    random draws, so two identical calls would differ; BatchNorm in training mode normalizes
+    with the statistics of each batch, so the network output of a data point depends on the
+    other points of its batch (the result would change with the batch size), and every
+    forward pass would overwrite the running statistics the trained model keeps."""
     active = [n for n, m in model.named_modules()
               if isinstance(m, nn.modules.dropout._DropoutNd) and m.training
               and m.p > 0]
@@ -203,6 +205,14 @@ def check_modes(model: nn.Module) -> None:
         raise UnsupportedLayerError(
             f"dropout module(s) {active[:5]} are in training mode, which makes the curvature "
             "and the predictive random; call model.eval() first"
+        )
+    norms = [n or type(m).__name__ for n, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    if norms:
+        raise UnsupportedLayerError(
+            f"batch-norm module(s) {norms[:5]} are in training mode, where batch statistics "
+            "couple the data points (the answer would depend on the batch size) and each "
+            "forward pass would overwrite the running statistics; call model.eval() first"
         )
 
 

@@ -99,8 +99,15 @@ class IterGLM:
         if policy not in POLICIES:
             raise InvalidArgumentError(f"unknown policy {policy!r}; use one of {POLICIES}")
         for name, v in (("max_actions", max_actions), ("rank", rank)):
-            if v is not None and (not isinstance(v, int) or v < 1):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise InvalidArgumentError(f"{name} must be a positive int or None, got {v}")
+        for name, v in (("block", block), ("max_newton", max_newton)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise InvalidArgumentError(f"{name} must be a positive int, got {v!r}")
+        for name, v in (("tol", tol), ("newton_tol", newton_tol)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(
+                    v) or v < 0:
+                raise InvalidArgumentError(f"{name} must be a finite number >= 0, got {v!r}")
         self.likelihood = glik.resolve(likelihood, sigma_noise)
         self.kernel: GLMKernel = as_kernel(kernel)
         self.solver, self.policy = solver, policy
@@ -249,10 +256,12 @@ class IterGLM:
         latent (``exposure`` ``e`` means ``offset = log e``)."""
         X = self._check_X(X)
         y = torch.as_tensor(y)
-        if y.shape[0] != X.shape[0]:
+        if y.dim() == 0 or y.shape[0] != X.shape[0]:
             raise ShapeError(f"X has {X.shape[0]} rows but y has {y.shape[0]}")
         dtype = self._dtype(X)
         if y.is_floating_point():
+            if not torch.isfinite(y).all():
+                raise NonFiniteError("y holds NaN or Inf; clean or impute the targets first")
             y = y.to(dtype)
         C = glik.num_latent(self.likelihood, y, self.num_classes)
         if self.kernel.num_outputs is not None and self.kernel.num_outputs != C:
@@ -421,6 +430,11 @@ class IterGLM:
         the computational variance (see the module docstring)."""
         self._check_fitted()
         X = self._check_X(X)
+        if X.shape[1:] != self.X_.shape[1:]:
+            raise ShapeError(
+                f"X has points of shape {tuple(X.shape[1:])} but the model was fitted on points "
+                f"of shape {tuple(self.X_.shape[1:])} (features per row must match)"
+            )
         C = self.C_
         like = self.f_
         o = self._offset(offset, exposure, X.shape[0], C, like)

@@ -84,8 +84,13 @@ class OperatorGP:
                              f"parameter subset has {self.params.numel} entries")
         self.precision = precision
         self.theta = self.params.vector()
-        self.sigma_noise = torch.as_tensor(sigma_noise, dtype=self.theta.dtype,
-                                           device=self.theta.device).reshape(())
+        noise = torch.as_tensor(sigma_noise, dtype=self.theta.dtype, device=self.theta.device)
+        if noise.numel() != 1:
+            raise ShapeError(f"sigma_noise must be a scalar, got shape {tuple(noise.shape)}")
+        if not bool(torch.isfinite(noise).all()) or bool((noise < 0).any()):
+            raise InvalidArgumentError(
+                f"sigma_noise must be finite and >= 0, got {float(noise.reshape(()))}")
+        self.sigma_noise = noise.reshape(())
         self._factors()
 
     # construction ------------------------------------------------------------------------
@@ -277,13 +282,30 @@ def tune_prior_precision(
         raise InvalidArgumentError(f"unknown method {method!r}; use 'marglik' or 'val_nll'")
     if val is None:
         raise InvalidArgumentError("method='val_nll' needs val=(inputs, targets)")
-    grid = torch.logspace(-4, 4, 17) if grid is None else torch.as_tensor(grid).reshape(-1)
-    if grid.numel() == 0 or (grid <= 0).any():
-        raise InvalidArgumentError("grid must hold positive prior precisions")
+    try:
+        grid = torch.logspace(-4, 4, 17) if grid is None else torch.as_tensor(
+            grid, dtype=torch.float64).reshape(-1)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise InvalidArgumentError(
+            f"grid must be a sequence or tensor of positive prior precisions, got "
+            f"{type(grid).__name__} ({err})"
+        ) from None
+    if grid.numel() == 0 or not bool(torch.isfinite(grid).all()) or bool((grid <= 0).any()):
+        raise InvalidArgumentError("grid must hold positive prior precisions (finite, > 0)")
+    if not isinstance(val, (tuple, list)) or len(val) != 2:
+        raise InvalidArgumentError("val must be a pair (inputs, targets) of tensors")
     gp = OperatorGP.from_laplace(la)
     a, u = val
     a = gp._check(a)
     mean = gp.mean(a).reshape(a.shape[0], -1)
+    u = torch.as_tensor(u)
+    if u.numel() != mean.numel() or u.shape[0] != a.shape[0]:
+        raise ShapeError(
+            f"validation targets of shape {tuple(u.shape)} do not match the operator's outputs "
+            f"{tuple(gp.mean(a[:1]).shape[1:])} for each of the {a.shape[0]} inputs"
+        )
+    if u.is_floating_point() and not bool(torch.isfinite(u).all()):
+        raise NonFiniteError("validation targets hold NaN or Inf")
     u = u.to(mean).reshape(mean.shape)
     rows = list(gp.jacobian_rows(a))
     best, best_prior = float("inf"), None
