@@ -1098,7 +1098,32 @@ def _bo_rows():
         Row("bo/lengthscales-unknown", lambda: bo(lengthscales="iso"), ValueError,
             "lengthscales must be"),
         Row("bo/network-empty-list", lambda: bo(network=[]), data_err, "empty list"),
+        Row("bo/X-nan", lambda: bo(X=nan_at(X)), data_err, "NaN values (train_X)"),
+        Row("bo/Y-inf", lambda: bo(X=X, Y=torch.full((6, 1), float("inf"), dtype=DT)),
+            data_err, "infinite values (train_Y)"),
+        Row("bo/dtype-mix", lambda: bo(X=X.float(), Y=torch.zeros(6, 1, dtype=DT)), data_err,
+            "share the same dtype"),
+        Row("bo/activation-unknown", lambda: bo(hidden=(4,), activation="swish"),
+            InvalidArgumentError, "unknown activation"),
+        Row("bo/subset-unknown", lambda: bo(hidden=(4,), subset="first"),
+            InvalidArgumentError, "unknown subset"),
+        Row("bo/structure-unknown", lambda: bo(hidden=(4,), structure="diagx"),
+            InvalidArgumentError, "unknown structure"),
+        Row("bo/ok-kfac-last-layer", _supported_bo_kfac),
+        Row("bo/ok-fourier-features", _supported_bo_fourier),
     ]
+
+
+def _supported_bo_kfac():
+    m = bo(hidden=(4,), structure="kfac", subset="last_layer")
+    post = m.posterior(torch.rand(3, 2, dtype=DT))
+    assert post.mean.shape == (3, 1) and bool((post.variance > 0).all())
+
+
+def _supported_bo_fourier():
+    m = bo(num_features=16, ard_points=6)
+    post = m.posterior(torch.rand(3, 2, dtype=DT))
+    assert post.mean.shape == (3, 1) and bool((post.variance > 0).all())
 
 
 BO = _bo_rows()
