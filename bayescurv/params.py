@@ -341,6 +341,13 @@ def select(
         pnames = {n for n, _ in named}
         mnames = {n for n, _ in model.named_modules()}
         unknown = [w for w in wanted if w not in pnames and w not in mnames]
+        frozen = sorted(set(unknown) & {n for n, p in model.named_parameters()
+                                        if not p.requires_grad})
+        if frozen:
+            raise InvalidArgumentError(
+                f"parameters {frozen} are frozen (requires_grad=False) and cannot be in the "
+                "posterior; unfreeze them with requires_grad_(True) or leave them out"
+            )
         if unknown:
             raise InvalidArgumentError(
                 f"unknown parameter or module names {unknown}; trainable parameters are "

@@ -368,6 +368,8 @@ COMPUTE = [
         InvalidArgumentError, "unknown subset"),
     Row("compute/params-unknown-names", lambda: curv(params=["2.weight", "fc.bias"]),
         InvalidArgumentError, "unknown parameter or module names"),
+    Row("compute/params-frozen-name", lambda: curv(model=_frozen_first(), params=["0.weight"]),
+        InvalidArgumentError, "frozen (requires_grad=False)"),
     Row("compute/params-empty-list", lambda: curv(params=[]), InvalidArgumentError,
         "empty list"),
     Row("compute/params-nan", lambda: curv(model=_nan_model()), NonFiniteError,
@@ -523,6 +525,12 @@ COMPUTE = [
     Row("compute/ok-hessian-full", _supported_hessian_full),
     Row("compute/ok-grouped-conv-kfac-dense-block", _supported_grouped_conv),
 ]
+
+
+def _frozen_first():
+    m = mlp()
+    m[0].weight.requires_grad_(False)
+    return m
 
 
 def _nan_model():
