@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from bayescurv.bo.features import FourierFeatures
-from bayescurv.bo.hyperparameters import CLOSED_FORM_TOL
+from bayescurv.bo.hyperparameters import CLOSED_FORM_TOL, gaussian_log_evidence
 from bayescurv.errors import InvalidArgumentError, NonFiniteError, NumericalError, ShapeError
 from bayescurv.laplace.marglik import maximize_lbfgs
 
@@ -46,19 +46,14 @@ def linear_model_log_evidence(phi: Tensor, y: Tensor, prior_precision: Tensor,
     r"""Log evidence of Bayesian linear regression (module docstring): ``phi`` is ``n x P``,
     ``y`` is ``n x m``; differentiable in all arguments. Returns :math:`-\infty` when the
     Cholesky factorization fails (a numerically singular matrix: no evidence, not a wrong
-    one)."""
+    one; why there is no jitter: :func:`~bayescurv.bo.hyperparameters.gaussian_log_evidence`)."""
     n, p = phi.shape
     m = y.shape[-1]
     delta, s2 = prior_precision.reshape(()), noise_var.reshape(())
     const = n * m * math.log(2 * math.pi)
     if n <= p:
         K = phi @ phi.T / delta + s2 * torch.eye(n, dtype=phi.dtype, device=phi.device)
-        L, info = torch.linalg.cholesky_ex(K)
-        if info.item() != 0:
-            return phi.new_tensor(-math.inf)
-        a = torch.linalg.solve_triangular(L, y, upper=False)
-        logdet = 2 * L.diagonal().log().sum()
-        return -0.5 * (a.square().sum() + m * logdet + const)
+        return gaussian_log_evidence(y, K)
     A = phi.T @ phi / s2 + delta * torch.eye(p, dtype=phi.dtype, device=phi.device)
     L, info = torch.linalg.cholesky_ex(A)
     if info.item() != 0:

@@ -9,6 +9,7 @@ The objective is the evidence plus the log density of a hyperprior on the noise 
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +24,26 @@ from bayescurv.laplace.marglik import maximize_lbfgs
 #: :func:`bayescurv.bo.ard.fit_lengthscales`): their objectives are exact Gaussian densities
 #: of a few variables, cheap to evaluate, so they run to torch's default ``tolerance_grad``
 CLOSED_FORM_TOL = 1e-7
+
+def gaussian_log_evidence(r: Tensor, K: Tensor) -> Tensor:
+    r""":math:`\log N(r; 0, K)` summed over the columns of ``r`` (``(N,)`` or ``(N, m)``, one
+    ``N x N`` kernel matrix ``K`` shared by the columns); differentiable in both.
+
+    :math:`-\infty` when ``K`` is numerically not positive definite, deliberately without the
+    jitter of ``psd_safe_cholesky``: the value is an evidence that a tuner compares across
+    hyperparameters, and a jittered ``K`` would be another model's evidence; :math:`-\infty`
+    makes the L-BFGS line search back off (:func:`~bayescurv.laplace.marglik.maximize_lbfgs`)
+    and the noise floor keeps ``K`` positive definite at sane values. Posteriors, which must
+    exist for any hyperparameters, factorize with ``psd_safe_cholesky``
+    (:class:`~bayescurv.bo.ntk.LinearizedGP`, the fantasy model)."""
+    L, info = torch.linalg.cholesky_ex(K)
+    if info.item() != 0:
+        return r.new_tensor(-math.inf)
+    R = r.reshape(K.shape[0], -1)
+    a = torch.linalg.solve_triangular(L, R, upper=False)
+    return -0.5 * (a.square().sum() + R.shape[1] * 2 * L.diagonal().log().sum()
+                   + R.numel() * math.log(2 * math.pi))
+
 
 def noise_log_prior(noise_prior, sigma: Tensor) -> Tensor:
     r"""Log density of the noise hyperprior at the noise variance :math:`\sigma^2` (as GPyTorch

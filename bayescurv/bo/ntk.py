@@ -40,7 +40,7 @@ import torch
 from linear_operator.utils.cholesky import psd_safe_cholesky
 from torch import Tensor, nn
 
-from bayescurv.bo.hyperparameters import CLOSED_FORM_TOL
+from bayescurv.bo.hyperparameters import CLOSED_FORM_TOL, gaussian_log_evidence
 from bayescurv.errors import InvalidArgumentError, NumericalError
 from bayescurv.laplace.marglik import maximize_lbfgs
 from bayescurv.params import ParamSet
@@ -117,16 +117,6 @@ def group_grams(J: Tensor, groups: Tensor, num_groups: int) -> Tensor:
     return torch.stack([J[:, groups == g] @ J[:, groups == g].T for g in range(num_groups)])
 
 
-def _log_normal(r: Tensor, K: Tensor) -> Tensor:
-    """``log N(r; 0, K)``; ``-inf`` when ``K`` is numerically not positive definite."""
-    L, info = torch.linalg.cholesky_ex(K)
-    if info.item() != 0:
-        return r.new_tensor(-math.inf)
-    a = torch.linalg.solve_triangular(L, r.unsqueeze(-1), upper=False)
-    return -0.5 * (a.square().sum() + 2 * L.diagonal().log().sum()
-                   + r.numel() * math.log(2 * math.pi))
-
-
 @dataclass
 class Hyper:
     """Tuned hyperparameters: per-group prior precisions, noise std, MAP-II objective."""
@@ -168,7 +158,7 @@ def tune(
             return z.new_tensor(-math.inf)
         delta, s2 = unpack(z)
         K = torch.einsum("g,gij->ij", 1 / delta, grams) + s2 * eye
-        value = _log_normal(r, K)
+        value = gaussian_log_evidence(r, K)
         if noise_prior is not None and fixed_noise is None:
             value = value + noise_prior.log_prob(s2).sum()
         return value
