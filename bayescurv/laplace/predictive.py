@@ -46,15 +46,17 @@ CHUNK_ELEMENTS = 2**24
 
 
 def _linear_jacobian_chunks(g: Tensor, a: Tensor):
-    r"""Per-input Jacobian of one linear-like layer, ``(C, b, O, I)`` =
-    :math:`\sum_t g_{cbt} a_{bt}^\top`, over chunks of inputs ``b`` so that at most
-    :data:`CHUNK_ELEMENTS` entries are alive; yields ``(slice, J_chunk)``."""
-    c, b, _, o = g.shape
+    r"""Per-input Jacobian of one linear-like layer, ``(b, C, O·I)`` =
+    :math:`\sum_t g_{cbt} a_{bt}^\top` (row-major ``[o, i]``), over chunks of inputs ``b``
+    so that at most :data:`CHUNK_ELEMENTS` entries are alive; one batched matmul per chunk
+    (``(b, C·O, T) @ (b, T, I)``); yields ``(slice, J_chunk)``."""
+    c, b, t, o = g.shape
     i = a.shape[-1]
     step = max(1, CHUNK_ELEMENTS // max(1, c * o * i))
     for s in range(0, b, step):
         sl = slice(s, min(b, s + step))
-        yield sl, torch.einsum("cbto,bti->cboi", g[:, sl], a[sl])
+        gs = g[:, sl].permute(1, 0, 3, 2).reshape(-1, c * o, t)  # (b, C·O, T)
+        yield sl, torch.bmm(gs, a[sl]).reshape(-1, c, o * i)
 
 
 def _linear_term(g: Tensor, a: Tensor, w: Tensor, joint: bool) -> Tensor:
@@ -77,8 +79,10 @@ def _linear_term(g: Tensor, a: Tensor, w: Tensor, joint: bool) -> Tensor:
     c, b = g.shape[:2]
     if not joint:
         out = g.new_empty(b, c, c)
-        for sl, jac in _linear_jacobian_chunks(g, a):
-            out[sl] = torch.einsum("cboi,kboi,oi->bck", jac, jac, w)
+        root = w.reshape(-1).sqrt()
+        for sl, jac in _linear_jacobian_chunks(g, a):  # (b, C, O·I), a fresh tensor
+            jac.mul_(root)
+            out[sl] = torch.bmm(jac, jac.transpose(1, 2))
         return out
     jac = torch.einsum("cbto,bti->bcoi", g, a).reshape(b * c, -1)
     return ((jac * w.reshape(-1)) @ jac.T).reshape(b, c, b, c)
