@@ -125,7 +125,8 @@ def test_functional_samples(arch, structure, subset):
     c = case(arch)
     la = fitted(arch, structure, subset)
     n = 50_000
-    draws = la.functional_samples(c.x_test, num_samples=n, generator=torch.Generator().manual_seed(7))
+    draws = la.functional_samples(c.x_test, num_samples=n,
+                                  generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         f = c.model(c.x_test)
     assert draws.shape == (n, *f.shape)

@@ -634,8 +634,17 @@ LAPLACE = [
     Row("laplace/prior-matrix", lambda: la(prior_precision=torch.ones(2, 2)), ShapeError,
         "prior_precision must be a scalar"),
     Row("laplace/prior-string", lambda: la(prior_precision="1e-3"), InvalidArgumentError,
-        "prior_precision", xfail="TypeError from torch.as_tensor in marglik.check_prior "
-        "(Laplace.prior_precision setter, not owned here)"),
+        "prior_precision must be a number"),
+    Row("laplace/prior-complex", lambda: la(prior_precision=torch.tensor(1j)),
+        InvalidArgumentError, "real numbers"),
+    Row("laplace/kind-unknown-at-construction", lambda: la(kind="fisher"),
+        InvalidArgumentError, "unknown curvature kind"),
+    Row("laplace/unknown-layers-option", lambda: la(unknown_layers="skip"),
+        InvalidArgumentError, "unknown_layers must be"),
+    Row("laplace/rank-zero-at-construction", lambda: la(structure="lowrank", rank=0),
+        InvalidArgumentError, "rank must be a positive integer"),
+    Row("laplace/hessian-kfac", lambda: la(kind="hessian", structure="kfac"),
+        InvalidArgumentError, "no 'kfac' structure"),
     Row("laplace/sigma-negative", lambda: la(lik="regression", sigma_noise=-0.1),
         InvalidArgumentError, "sigma_noise must be finite and positive"),
     Row("laplace/sigma-classification", lambda: la(sigma_noise=0.5), InvalidArgumentError,
@@ -1210,6 +1219,117 @@ CLI = [
 # Laplace predictions and state: rows added separately
 # ------------------------------------------------------------------------------------------
 PREDICTIONS: list[Row] = []
+
+
+def _changed_weights() -> Laplace:
+    post = fitted()
+    with torch.no_grad():
+        post.model[0].weight.add_(0.1)
+    return post
+
+
+def _other_model_state() -> Laplace:
+    return la(model=mlp(seed=7)).load_state_dict(fitted().state_dict())
+
+
+def _state(mutate) -> dict:
+    state = fitted().state_dict()
+    mutate(state)
+    return state
+
+
+def _supported_predict_loader():
+    post = fitted()
+    x = xy(seed=4)[0]
+    same(post.predict([(x[:3], None), (x[3:], None)]), post.predict(x))
+
+
+def _supported_predict_numpy():
+    post = fitted()
+    x = xy(seed=4)[0]
+    same(post.predict(x.numpy()), post.predict(x))
+
+
+def _supported_restore_map():
+    post = _changed_weights()
+    post.restore_map()
+    post.predict(xy()[0])
+
+
+def _supported_nn_restores_weights():
+    post = fitted()
+    before = [p.detach().clone() for p in post.model.parameters()]
+    post.predict(xy()[0], pred_type="nn", num_samples=2)
+    assert all(torch.equal(p, q) for p, q in zip(post.model.parameters(), before))
+
+
+def _supported_output_key_dict():
+    class Dicty(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp()
+
+        def forward(self, x):
+            return {"logits": self.net(x)}
+
+    post = Laplace(Dicty(), "classification", output_key="logits").fit(loader(), False)
+    plain = fitted()
+    same(post.predict(xy()[0]), plain.predict(xy()[0]))
+
+
+PREDICTIONS = [
+    Row("predict/not-fitted", lambda: la().predict(xy()[0]), NotFittedError, "call fit"),
+    Row("predict/weights-changed", lambda: _changed_weights().predict(xy()[0]),
+        InvalidArgumentError, "not the ones this posterior"),
+    Row("functional/weights-changed", lambda: _changed_weights().functional(xy()[0]),
+        InvalidArgumentError, "restore_map"),
+    Row("samples/weights-changed",
+        lambda: _changed_weights().functional_samples(xy()[0], num_samples=2),
+        InvalidArgumentError, "restore_map"),
+    Row("predict-nn/weights-changed",
+        lambda: _changed_weights().predict(xy()[0], pred_type="nn", num_samples=2),
+        InvalidArgumentError, "restore_map"),
+    Row("predict/state-of-other-model", lambda: _other_model_state().predict(xy()[0]),
+        InvalidArgumentError, "restore_map"),
+    Row("predict/unbatched", lambda: fitted().predict(xy()[0][0]), ShapeError, "unsqueeze"),
+    Row("predict/nan-input", lambda: fitted().predict(nan_at(xy()[0])), NonFiniteError,
+        "inputs"),
+    Row("predict/not-tensor", lambda: fitted().predict("x"), InvalidArgumentError,
+        "x must be a tensor"),
+    Row("predict/pred-type", lambda: fitted().predict(xy()[0], pred_type="mcmc"),
+        InvalidArgumentError, "unknown pred_type"),
+    Row("predict/link", lambda: fitted().predict(xy()[0], link="softmax"),
+        InvalidArgumentError, "link"),
+    Row("predict/empty-loader", lambda: fitted().predict([]), EmptyDataError,
+        "no batches"),
+    Row("functional/joint-loader", lambda: fitted().functional([xy()[0]], joint=True),
+        InvalidArgumentError, "joint=True"),
+    Row("sample/zero", lambda: fitted().sample(0), InvalidArgumentError,
+        "num_samples must be a positive integer"),
+    Row("samples/bool", lambda: fitted().functional_samples(xy()[0], True),
+        InvalidArgumentError, "num_samples must be a positive integer"),
+    Row("state/missing-key", lambda: la().load_state_dict(_state(lambda s: s.pop("mean"))),
+        InvalidArgumentError, "lacks the keys"),
+    Row("state/not-dict", lambda: la().load_state_dict([1, 2]), InvalidArgumentError,
+        "state must be a dict"),
+    Row("state/nan-curvature", lambda: la().load_state_dict(_state(
+        lambda s: s["curvature"]["blocks"][0]["eigenvalues"].fill_(float("nan")))),
+        NonFiniteError, "NaN"),
+    Row("state/short-mean", lambda: la().load_state_dict(_state(
+        lambda s: s.update(mean=s["mean"][:-2]))), ShapeError, "mean has shape"),
+    Row("state/wider-net", lambda: la(model=nn.Sequential(
+        nn.Linear(3, 9), nn.Tanh(), nn.Linear(9, 2)).to(DT)).load_state_dict(
+        fitted().state_dict()), ShapeError, "other shapes"),
+    Row("state/other-structure", lambda: la(structure="diag").load_state_dict(
+        fitted().state_dict()), InvalidArgumentError, "structure"),
+    Row("state/other-version", lambda: la().load_state_dict(_state(
+        lambda s: s.update(version=2))), InvalidArgumentError, "version"),
+    Row("predict/loader-supported", _supported_predict_loader),
+    Row("predict/numpy-supported", _supported_predict_numpy),
+    Row("predict/restore-map-supported", _supported_restore_map),
+    Row("predict-nn/restores-weights-supported", _supported_nn_restores_weights),
+    Row("laplace/output-key-dict-supported", _supported_output_key_dict),
+]
 
 
 ROWS = [*COMPUTE, *LAPLACE, *CONTINUAL, *GLM, *OPERATORS, *BO, *CLI, *PREDICTIONS]

@@ -54,9 +54,15 @@ class Curvature:
     kind: str
 
 
-def _check_options(
-    structure: str, kind: str, num_samples: int, rank: int, lowrank_method: str
+def check_options(
+    structure: str, kind: str, num_samples: int, rank: int, lowrank_method: str,
+    unknown_layers: str = "error",
 ) -> None:
+    """Validate the options of :func:`compute` (also called by ``Laplace`` at construction,
+    so a bad option is refused before any data are read)."""
+    if unknown_layers not in ("error", "per_sample"):
+        raise InvalidArgumentError(
+            f"unknown_layers must be 'error' or 'per_sample', got {unknown_layers!r}")
     if structure not in STRUCTURES:
         raise InvalidArgumentError(f"unknown structure {structure!r}; use one of {STRUCTURES}")
     if kind not in ALL_KINDS:
@@ -185,7 +191,7 @@ def compute(
             f"model must be an nn.Module, got {type(model).__name__}; wrap a function of the "
             "parameters in an nn.Module that owns them"
         )
-    _check_options(structure, kind, num_samples, rank, lowrank_method)
+    check_options(structure, kind, num_samples, rank, lowrank_method, unknown_layers)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise InvalidArgumentError(
             f"generator must be a torch.Generator or None, got {type(generator).__name__}; "

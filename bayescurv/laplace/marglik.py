@@ -69,7 +69,15 @@ def check_prior(
 ) -> Tensor:
     """Validate a prior precision: positive, finite, shape ``()``, ``(num_layers,)``,
     ``(num_tensors,)`` or ``(num_params,)``."""
+    if isinstance(value, (str, bytes, bool)) or not (
+            torch.is_tensor(value) or isinstance(value, (int, float, list, tuple))
+            or hasattr(value, "__array__")):
+        raise InvalidArgumentError(
+            f"prior_precision must be a number or a tensor, got {type(value).__name__} "
+            f"{value!r}")
     t = value if torch.is_tensor(value) else torch.as_tensor(value, dtype=dtype)
+    if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
+        raise InvalidArgumentError(f"prior_precision must be real numbers, got {t.dtype}")
     t = t.to(dtype=dtype, device=device)
     if not allow_grad:
         t = t.detach()

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from bayescurv import batches
-from bayescurv.curvature import STRUCTURES, compute
+from bayescurv.curvature import compute
+from bayescurv.curvature.compute import check_options
 from bayescurv.curvature.layers import check_modes
 from bayescurv.errors import (
     InvalidArgumentError,
@@ -95,8 +96,7 @@ class Laplace(PredictionsMixin, StateDictMixin):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InvalidArgumentError(f"model must be an nn.Module, got {type(model).__name__}")
-        if structure not in STRUCTURES:
-            raise InvalidArgumentError(f"unknown structure {structure!r}; use one of {STRUCTURES}")
+        check_options(structure, kind, num_samples, rank, lowrank_method, unknown_layers)
         self.likelihood = get_likelihood(likelihood, sigma_noise)
         if self.likelihood.name not in ("classification", "regression", "binary"):
             raise InvalidArgumentError(
