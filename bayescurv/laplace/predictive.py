@@ -114,13 +114,14 @@ def _record_jacobian(rec: ModuleRecord, like: Tensor) -> Tensor:
     return torch.cat([ps[i] for i in sorted(ps)], -1)
 
 
-def _linear_factors(rec: ModuleRecord, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+def _linear_factors(rec: ModuleRecord) -> tuple[Tensor, Tensor] | None:
     """``(g (C, B, T, O), a (B, T, I))`` of a called linear-like layer (``a`` augmented by
-    ones when the bias is in the posterior), in ``dtype``; ``None`` for other layers."""
+    ones when the bias is in the posterior), in the model's dtype; ``None`` for other
+    layers."""
     if rec.route != "linear" or not rec.called:
         return None
     v = rec.linear_view()
-    return v.g.to(dtype), v.a.to(dtype)
+    return v.g, v.a
 
 
 def _record_index(rec: ModuleRecord, params: ParamSet, kron: bool) -> Tensor:
@@ -150,11 +151,14 @@ def _diag_term(capture: HookCapture, var: Tensor, joint: bool) -> Tensor:
         return _explicit_term(_full_jacobian(capture).to(var.dtype), var, joint)
     cov, ref = 0, _ref(capture)
     for rec in capture.records:
-        lin = _linear_factors(rec, var.dtype)
+        lin = _linear_factors(rec)
         idx = _record_index(rec, capture.params, lin is not None)
         if lin is not None:
             g, a = lin
-            cov = cov + _linear_term(g, a, var[idx].reshape(g.shape[-1], a.shape[-1]), joint)
+            w = var[idx].reshape(g.shape[-1], a.shape[-1])
+            work = _work_dtype(capture.params.dtype, g.shape[2], w)
+            term = _linear_term(g.to(work), a.to(work), w.to(work), joint)
+            cov = cov + term.to(var.dtype)
         else:
             jac = _record_jacobian(rec, ref).to(var.dtype)
             cov = cov + _explicit_term(jac, var[idx], joint)
@@ -167,10 +171,10 @@ def _jacobian_times(capture: HookCapture, z: Tensor) -> Tensor:
         return _full_jacobian(capture).to(z.dtype) @ z
     out, ref = 0, _ref(capture)
     for rec in capture.records:
-        lin = _linear_factors(rec, z.dtype)
+        lin = _linear_factors(rec)
         zi = z[_record_index(rec, capture.params, lin is not None)]
-        if lin is not None:
-            g, a = lin
+        if lin is not None:  # float64 kept: Woodbury subtracts these products
+            g, a = lin[0].to(z.dtype), lin[1].to(z.dtype)
             zi = zi.reshape(g.shape[-1], a.shape[-1], -1)
             az = torch.einsum("bti,oik->btok", a, zi)
             out = out + torch.einsum("cbto,btok->cbk", g, az)
@@ -210,14 +214,32 @@ def _block_records(capture: HookCapture, precision: BlockDiagonal) -> list | Non
     return out
 
 
+def _work_dtype(model_dtype: torch.dtype, positions: int, w: Tensor) -> torch.dtype:
+    r"""Dtype of a weight-sharing layer's per-input Jacobian term. For low-precision models
+    (float32 and below) float32: the factors ``g``, ``a`` are the model's own float32
+    activations and output gradients, so forming :math:`\sum_t g_t a_t^\top` in float64
+    adds no accuracy, and the contraction :math:`\sum_{oi} J_{c,oi} J_{k,oi} w_{oi}` is a sum
+    of non-negative terms (diagonal) or bounded by them (Cauchy–Schwarz); the layer sums and
+    the result stay in the posterior's dtype. float64 when the variances overflow float32,
+    for float64 models, and without sharing (``T = 1``: two small matmuls)."""
+    if positions == 1 or model_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return w.dtype
+    if float(w.max()) > 1e30:  # one host sync per layer, not per input
+        return w.dtype
+    return torch.float32
+
+
 def _blocks_term(capture: HookCapture, pairs: list, dtype: torch.dtype, joint: bool) -> Tensor:
     cov, ref = 0, _ref(capture)
     for rec, block, kron in pairs:
-        lin = _linear_factors(rec, dtype) if kron else None
+        lin = _linear_factors(rec) if kron else None
         if isinstance(block, KroneckerEigen) and lin is not None:
             g, a = lin
-            cov = cov + _linear_term(g @ block.QA, a @ block.QB, block.eigenvalues.reciprocal(),
-                                     joint)
+            w = block.eigenvalues.reciprocal()
+            work = _work_dtype(capture.params.dtype, g.shape[2], w)
+            g, a = g.to(work), a.to(work)
+            term = _linear_term(g @ block.QA.to(work), a @ block.QB.to(work), w.to(work), joint)
+            cov = cov + term.to(dtype)
             continue
         if kron and rec.called:
             lv = rec.linear_view()
