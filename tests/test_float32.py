@@ -250,3 +250,32 @@ def test_float32_weight_sharing_predictive_matches_float64(structure):
         scale = c64.diagonal(0, 1, 2).abs().amax(-1)
         rel = ((c32.double() - c64).abs().amax((1, 2)) / scale).max()
         assert rel < 1e-5, (p, float(rel))
+
+
+@pytest.mark.parametrize("structure", ["kfac", "kfac-reduce", "ekfac"])
+def test_float32_conv_factors_summed_in_chunks_match_float64(structure, monkeypatch):
+    """Low-precision Kronecker factors are summed in float32 chunks of ``GRAM_ROWS`` rows and
+    added to the float64 state; the evidence of a float32 CNN stays within 1e-3 nats of the
+    float64 one (measured 7.5e-5, the same as with float64 sums: the model's own float32
+    factors dominate)."""
+    from bayescurv.curvature import accumulate
+
+    monkeypatch.setattr(accumulate, "GRAM_ROWS", 256)  # many chunks on small data
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                             nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                             nn.Flatten(), nn.Linear(8 * 2 * 2, 5)).eval()
+
+    g = torch.Generator().manual_seed(1)
+    x = 3 * torch.randn(64, 3, 8, 8, generator=g, dtype=DT)
+    y = torch.randint(0, 5, (64,), generator=g)
+    data = [(x[:32], y[:32]), (x[32:], y[32:])]
+    l64 = Laplace(net().double(), "classification", structure=structure).fit(data)
+    l32 = Laplace(net().float(), "classification", structure=structure).fit(
+        [(a.float(), b) for a, b in data])
+    for p in (1e-4, 1e-2, 1.0):
+        e32 = float(l32.log_marginal_likelihood(torch.tensor(p)))
+        e64 = float(l64.log_marginal_likelihood(torch.tensor(p, dtype=DT)))
+        assert abs(e32 - e64) < 1e-3, (p, e32, e64)

@@ -30,6 +30,9 @@ from bayescurv.linalg import (
 )
 from bayescurv.params import ParamSet
 
+GRAM_ROWS = 4096
+"""Rows of a low-precision factor summed in float32 before adding to the float64 state."""
+
 
 def _per_sample(rec: ModuleRecord, dtype: torch.dtype | None) -> dict[int, Tensor]:
     """``rec.per_sample()``; with ``dtype``, linear-like layers form the products
@@ -215,8 +218,18 @@ class KFACAccumulator:
         self.state[rec.name][key].add_(value)
 
     def _acc_gram(self, rec: ModuleRecord, key: str, x: Tensor) -> None:
-        """``state[key] += xᵀ x`` in place (``x``: ``(rows, d)``)."""
-        self.state[rec.name][key].addmm_(x.T, x)
+        """``state[key] += xᵀ x`` in place (``x``: ``(rows, d)``). Rows of a low-precision
+        ``x`` are summed in float32 chunks of :data:`GRAM_ROWS`, each chunk's Gram added to the
+        float64 state (the rounding of one chunk's float32 sums, ``~ 1e-7`` of its norm, is
+        below that of the model's own float32 factors); float64 ``x`` directly."""
+        acc = self.state[rec.name][key]
+        if x.dtype == acc.dtype or x.shape[0] <= GRAM_ROWS:
+            acc.addmm_(x.T.to(acc.dtype), x.to(acc.dtype))
+            return
+        x = x.float()
+        for s in range(0, x.shape[0], GRAM_ROWS):
+            xs = x[s:s + GRAM_ROWS]
+            acc.add_((xs.T @ xs).to(acc.dtype))
 
     def update(self, records: list[ModuleRecord], first: bool = True) -> None:
         for rec in records:
@@ -224,24 +237,23 @@ class KFACAccumulator:
                 continue
             if rec.route == "linear":
                 closed = rec.output_hessian is not None  # the output layer (T = 1)
-                if closed:
-                    a, g = rec.linear_inputs(augment=False).to(self.dtype), None
-                else:
-                    v = rec.linear_view(augment=False)
-                    a, g = v.a.to(self.dtype), v.g.to(self.dtype)
-                if self.flavour == "reduce" and not closed:
-                    a = a.mean(1, keepdim=True)
-                    g = g.sum(2, keepdim=True)
-                a2 = a.reshape(-1, a.shape[-1])
+                reduce = self.flavour == "reduce" and not closed
                 if first:  # later chunks of the batch's loss columns see the same inputs
+                    a = rec.linear_inputs(augment=False)  # unfolded once per batch
+                    if reduce:
+                        a = a.mean(1, keepdim=True)
+                    a2 = a.reshape(-1, a.shape[-1])
                     self._acc_gram(rec, "A", a2)
                     if rec.with_bias:  # the bias column of ones: Σ a and the count
-                        self._acc(rec, "a_sum", a2.sum(0))
+                        self._acc(rec, "a_sum", a2.sum(0, dtype=self.dtype))
                     self._acc(rec, "count", a2.shape[0])
                 if closed:  # Σ_k g gᵀ summed over the batch is Σ_b H_b: O(B C²), no roots
                     lik, f = rec.output_hessian
                     self._acc(rec, "G", lik.hessian_sum(f).to(self.dtype))
                 else:
+                    g = rec.linear_grads()
+                    if reduce:
+                        g = g.sum(2, keepdim=True)
                     self._acc_gram(rec, "G", g.reshape(-1, g.shape[-1]))
             elif rec.route == "embedding":
                 for x, g in zip(rec.inputs, rec.grads):

@@ -79,6 +79,11 @@ class ModuleRecord:
              for x in self.inputs]
         return a[0] if len(a) == 1 else torch.cat(a, 1)
 
+    def linear_grads(self) -> Tensor:
+        """Output gradients ``(K, B, T, O)`` alone (calls stacked along ``T``)."""
+        g = [layers.linear_grads(self.module, gi) for gi in self.grads]
+        return g[0] if len(g) == 1 else torch.cat(g, 2)
+
     def linear_view(self, augment: bool = True) -> layers.LinearView:
         """Unfolded inputs and gradients, calls of a reused module stacked along ``T``;
         ``augment=False`` leaves out the column of ones of the bias."""
