@@ -2,13 +2,18 @@
 
 The errors are BoTorch's (``InputDataError``, ``BotorchTensorDimensionError``), as every
 BoTorch model raises them: acquisition code and users catch those types at this boundary.
+The model's own options are checked with the library's errors (:func:`check_options`).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from botorch.exceptions.errors import BotorchTensorDimensionError, InputDataError
 from torch import Tensor
+
+from bayescurv.errors import InvalidArgumentError
 
 
 def check_inputs(X: Tensor, d: int, dtype: torch.dtype, what: str = "X") -> None:
@@ -99,3 +104,25 @@ def check_output_indices(idcs: list[int], m: int) -> list[int]:
     if not idcs or min(idcs) < -m or max(idcs) >= m:
         raise BotorchTensorDimensionError(f"output indices {idcs} out of range for {m} outputs")
     return [i % m for i in idcs]
+
+
+def check_options(**options) -> None:
+    """Numeric options of :class:`~bayescurv.bo.LaplaceModel`: counts are positive integers
+    (``steps``, ``marglik_steps``, ``rounds``, ``refine_steps`` may be 0), scales are finite
+    and positive. Raises :class:`~bayescurv.errors.InvalidArgumentError` naming the option."""
+    may_be_zero = ("steps", "marglik_steps", "refine_steps", "rounds", "patience")
+    for name, value in options.items():
+        if value is None:
+            continue
+        if name in ("prior_precision", "sigma_noise", "lr", "min_noise"):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                math.isfinite(value) and value > 0)
+            if not ok:
+                raise InvalidArgumentError(
+                    f"{name} must be a finite positive number, got {value!r}")
+            continue
+        low = 0 if name in may_be_zero else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            kind = "a non-negative" if low == 0 else "a positive"
+            raise InvalidArgumentError(f"{name} must be {kind} integer, got {value!r}")
+

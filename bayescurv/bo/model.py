@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from bayescurv.bo.ard import ARDFit
 from bayescurv.bo.base import LinearizedModelMixin
-from bayescurv.bo.checks import check_inputs, check_training_data
+from bayescurv.bo.checks import check_inputs, check_options, check_training_data
 from bayescurv.bo.conditioned import ConditionedLaplaceModel
 from bayescurv.bo.features import fourier_network
 from bayescurv.bo.fitting import (
@@ -183,6 +183,11 @@ class LaplaceModel(LinearizedModelMixin, Model, FantasizeMixin):
     ) -> None:
         super().__init__()
         check_training_data(train_X, train_Y)
+        check_options(prior_precision=prior_precision, sigma_noise=sigma_noise, lr=lr,
+                      min_noise=min_noise, steps=steps, marglik_steps=marglik_steps,
+                      refine_steps=refine_steps, rounds=rounds, patience=patience,
+                      batch_size=batch_size, num_features=num_features,
+                      ard_points=ard_points, tune_points=tune_points)
         n, d = train_X.shape
         m = train_Y.shape[-1]
         self._num_outputs = m
