@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from bayescurv import Laplace
-from bayescurv.laplace import predictive
+from bayescurv.curvature import layers
 
 
 class LinearAttention(nn.Module):
@@ -75,7 +75,7 @@ def test_marginal_covariance_never_forms_the_joint(monkeypatch):
     model, x, loader = _case("conv1d")
     la = Laplace(model, "classification", structure="kfac").fit(loader, progress=False)
     _, full_chunks = la.functional(x)
-    monkeypatch.setattr(predictive, "CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(layers, "CHUNK_ELEMENTS", 1)
     _, one_by_one = la.functional(x)
     assert torch.allclose(full_chunks, one_by_one, rtol=1e-12, atol=1e-14)
 

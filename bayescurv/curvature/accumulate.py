@@ -27,6 +27,7 @@ from bayescurv.linalg import (
     KroneckerEigen,
     PSDOperator,
     internal_dtype,
+    product_dtype,
 )
 from bayescurv.params import ParamSet
 
@@ -124,14 +125,17 @@ class DiagAccumulator:
             a = rec.linear_inputs(augment=False)[:, 0, :].to(self.dtype)
             self._add_rank_one(rec, lik.hessian_diagonal(f).to(self.dtype), a)
             return
-        v = rec.linear_view(augment=False)
-        v = layers.LinearView(v.a.to(self.dtype), v.g.to(self.dtype))
-        if v.a.shape[1] == 1:  # no sharing: Σ_b (Σ_k g²)ᵀ a², written in place
-            self._add_rank_one(rec, v.g[:, :, 0, :].square().sum(0), v.a[:, 0, :])
+        a = rec.linear_inputs(augment=False)
+        g = rec.linear_grads()
+        if a.shape[1] == 1:  # no sharing: Σ_b (Σ_k g²)ᵀ a², written in place
+            self._add_rank_one(rec, g[:, :, 0, :].to(self.dtype).square().sum(0),
+                               a[:, 0, :].to(self.dtype))
             return
-        full = rec.linear_view()
-        d = layers.linear_diag(layers.LinearView(full.a.to(self.dtype),
-                                                 full.g.to(self.dtype)))  # (O, I), per sample
+        if rec.with_bias:  # the column of ones of the bias
+            a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], -1)
+        work = product_dtype(self.params.dtype)
+        d = layers.linear_diag(layers.LinearView(a.to(work), g.to(work)),
+                               out_dtype=self.dtype)  # (O, I), per-input Jacobians squared
         if rec.with_bias:
             self._add(rec.owned["bias"], d[:, -1])
             d = d[:, :-1]
@@ -347,13 +351,19 @@ class EKFACCorrection:
                     self.scales[rec.name] += gq.T @ aq
                     continue
                 v = rec.linear_view()
-                v = layers.LinearView(v.a.to(dt), v.g.to(dt))
                 if v.a.shape[1] == 1:  # no sharing: (g Q_G)^2ᵀ (a Q_A)^2, one matmul
-                    gq = (v.g[:, :, 0, :] @ q1).square().sum(0)
-                    aq = (v.a[:, 0, :] @ q2).square()
+                    gq = (v.g[:, :, 0, :].to(dt) @ q1).square().sum(0)
+                    aq = (v.a[:, 0, :].to(dt) @ q2).square()
                     self.scales[rec.name] += gq.T @ aq
                     continue
-                ps = layers.linear_per_sample(v)
+                # sharing: rotate the factors, then square the per-input Jacobians in the
+                # eigenbasis, Σ_t (Q_Gᵀ g_t)(Q_Aᵀ a_t)ᵀ, in chunks (never (K, B, O, I) at once)
+                work = product_dtype(self.kfac.params.dtype)
+                gq = v.g.to(work) @ q1.to(work)
+                aq = v.a.to(work) @ q2.to(work)
+                self.scales[rec.name] += layers.linear_diag(layers.LinearView(aq, gq),
+                                                            out_dtype=dt)
+                continue
             else:
                 ps = torch.cat([layers.embedding_per_sample(rec.module, x, g.to(dt))
                                 for x, g in zip(rec.inputs, rec.grads)], 1).to(dt)

@@ -154,21 +154,44 @@ def linear_per_sample(view: LinearView) -> Tensor:
     return torch.einsum("kbto,bti->kboi", view.g, view.a)
 
 
-def linear_diag(view: LinearView, chunk: int = 8) -> Tensor:
-    r"""Exact GGN diagonal of ``W̃`` as ``(O, I)``.
+CHUNK_ELEMENTS = 2**24
+"""Entries of the largest per-input Jacobian chunk ``(b, K, O·I)`` formed at once."""
+
+
+def linear_jacobian_chunks(g: Tensor, a: Tensor, chunk_elements: int | None = None):
+    r"""Per-input Jacobians of one linear-like layer, ``(b, K, O·I)`` =
+    :math:`\sum_t g_{kbt} a_{bt}^\top` (row-major ``[o, i]``), for ``g (K, B, T, O)`` and
+    ``a (B, T, I)``, over chunks of inputs ``b`` so that at most ``chunk_elements`` entries are
+    alive (default :data:`CHUNK_ELEMENTS`); one batched matmul per chunk
+    (``(b, K·O, T) @ (b, T, I)``). Yields ``(slice, J_chunk)``, each chunk a fresh tensor
+    (safe to modify in place)."""
+    k, b, t, o = g.shape
+    i = a.shape[-1]
+    chunk_elements = CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
+    step = max(1, chunk_elements // max(1, k * o * i))
+    for s in range(0, b, step):
+        sl = slice(s, min(b, s + step))
+        gs = g[:, sl].permute(1, 0, 3, 2).reshape(-1, k * o, t)  # (b, K·O, T)
+        yield sl, torch.bmm(gs, a[sl]).reshape(-1, k, o * i)
+
+
+def linear_diag(view: LinearView, out_dtype: torch.dtype | None = None) -> Tensor:
+    r"""Exact GGN diagonal of ``W̃`` as ``(O, I)``, summed in ``out_dtype`` (default: the
+    factors' dtype).
 
     Without weight sharing (``T = 1``): :math:`\sum_b (\sum_k g_{kbo}^2) a_{bi}^2`, one matmul.
-    With sharing the per-sample gradients are formed per column chunk and squared.
+    With sharing the per-input Jacobians are formed in chunks
+    (:func:`linear_jacobian_chunks`), squared and summed per chunk in the factors' dtype.
     """
+    out_dtype = view.g.dtype if out_dtype is None else out_dtype
+    o, i = view.g.shape[-1], view.a.shape[-1]
     if view.a.shape[1] == 1:
         g2 = view.g[:, :, 0, :].square().sum(0)  # (B, O)
-        return g2.T @ view.a[:, 0, :].square()
-    out = None
-    for k0 in range(0, view.g.shape[0], chunk):
-        ps = torch.einsum("kbto,bti->kboi", view.g[k0 : k0 + chunk], view.a)
-        s = ps.square().sum((0, 1))
-        out = s if out is None else out + s
-    return out
+        return (g2.T @ view.a[:, 0, :].square()).to(out_dtype)
+    out = torch.zeros(o * i, dtype=out_dtype, device=view.g.device)
+    for _, jac in linear_jacobian_chunks(view.g, view.a):
+        out += jac.square_().sum((0, 1)).to(out_dtype)
+    return out.view(o, i)
 
 
 def embedding_per_sample(module: nn.Embedding, idx: Tensor, g: Tensor) -> Tensor:

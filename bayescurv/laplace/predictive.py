@@ -38,25 +38,9 @@ from bayescurv.linalg import (
     KroneckerEigen,
     LowRankPlusDiagonal,
     PSDOperator,
+    product_dtype,
 )
 from bayescurv.params import ParamSet
-
-#: entries of the largest per-layer Jacobian chunk ``(C, b, O, I)`` formed at once
-CHUNK_ELEMENTS = 2**24
-
-
-def _linear_jacobian_chunks(g: Tensor, a: Tensor):
-    r"""Per-input Jacobian of one linear-like layer, ``(b, C, O·I)`` =
-    :math:`\sum_t g_{cbt} a_{bt}^\top` (row-major ``[o, i]``), over chunks of inputs ``b``
-    so that at most :data:`CHUNK_ELEMENTS` entries are alive; one batched matmul per chunk
-    (``(b, C·O, T) @ (b, T, I)``); yields ``(slice, J_chunk)``."""
-    c, b, t, o = g.shape
-    i = a.shape[-1]
-    step = max(1, CHUNK_ELEMENTS // max(1, c * o * i))
-    for s in range(0, b, step):
-        sl = slice(s, min(b, s + step))
-        gs = g[:, sl].permute(1, 0, 3, 2).reshape(-1, c * o, t)  # (b, C·O, T)
-        yield sl, torch.bmm(gs, a[sl]).reshape(-1, c, o * i)
 
 
 def _linear_term(g: Tensor, a: Tensor, w: Tensor, joint: bool) -> Tensor:
@@ -80,7 +64,7 @@ def _linear_term(g: Tensor, a: Tensor, w: Tensor, joint: bool) -> Tensor:
     if not joint:
         out = g.new_empty(b, c, c)
         root = w.reshape(-1).sqrt()
-        for sl, jac in _linear_jacobian_chunks(g, a):  # (b, C, O·I), a fresh tensor
+        for sl, jac in layers.linear_jacobian_chunks(g, a):  # (b, C, O·I), a fresh tensor
             jac.mul_(root)
             out[sl] = torch.bmm(jac, jac.transpose(1, 2))
         return out
@@ -215,18 +199,15 @@ def _block_records(capture: HookCapture, precision: BlockDiagonal) -> list | Non
 
 
 def _work_dtype(model_dtype: torch.dtype, positions: int, w: Tensor) -> torch.dtype:
-    r"""Dtype of a weight-sharing layer's per-input Jacobian term. For low-precision models
-    (float32 and below) float32: the factors ``g``, ``a`` are the model's own float32
-    activations and output gradients, so forming :math:`\sum_t g_t a_t^\top` in float64
-    adds no accuracy, and the contraction :math:`\sum_{oi} J_{c,oi} J_{k,oi} w_{oi}` is a sum
-    of non-negative terms (diagonal) or bounded by them (Cauchy–Schwarz); the layer sums and
-    the result stay in the posterior's dtype. float64 when the variances overflow float32,
-    for float64 models, and without sharing (``T = 1``: two small matmuls)."""
-    if positions == 1 or model_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    r"""Dtype of a layer's per-input Jacobian term :math:`\sum_{oi} J_{c,oi} J_{k,oi} w_{oi}`:
+    :func:`~bayescurv.linalg.product_dtype` for weight-sharing layers (a sum of non-negative
+    terms on the diagonal, bounded by them off it, from the model's own low-precision
+    factors); the variances' dtype without sharing (``T = 1``: two small matmuls) and when
+    the variances overflow float32."""
+    work = product_dtype(model_dtype)
+    if positions == 1 or work == w.dtype or float(w.max()) > 1e30:  # one sync per layer
         return w.dtype
-    if float(w.max()) > 1e30:  # one host sync per layer, not per input
-        return w.dtype
-    return torch.float32
+    return work
 
 
 def _blocks_term(capture: HookCapture, pairs: list, dtype: torch.dtype, joint: bool) -> Tensor:

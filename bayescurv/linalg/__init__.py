@@ -1,6 +1,6 @@
 """Structured symmetric PSD matrices: dense, diagonal, Kronecker, low rank, block diagonal."""
 
-from bayescurv.linalg.base import PSDOperator, internal_dtype, jittered_cholesky
+from bayescurv.linalg.base import PSDOperator, internal_dtype, jittered_cholesky, product_dtype
 from bayescurv.linalg.block import BlockDiagonal
 from bayescurv.linalg.dense import Dense
 from bayescurv.linalg.diagonal import Diagonal
@@ -11,6 +11,7 @@ from bayescurv.linalg.serialize import from_state, to_state
 __all__ = [
     "PSDOperator",
     "internal_dtype",
+    "product_dtype",
     "jittered_cholesky",
     "Dense",
     "Diagonal",

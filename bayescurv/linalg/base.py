@@ -36,6 +36,15 @@ def internal_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype in _WIDENED else dtype
 
 
+def product_dtype(dtype: torch.dtype) -> torch.dtype:
+    r"""The dtype in which per-input products of a model's own factors are formed (weight-
+    sharing Jacobians :math:`\sum_t g_t a_t^\top`, their squares and Gram chunks) before
+    their sums enter the :func:`internal_dtype` state: ``float32`` for
+    ``float16``/``bfloat16``/``float32`` models — the factors carry float32 rounding already,
+    so a float64 product adds no accuracy, only time — the dtype itself otherwise."""
+    return torch.float32 if dtype in _WIDENED else dtype
+
+
 class _Layout(NamedTuple):
     """How :meth:`PSDOperator._as_matrix` reshaped and cast a right-hand side."""
 
