@@ -34,6 +34,7 @@ from bayescurv.errors import (
     ShapeError,
 )
 from bayescurv.laplace import confidence, marglik, noise, subnetwork
+from bayescurv.laplace import prior as priors  # module; `prior` is a common local name
 from bayescurv.laplace.predictions import PredictionsMixin
 from bayescurv.laplace.state import StateDictMixin
 from bayescurv.likelihoods import Gaussian, get_likelihood
@@ -148,8 +149,8 @@ class Laplace(PredictionsMixin, StateDictMixin):
         """Set what depends on :attr:`params` (dtype, layer and tensor groupings)."""
         #: dtype of the curvature, mean and hyperparameters (float64 for float32/bf16/fp16)
         self.internal_dtype = internal_dtype(self.params.dtype)
-        self.layer_index = marglik.layer_index(self.params)
-        self.tensor_index = marglik.tensor_index(self.params)
+        self.layer_index = priors.layer_index(self.params)
+        self.tensor_index = priors.tensor_index(self.params)
         if self.index is not None:
             self.layer_index = self.layer_index[self.index]
             self.tensor_index = self.tensor_index[self.index]
@@ -188,7 +189,7 @@ class Laplace(PredictionsMixin, StateDictMixin):
         """``(num_params,)`` group index expanding ``prior_precision`` (default: the current
         one) to the parameters: :attr:`layer_index` or :attr:`tensor_index`."""
         prior = self._prior if prior_precision is None else prior_precision
-        return marglik.group_index(prior, self.layer_index, self.tensor_index)
+        return priors.group_index(prior, self.layer_index, self.tensor_index)
 
     @property
     def prior_precision(self) -> Tensor:
@@ -199,9 +200,9 @@ class Laplace(PredictionsMixin, StateDictMixin):
 
     @prior_precision.setter
     def prior_precision(self, value: float | Tensor) -> None:
-        self._prior = marglik.check_prior(value, self.num_params, self.num_layers,
-                                          self.internal_dtype, self.params.device,
-                                          num_tensors=self.num_tensors)
+        self._prior = priors.check_prior(value, self.num_params, self.num_layers,
+                                         self.internal_dtype, self.params.device,
+                                         num_tensors=self.num_tensors)
 
     @property
     def sigma_noise(self) -> Tensor:
@@ -245,7 +246,7 @@ class Laplace(PredictionsMixin, StateDictMixin):
         """The prior precision expanded to ``(num_params,)`` (the current one in
         :attr:`internal_dtype`, a given one in its own dtype)."""
         prior = self._prior if prior_precision is None else prior_precision
-        return marglik.expand_prior(prior, self.prior_groups(prior))
+        return priors.expand_prior(prior, self.prior_groups(prior))
 
     # fitting -----------------------------------------------------------------------------
     def fit(
@@ -349,13 +350,13 @@ class Laplace(PredictionsMixin, StateDictMixin):
             if self._H_outputs is not None:
                 h = noise.combine(self._H_outputs, sigma)
                 if self.structure == "full":  # a vector shift keeps the graph through H(σ)
-                    prior = marglik.expand_prior(prior, self.prior_groups(prior))
+                    prior = priors.expand_prior(prior, self.prior_groups(prior))
             else:
                 # GGN and Fisher scale as 1/σ²; the empirical Fisher, a sum of squared
                 # gradients (f - y)/σ², as 1/σ⁴
                 power = 4 if self.kind == "ef" else 2
                 h = h.scale(1.0 / sigma.reshape(()) ** power)
-        return marglik.add_prior(h, prior, self.prior_groups(prior), self.num_layers)
+        return priors.add_prior(h, prior, self.prior_groups(prior), self.num_layers)
 
     @property
     def posterior_precision(self) -> PSDOperator:
@@ -413,14 +414,14 @@ class Laplace(PredictionsMixin, StateDictMixin):
         tuner's line search uses); gradients reach hyperparameters of either dtype.
         """
         self.check_fitted()
-        prior = self._prior if prior_precision is None else marglik.check_prior(
+        prior = self._prior if prior_precision is None else priors.check_prior(
             prior_precision, self.num_params, self.num_layers, self.internal_dtype,
             self.params.device, allow_grad=True, num_tensors=self.num_tensors)
         sigma = self._sigma if sigma_noise is None else self.as_internal(sigma_noise)
         lam = self.posterior_precision_at(prior, sigma)
         lml = (
             self.log_likelihood_at(sigma)
-            + marglik.log_prior(prior, self.mean, self.prior_groups(prior))
+            + priors.log_prior(prior, self.mean, self.prior_groups(prior))
             - 0.5 * lam.logdet()
         )
         return lml if in_internal_dtype else lml.to(self.params.dtype)

@@ -48,7 +48,21 @@ def _operator(state: Any, size: int, what: str, device: torch.device) -> PSDOper
 
 
 class StateDictMixin:
-    """``state_dict`` / ``load_state_dict`` of :class:`~bayescurv.laplace.Laplace`."""
+    """``state_dict`` / ``load_state_dict`` of :class:`~bayescurv.laplace.Laplace`, and the
+    hyperparameters as held (what a state stores)."""
+
+    @property
+    def internal_prior_precision(self) -> Tensor:
+        """The prior precision as held, in :attr:`internal_dtype` (float64 for float32 models;
+        :attr:`prior_precision` is the same in the model's dtype). Read-only: assign
+        :attr:`prior_precision` to change it."""
+        return self._prior
+
+    @property
+    def internal_sigma_noise(self) -> Tensor:
+        """The observation noise as held, in :attr:`internal_dtype` (:attr:`sigma_noise` in
+        the model's dtype). Read-only: assign :attr:`sigma_noise` to change it."""
+        return self._sigma
 
     def state_dict(self) -> dict:
         """Everything to restore the fitted posterior: tensors, strings and lists only, so it
