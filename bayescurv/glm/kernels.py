@@ -259,13 +259,14 @@ class EmpiricalNTK(GLMKernel):
         p = torch.as_tensor(p, dtype=self.params.dtype, device=self.params.device)
         return (1.0 / p).expand(self.params.numel)
 
-    def _x(self, X: Tensor) -> Tensor:
+    def as_input(self, X: Tensor) -> Tensor:
+        """``X`` on the network's device and in its dtype (what the Jacobian products take)."""
         return X.to(device=self.params.device, dtype=self.params.dtype)
 
     def mean(self, X: Tensor, C: int) -> Tensor:
         from bayescurv.curvature.matfree import jacobian_vector_product
 
-        X = self._x(X)
+        X = self.as_input(X)
         theta = self.params.vector()
         out = []
         for x in X.split(self.block_size):
@@ -284,7 +285,7 @@ class EmpiricalNTK(GLMKernel):
     def matmul(self, X1: Tensor, X2: Tensor, V: Tensor, C: int) -> Tensor:
         from bayescurv.curvature.matfree import jacobian_vector_product, vector_jacobian_product
 
-        X1, X2 = self._x(X1), self._x(X2)
+        X1, X2 = self.as_input(X1), self.as_input(X2)
         model, ps = self.params.model, self.params
         U = sum(vector_jacobian_product(model, ps, x, v)
                 for x, v in zip(X2.split(self.block_size), V.split(self.block_size)))
@@ -295,7 +296,7 @@ class EmpiricalNTK(GLMKernel):
     def _jac(self, X: Tensor) -> list[Tensor]:
         from bayescurv.curvature.matfree import jacobian
 
-        return [jacobian(self.params.model, self.params, x) for x in self._x(X).split(
+        return [jacobian(self.params.model, self.params, x) for x in self.as_input(X).split(
             self.block_size)]
 
     def dense(self, X1: Tensor, X2: Tensor, C: int) -> Tensor:

@@ -233,7 +233,7 @@ class IterGLM:
         Laplace's structured posterior precision in place of :math:`\Lambda_0 + J^\top W J`."""
         from bayescurv.curvature.matfree import jacobian_vector_product, vector_jacobian_product
 
-        ker, X = self.kernel, self.kernel._x(self.X_)
+        ker, X = self.kernel, self.kernel.as_input(self.X_)
         prec = ker.laplace.posterior_precision
         model, ps = ker.params.model, ker.params
 

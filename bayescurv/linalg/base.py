@@ -187,8 +187,19 @@ class PSDOperator(ABC):
     # ------------------------------------------------------------------ helpers
     def _modified(self, kind: str, x: Tensor) -> PSDOperator:
         """Shallow copy with ``(kind, x)`` appended to the modification chain."""
+        return self.with_modifications(((kind, x),))
+
+    @property
+    def modifications(self) -> tuple[Mod, ...]:
+        """The pending ``scale`` / ``add_diagonal`` modifications, oldest first, as
+        ``("scale", c)`` / ``("shift", δ)`` pairs (empty for an unmodified operator)."""
+        return self._mods
+
+    def with_modifications(self, mods: tuple[Mod, ...]) -> PSDOperator:
+        """Shallow copy with ``mods`` (e.g. another operator's :attr:`modifications`)
+        appended to the modification chain; values are taken as already validated."""
         new = copy.copy(self)
-        new._mods = self._mods + ((kind, x),)
+        new._mods = self._mods + tuple(mods)
         new._reset_caches()
         return new
 

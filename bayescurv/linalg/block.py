@@ -125,6 +125,12 @@ class BlockDiagonal(PSDOperator):
         return self._effective_blocks()
 
     @property
+    def modifications(self) -> tuple:
+        """The pending modifications: those of the whole operator, then the per-block ones
+        (``scale``/``shift``/``block_scale``/``block_shift``, applied to every block)."""
+        return super().modifications + self._block_mods
+
+    @property
     def num_blocks(self) -> int:
         return len(self._blocks)
 

@@ -53,6 +53,15 @@ class Dense(PSDOperator):
         self._cache = _EighCache((M + M.mT) / 2)
         self._chol: Tensor | None = None
 
+    @classmethod
+    def from_eigendecomposition(cls, M: Tensor, eigenvalues: Tensor,
+                                eigenvectors: Tensor) -> Dense:
+        """``Dense(M)`` with its eigendecomposition ``M = Q diag(λ) Qᵀ`` already known (a
+        restored state): no ``eigh`` is run. The caller vouches that it matches ``M``."""
+        op = cls(M)
+        op._cache._eig = (eigenvalues, eigenvectors)
+        return op
+
     def _reset_caches(self) -> None:
         self._chol = None
 

@@ -70,7 +70,8 @@ class KroneckerEigen(PSDOperator):
     counts), and its ``p x p`` basis is never formed.
     """
 
-    def __init__(self, QA: Tensor | None, QB: Tensor | None, eigenvalues: Tensor) -> None:
+    def __init__(self, QA: Tensor | None, QB: Tensor | None, eigenvalues: Tensor,
+                 factor_eigenvalues: tuple[Tensor, Tensor] | None = None) -> None:
         if eigenvalues.ndim != 2:
             raise ShapeError(f"eigenvalues must be 2-D (p, q), got {tuple(eigenvalues.shape)}.")
         for Q in (QA, QB):
@@ -85,7 +86,8 @@ class KroneckerEigen(PSDOperator):
                 f"eigenvalues must have shape {sizes}, got {tuple(eigenvalues.shape)}."
             )
         self._eig = _Eig(None, None)
-        self._eig.value = (QA, QB, eigenvalues.clamp_min(0), None)
+        self._eig.value = (QA, QB, eigenvalues.clamp_min(0),
+                           None if factor_eigenvalues is None else tuple(factor_eigenvalues))
         self._sizes = sizes
         self._meta = eigenvalues
 
@@ -160,6 +162,18 @@ class KroneckerEigen(PSDOperator):
         """Orthogonal ``(q, q)`` eigenbasis of the second factor (identity formed on access
         when diagonal, see :attr:`QA`)."""
         return self._basis(1)
+
+    @property
+    def eigenbases(self) -> tuple[Tensor | None, Tensor | None]:
+        """``(Q_A, Q_B)`` as stored: ``None`` for a diagonal factor (identity, never formed;
+        :attr:`QA` / :attr:`QB` form it)."""
+        return (self._QA, self._QB)
+
+    @property
+    def factor_eigenvalues(self) -> tuple[Tensor, Tensor] | None:
+        """``(λ_A, λ_B)`` of a K-FAC operator built from its factors (``Λ = outer(λ_A, λ_B)``);
+        ``None`` when only ``Λ`` is known (EKFAC, or built from eigenvalues)."""
+        return self._factor_eigs
 
     @property
     def diagonal_factors(self) -> tuple[bool, bool]:

@@ -64,7 +64,7 @@ class KroneckerColumnShift(PSDOperator):
     def _pieces(self) -> tuple[Tensor, Tensor, Tensor]:
         """``E`` ``(p, q)``, ``u`` ``(q,)`` and ``s_o = Σ_i u_i² / E_oi`` ``(p,)``."""
         e = self.base.eigenvalues
-        QB = self.base._QB
+        QB = self.base.eigenbases[1]
         if QB is None:  # diagonal second factor: u = e_j
             u = torch.zeros(e.shape[1], dtype=e.dtype, device=e.device)
             u[self.column] = 1
@@ -119,7 +119,7 @@ class KroneckerColumnShift(PSDOperator):
     def inv_diagonal(self) -> Tensor:
         e, u, s = self._pieces()
         beta = self.delta / (1 + self.delta * s)
-        QA, QB = self.base._QA, self.base._QB
+        QA, QB = self.base.eigenbases
         r = (u / e) if QB is None else (u / e) @ QB.mT  # (p, q): Q_B E_o⁻¹ u per row o
         corr = beta[:, None] * r.square()
         corr = corr if QA is None else QA.square() @ corr

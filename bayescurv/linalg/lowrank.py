@@ -178,8 +178,7 @@ class LowRank(LowRankPlusDiagonal):
         return finish(V @ (S.unsqueeze(-1) * (V.mT @ Z)), vec)
 
     def add_diagonal(self, d: Scalar) -> LowRankPlusDiagonal:
-        out = LowRankPlusDiagonal(self._U, self._s, 0.0)
-        out._mods = self._mods
+        out = LowRankPlusDiagonal(self._U, self._s, 0.0).with_modifications(self.modifications)
         return out.add_diagonal(d)
 
     def to_linear_operator(self) -> LinearOperator:

@@ -23,7 +23,7 @@ from bayescurv.linalg.lowrank import LowRank, LowRankPlusDiagonal
 
 
 def _check_plain(op: PSDOperator) -> None:
-    if getattr(op, "_mods", ()) or getattr(op, "_block_mods", ()):
+    if op.modifications:
         raise InvalidArgumentError(
             f"{type(op).__name__} has pending scale/add_diagonal modifications; serialize the "
             "base operator"
@@ -36,20 +36,21 @@ def to_state(op: PSDOperator) -> dict[str, Any]:
     if isinstance(op, Diagonal):
         return {"type": "diagonal", "d": op.diagonal()}
     if isinstance(op, Dense):
-        lam, q = op._cache.get()
-        return {"type": "dense", "matrix": op.base, "eigenvalues": lam, "eigenvectors": q}
+        return {"type": "dense", "matrix": op.base, "eigenvalues": op.eigenvalues(),
+                "eigenvectors": op.eigenvectors()}
     if isinstance(op, KroneckerEigen):
         # a diagonal factor's identity basis is stored as None
-        state = {"type": "kronecker", "QA": op._QA, "QB": op._QB, "eigenvalues": op._lam}
-        if op._factor_eigs is not None:
-            state["factor_eigenvalues"] = list(op._factor_eigs)
+        qa, qb = op.eigenbases
+        state = {"type": "kronecker", "QA": qa, "QB": qb, "eigenvalues": op.base_eigenvalues}
+        if op.factor_eigenvalues is not None:
+            state["factor_eigenvalues"] = list(op.factor_eigenvalues)
         return state
     if isinstance(op, LowRank):
         return {"type": "lowrank", "U": op.U, "s": op.s}
     if isinstance(op, LowRankPlusDiagonal):
         return {"type": "lowrank+diag", "U": op.U, "s": op.s, "d": op.d}
     if isinstance(op, BlockDiagonal):
-        return {"type": "block", "blocks": [to_state(b) for b in op._blocks],
+        return {"type": "block", "blocks": [to_state(b) for b in op.blocks],
                 "indices": op.indices}
     raise InvalidArgumentError(f"cannot serialize {type(op).__name__}")
 
@@ -64,15 +65,12 @@ def from_state(state: dict[str, Any], device: torch.device | str | None = None) 
     if kind == "diagonal":
         return Diagonal(t(state["d"]))
     if kind == "dense":
-        op = Dense(t(state["matrix"]))
-        op._cache._eig = (t(state["eigenvalues"]), t(state["eigenvectors"]))
-        return op
+        return Dense.from_eigendecomposition(t(state["matrix"]), t(state["eigenvalues"]),
+                                             t(state["eigenvectors"]))
     if kind == "kronecker":
-        op = KroneckerEigen(t(state["QA"]), t(state["QB"]), t(state["eigenvalues"]))
-        if "factor_eigenvalues" in state:
-            qa, qb, lam, _ = op._eig.get()
-            op._eig.value = (qa, qb, lam, tuple(t(e) for e in state["factor_eigenvalues"]))
-        return op
+        factor_eigs = state.get("factor_eigenvalues")
+        return KroneckerEigen(t(state["QA"]), t(state["QB"]), t(state["eigenvalues"]),
+                              None if factor_eigs is None else tuple(t(e) for e in factor_eigs))
     if kind == "lowrank":
         return LowRank(t(state["U"]), t(state["s"]))
     if kind == "lowrank+diag":
