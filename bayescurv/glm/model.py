@@ -35,6 +35,7 @@ from bayescurv.errors import (
 from bayescurv.glm import likelihoods as glik
 from bayescurv.glm.kernels import EmpiricalNTK, FeatureKernel, GLMKernel, as_kernel
 from bayescurv.glm.solver import POLICIES, ActionState, DenseState, Policy, solve
+from bayescurv.glm.summary import CoefficientsMixin
 from bayescurv.likelihoods import Bernoulli, Categorical, Likelihood
 
 SOLVERS = ("iterative", "cholesky")
@@ -57,7 +58,7 @@ class GLMPrediction:
         return torch.diagonal(self.covariance, dim1=-2, dim2=-1)
 
 
-class IterGLM:
+class IterGLM(CoefficientsMixin):
     r"""Bayesian GLM / non-conjugate GP by Laplace-Newton with a probabilistic linear solver.
 
     Args:
@@ -159,7 +160,9 @@ class IterGLM:
             raise NonFiniteError("X holds NaN or Inf")
         return X
 
-    def _check_fitted(self) -> None:
+    def check_fitted(self) -> None:
+        """Raise :class:`~bayescurv.errors.NotFittedError` unless :meth:`fit` has run (as
+        :meth:`bayescurv.Laplace.check_fitted`)."""
         if not self._fitted:
             raise NotFittedError("call fit(X, y) first")
 
@@ -428,7 +431,7 @@ class IterGLM:
                 chunk: int = 256) -> GLMPrediction:
         """Latent predictive at ``X``: mean, combined covariance blocks, and an upper bound on
         the computational variance (see the module docstring)."""
-        self._check_fitted()
+        self.check_fitted()
         X = self._check_X(X)
         if X.shape[1:] != self.X_.shape[1:]:
             raise ShapeError(
@@ -519,7 +522,7 @@ class IterGLM:
         span the space. In weight space: :math:`\log p(y|\hat w) - \tfrac12 \hat w^\top
         \Lambda_0 \hat w - \tfrac12\log\det(\Lambda_0 + \Phi^\top W\Phi) + \tfrac12\log\det
         \Lambda_0`."""
-        self._check_fitted()
+        self.check_fitted()
         if self.state_ is None:
             return self._weight_evidence()
         X, C, y, o = self.X_, self.C_, self.y_, self.offset_
@@ -568,73 +571,6 @@ class IterGLM:
         return (self.likelihood.log_prob(f + self.offset_, self.y_).sum()
                 - 0.5 * (prior * w * w).sum() - 0.5 * torch.linalg.slogdet(
                     H + torch.diag(prior))[1] + 0.5 * torch.log(prior).sum())
-
-    # ------------------------------------------------------------------------------------
-    # coefficient table
-    # ------------------------------------------------------------------------------------
-    def coefficients(self) -> tuple[Tensor, Tensor]:
-        r"""Posterior mean ``(D, C)`` and covariance ``(D C, D C)`` of the weights of a feature
-        model (index ``d * C + c``). In function space: :math:`\bar w = \Lambda_0^{-1}\Phi^\top
-        a`, :math:`\Sigma_w = \Lambda_0^{-1} - \Lambda_0^{-1}\Phi^\top S C S^\top \Phi
-        \Lambda_0^{-1}` (combined, as the latent covariance)."""
-        self._check_fitted()
-        if not isinstance(self.kernel, FeatureKernel):
-            raise InvalidArgumentError("coefficients need a feature (weight-space) kernel")
-        C = self.C_
-        if self.state_ is None:
-            cov = torch.cholesky_inverse(self.w_chol_)
-            return self.w_.reshape(-1, C), cov
-        phi = self.kernel.features(self.X_).to(self.f_.dtype)
-        D = phi.shape[1]
-        var = self.kernel.prior_variance(D, phi)
-        mean = var[:, None] * (phi.T @ self.a_)
-        # Φᵀ S: (D*C, N*C)
-        PS = torch.einsum("nd,nca->dcna", phi, self.S_).reshape(D * C, -1)
-        if isinstance(self.state_, DenseState):
-            T = self.state_.project(PS.T)
-            red = T.T @ T
-        else:
-            T = PS @ self.state_.D
-            red = T @ T.T
-        v = var.repeat_interleave(C)
-        cov = torch.diag(v) - v[:, None] * red * v[None, :]
-        return mean, cov
-
-    def deviance(self) -> float:
-        """:math:`2[\\log p(y|\\text{saturated}) - \\log p(y|\\hat f)]`."""
-        self._check_fitted()
-        ll = self.likelihood.log_prob(self.f_ + self.offset_, self.y_).sum()
-        return float(2 * (glik.saturated_log_prob(self.likelihood, self.y_) - ll))
-
-    def summary(self, names: list[str] | None = None, level: float = 0.95) -> str:
-        """A statsmodels-style table: per coefficient the posterior mean, sd, ``z`` and the
-        central credible interval at ``level``; the deviance and the log evidence."""
-        mean, cov = self.coefficients()
-        sd = torch.diagonal(cov).clamp_min(0).sqrt().reshape(mean.shape)
-        zq = math.sqrt(2) * float(torch.erfinv(torch.tensor(level, dtype=torch.float64)))
-        D, C = mean.shape
-        names = names or [f"x{d}" for d in range(D)]
-        if len(names) != D:
-            raise ShapeError(f"{len(names)} names for {D} coefficients")
-        lo, hi = (1 - level) / 2, (1 + level) / 2
-        head = f"{'':>14} {'mean':>11} {'sd':>10} {'z':>8} {lo:>10.3f} {hi:>10.3f}"
-        lines = [f"IterGLM  likelihood={self.likelihood.name}  solver={self.solver}"
-                 + ("" if self.solver == "cholesky" else f"  policy={self.policy}"),
-                 f"observations={self.N_}  outputs={C}  deviance={self.deviance():.4f}", head,
-                 "-" * len(head)]
-        for c in range(C):
-            if C > 1:
-                lines.append(f"output {c}")
-            for d in range(D):
-                mu, s = float(mean[d, c]), float(sd[d, c])
-                lines.append(f"{names[d][:14]:>14} {mu:>11.4f} {s:>10.4f} "
-                             f"{mu / s if s > 0 else float('nan'):>8.3f} {mu - zq * s:>10.4f} "
-                             f"{mu + zq * s:>10.4f}")
-        try:
-            lines.append(f"log evidence (Laplace) = {float(self.log_marginal_likelihood()):.4f}")
-        except InvalidArgumentError:
-            pass
-        return "\n".join(lines)
 
 
 __all__ = ["IterGLM", "GLMPrediction", "SOLVERS"]
