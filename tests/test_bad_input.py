@@ -215,8 +215,8 @@ def _supported_one_shot_kfac():
 
 
 def _supported_one_shot_last_layer():
-    same(dense(curv(iter(loader()), params="last_layer")),
-         reference(params="last_layer"))
+    same(dense(curv(iter(loader()), subset="last_layer")),
+         reference(subset="last_layer"))
 
 
 def _supported_tuple_output_key():
@@ -265,7 +265,7 @@ def _supported_root_parameter_per_sample():
 
 def _supported_rnn_excluded():
     model = RNNNet()
-    cv = compute(model, "classification", seq_loader(), params=["head"])
+    cv = compute(model, "classification", seq_loader(), subset=["head"])
     assert cv.matrix.size == 10
 
 
@@ -308,7 +308,7 @@ def _supported_grouped_conv():
 
     # a grouped convolution has no Kronecker factors: K-FAC keeps its exact dense block
     model = _grouped_conv()
-    kfac = dense(compute(model, "classification", _image_loader(), params=["0"]))
+    kfac = dense(compute(model, "classification", _image_loader(), subset=["0"]))
     same(kfac, dense_curvature(model, "classification", _image_loader(), params=["0"]))
 
 
@@ -364,13 +364,13 @@ COMPUTE = [
         InvalidArgumentError, "nn.Module"),
     Row("compute/model-no-trainable", lambda: curv(model=mlp().requires_grad_(False)),
         InvalidArgumentError, "no trainable parameters"),
-    Row("compute/params-unknown-subset", lambda: curv(params="first_layer"),
+    Row("compute/params-unknown-subset", lambda: curv(subset="first_layer"),
         InvalidArgumentError, "unknown subset"),
-    Row("compute/params-unknown-names", lambda: curv(params=["2.weight", "fc.bias"]),
+    Row("compute/params-unknown-names", lambda: curv(subset=["2.weight", "fc.bias"]),
         InvalidArgumentError, "unknown parameter or module names"),
-    Row("compute/params-frozen-name", lambda: curv(model=_frozen_first(), params=["0.weight"]),
+    Row("compute/params-frozen-name", lambda: curv(model=_frozen_first(), subset=["0.weight"]),
         InvalidArgumentError, "frozen (requires_grad=False)"),
-    Row("compute/params-empty-list", lambda: curv(params=[]), InvalidArgumentError,
+    Row("compute/params-empty-list", lambda: curv(subset=[]), InvalidArgumentError,
         "empty list"),
     Row("compute/params-nan", lambda: curv(model=_nan_model()), NonFiniteError,
         "hold NaN or Inf"),
@@ -385,7 +385,7 @@ COMPUTE = [
     Row("compute/data-empty-list", lambda: curv(data=[]), EmptyDataError, "no data"),
     Row("compute/data-empty-batches", lambda: curv(data=[(xy()[0][:0], xy()[1][:0])]),
         EmptyDataError, "no data"),
-    Row("compute/data-empty-last-layer", lambda: curv(data=[], params="last_layer"),
+    Row("compute/data-empty-last-layer", lambda: curv(data=[], subset="last_layer"),
         EmptyDataError, "no data"),
     Row("compute/data-single-pair", lambda: curv(data=xy()), InvalidArgumentError,
         "not a single (x, y) pair"),
@@ -470,12 +470,12 @@ COMPUTE = [
     Row("compute/batchnorm-train", lambda: curv(model=with_bn()), UnsupportedLayerError,
         "training mode"),
     Row("compute/batchnorm-train-outside-subset",
-        lambda: curv(model=with_bn(), params="last_layer"), UnsupportedLayerError,
+        lambda: curv(model=with_bn(), subset="last_layer"), UnsupportedLayerError,
         "training mode"),
     Row("compute/dropout-train", lambda: curv(model=with_dropout()), UnsupportedLayerError,
         "dropout"),
     Row("compute/dropout-train-last-layer",
-        lambda: curv(model=with_dropout(), params="last_layer"), UnsupportedLayerError,
+        lambda: curv(model=with_dropout(), subset="last_layer"), UnsupportedLayerError,
         "dropout"),
     Row("compute/gru", lambda: compute(RNNNet(), "classification", seq_loader()),
         UnsupportedLayerError, "recurrent"),
@@ -499,7 +499,7 @@ COMPUTE = [
         lambda: curv(data=dict_loader(loader(), xk="features"), structure="full",
                      kind="hessian"), InvalidArgumentError, "x_key"),
     Row("compute/dict-kwargs-last-layer",
-        lambda: curv(data=dict_loader(loader(), xk="features"), params="last_layer"),
+        lambda: curv(data=dict_loader(loader(), xk="features"), subset="last_layer"),
         InvalidArgumentError, "x_key"),
     # supported
     Row("compute/ok-numpy-batches", _supported_numpy),
@@ -1029,11 +1029,11 @@ OPERATORS = [
         "NaN"),
     Row("operators/gp-lowrank-rank", lambda: gp().lowrank_covariance(fno_in(), 0),
         InvalidArgumentError, "rank must be a positive integer"),
-    Row("operators/gp-sample-n", lambda: gp().sample(fno_in(), n=0), InvalidArgumentError,
-        "n must be a positive integer"),
+    Row("operators/gp-sample-n", lambda: gp().sample(fno_in(), num_samples=0),
+        InvalidArgumentError, "num_samples must be a positive integer"),
     Row("operators/gp-sample-weights",
-        lambda: gp().sample(fno_in(), n=2, weights=torch.zeros(3, 4, dtype=DT)), ShapeError,
-        "weights must be"),
+        lambda: gp().sample(fno_in(), num_samples=2, weights=torch.zeros(3, 4, dtype=DT)),
+        ShapeError, "weights must be"),
     Row("operators/gp-sigma-negative",
         lambda: OperatorGP.isotropic(fno(), "last_layer", sigma_noise=-1.0),
         InvalidArgumentError, "sigma_noise must be finite and >= 0"),

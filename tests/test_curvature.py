@@ -472,7 +472,7 @@ def test_parameter_subsets(subset, dense_reference, batches_of):
     data = batches_of(x, y, SIZES)
     pset = select(model, subset)
     ref = dense_reference(model, lik, data, params=pset)
-    full = compute(model, lik, data, structure="full", params=subset).matrix.to_dense()
+    full = compute(model, lik, data, structure="full", subset=subset).matrix.to_dense()
     torch.testing.assert_close(full, ref)
 
 
@@ -514,8 +514,20 @@ def test_multihead_cross_attention_refused_by_name():
     data = [(torch.randn(3, 5, 4, dtype=DT), torch.randint(0, 2, (3,)))]
     with pytest.raises(UnsupportedLayerError, match=r"'mha'.*MultiheadAttention"):
         compute(model, "classification", data, structure="diag")
-    curv = compute(model, "classification", data, structure="diag", params=["out"])
+    curv = compute(model, "classification", data, structure="diag", subset=["out"])
     assert curv.matrix.size == 10
+
+
+def test_compute_params_is_a_deprecated_alias_of_subset(batches_of):
+    """``compute(params=...)`` (the old name of ``subset=``, as in ``Laplace(subset=...)``)
+    still works, with a FutureWarning, and gives the same curvature."""
+    model, x, y, lik = _case("mlp")
+    data = batches_of(x, y, SIZES)
+    new = compute(model, lik, data, structure="diag", subset="last_layer")
+    with pytest.warns(FutureWarning, match=r"compute: params= is deprecated, use subset="):
+        old = compute(model, lik, data, structure="diag", params="last_layer")
+    torch.testing.assert_close(old.matrix.to_dense(), new.matrix.to_dense())
+    assert old.params.names == new.params.names
 
 
 def test_batchnorm_train_mode_refused():

@@ -167,10 +167,18 @@ def test_chunked_columns_match_unchunked():
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_params_is_a_deprecated_alias_of_subset():
+    model = make_model("mlp")
+    data = make_data("mlp", "classification", 3)
+    with pytest.warns(FutureWarning, match=r"CurvatureLinearOperator: params= is deprecated"):
+        op = CurvatureLinearOperator(model, "classification", data, params="last_layer")
+    assert op.params.names == select(model, "last_layer").names
+
+
 def test_last_layer_subset():
     model = make_model("mlp")
     data = make_data("mlp", "classification", 3)
-    op = CurvatureLinearOperator(model, "classification", data, params="last_layer")
+    op = CurvatureLinearOperator(model, "classification", data, subset="last_layer")
     ps = select(model, "last_layer")
     assert op.shape == (4 * 3 + 3,) * 2
     X, Y = concat(data)
@@ -273,7 +281,7 @@ def test_validation():
     with pytest.raises(InvalidArgumentError, match="one-shot"):
         CurvatureLinearOperator(model, "classification", iter(data))
     with pytest.raises(InvalidArgumentError, match="different model"):
-        CurvatureLinearOperator(model, "classification", data, params=select(make_model("mlp")))
+        CurvatureLinearOperator(model, "classification", data, subset=select(make_model("mlp")))
     op = CurvatureLinearOperator(model, "classification", data)
     P = op.shape[0]
     with pytest.raises(ShapeError):

@@ -96,7 +96,7 @@ def test_spectral_conv_is_accepted_by_the_engine_without_opt_in():
     a = _inputs(3, (16,))
     y = flat(a).detach()
     curv = bayescurv.compute(flat, "regression", [(a, y)], structure="diag",
-                             params=["operator.blocks.1.spectral"])
+                             subset=["operator.blocks.1.spectral"])
     assert curv.matrix.size == 2 * 4 * 4 * 4
 
 
@@ -113,16 +113,16 @@ def test_last_block_curvature_matches_dense(dim, dense_reference):
     subset = ["operator.blocks.1"]
     pset = select(flat, subset)
     ggn = dense_reference(flat, "regression", data, pset)
-    full = bayescurv.compute(flat, "regression", data, structure="full", params=subset)
+    full = bayescurv.compute(flat, "regression", data, structure="full", subset=subset)
     torch.testing.assert_close(full.matrix.to_dense(), ggn)
-    diag = bayescurv.compute(flat, "regression", data, structure="diag", params=subset)
+    diag = bayescurv.compute(flat, "regression", data, structure="diag", subset=subset)
     torch.testing.assert_close(diag.matrix.diagonal(), ggn.diagonal())
     v = torch.randn(pset.numel, 3, dtype=DT)
-    op = CurvatureLinearOperator(flat, "regression", data, params=pset)
+    op = CurvatureLinearOperator(flat, "regression", data, subset=pset)
     torch.testing.assert_close(op @ v, ggn @ v)
     rank = min(pset.numel, 4 * y.shape[1])  # N * C columns: the sqrt route is exact
     low = bayescurv.compute(flat, "regression", data[:1] + data[1:], structure="lowrank",
-                            params=subset, rank=rank)
+                            subset=subset, rank=rank)
     torch.testing.assert_close(low.matrix.to_dense(), ggn, atol=1e-9, rtol=1e-7)
 
 
@@ -131,7 +131,7 @@ def test_spectral_weights_are_an_exact_dense_block_in_kfac(dense_reference):
     a = _inputs(3, (12,))
     data = [(a, flat(a).detach())]
     subset = ["operator.blocks.1.spectral"]
-    kfac = bayescurv.compute(flat, "regression", data, structure="kfac", params=subset)
+    kfac = bayescurv.compute(flat, "regression", data, structure="kfac", subset=subset)
     torch.testing.assert_close(kfac.matrix.to_dense(),
                                dense_reference(flat, "regression", data, select(flat, subset)))
 
@@ -267,6 +267,12 @@ def test_monte_carlo_samples_converge_to_the_closed_form():
     assert rel.max() < 0.15 and rel.mean() < 0.05
     nl = gp.sample(test, 2, linearized=False, generator=torch.Generator().manual_seed(1))
     assert nl.shape == (2, 2, 1, 12)
+    # n= is the deprecated name of num_samples (as Laplace.sample)
+    g = torch.Generator().manual_seed(2)
+    with pytest.warns(FutureWarning, match=r"OperatorGP.sample: n= is deprecated"):
+        old = gp.sample(test, n=3, generator=g)
+    new = gp.sample(test, num_samples=3, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(old, new)
 
 
 def test_prior_precision_by_marglik_and_validation_nll():
@@ -330,7 +336,7 @@ def test_neuralop_split_is_the_same_map_and_matches_dense(dim, dense_reference):
     pset = select(flat, subset)
     assert any("weight_imag" in n for n in pset.names)
     ggn = dense_reference(flat, "regression", [(a, y)], pset)
-    full = bayescurv.compute(flat, "regression", [(a, y)], structure="full", params=subset)
+    full = bayescurv.compute(flat, "regression", [(a, y)], structure="full", subset=subset)
     torch.testing.assert_close(full.matrix.to_dense(), ggn)
     la = bayescurv.Laplace(flat, "regression", subset=subset, structure="diag",
                            sigma_noise=0.1)

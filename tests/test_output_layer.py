@@ -36,10 +36,10 @@ def test_output_layer_matches_the_backward_route(structure, likelihood, monkeypa
 
     with monkeypatch.context() as m:
         m.setattr(engine.HookCapture, "backward", no_backward)
-        fast = compute(model, likelihood, data, structure=structure, params="last_layer",
+        fast = compute(model, likelihood, data, structure=structure, subset="last_layer",
                        rank=4)
     monkeypatch.setattr(engine, "_output_layer", lambda *args: None)
-    slow = compute(model, likelihood, data, structure=structure, params="last_layer", rank=4)
+    slow = compute(model, likelihood, data, structure=structure, subset="last_layer", rank=4)
     assert torch.allclose(fast.matrix.to_dense(), slow.matrix.to_dense(), rtol=1e-10,
                           atol=1e-12)
     assert fast.loss == pytest.approx(float(slow.loss)) and fast.num_data == slow.num_data
@@ -48,7 +48,7 @@ def test_output_layer_matches_the_backward_route(structure, likelihood, monkeypa
 def test_closed_form_output_factor_is_the_summed_hessian():
     """K-FAC of the output layer is ``(Σ_b H_b) ⊗ (1/N) Σ_b ã_b ã_bᵀ`` (exact: no sharing)."""
     model, data = _case("classification")
-    curv = compute(model, "classification", data, structure="kfac", params="last_layer")
+    curv = compute(model, "classification", data, structure="kfac", subset="last_layer")
     x = torch.cat([b[0] for b in data])
     with torch.no_grad():
         feats = model[:2](x)

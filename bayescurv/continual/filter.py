@@ -80,7 +80,7 @@ def task_curvature(
     if rank > 0:
         if eigensolver == "dense":
             dense = compute(model, likelihood, data, structure="full", kind=kind,
-                            params=params).matrix.to_dense()
+                            subset=params).matrix.to_dense()
             evals, evecs = torch.linalg.eigh(0.5 * (dense + dense.mT))
             g, V = evals.flip(0)[:rank], evecs.flip(1)[:, :rank]
         else:
@@ -97,7 +97,7 @@ def task_curvature(
             diag = dense.diagonal()
         else:
             diag = compute(model, likelihood, data, structure="diag", kind=kind,
-                           params=params).matrix.diagonal()
+                           subset=params).matrix.diagonal()
         resid = (diag - V.square() @ g).clamp_min(0)
     return V.detach(), g.detach(), None if resid is None else resid.detach()
 
@@ -469,7 +469,7 @@ class KFACFilter(_TaskSequence):
         self._require("predicted", "update()")
         pset = self._params_of(model, "update()")
         K = compute(pset.model, self.likelihood, data, structure="kfac", kind=self.kind,
-                    params=pset).matrix
+                    subset=pset).matrix
         self.terms.append(K)
         self.weights.append(1.0)
         self.means.append(pset.vector().clone())

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from bayescurv import batches
 from bayescurv.curvature import accumulate, layers, lowrank, preflight
 from bayescurv.curvature.engine import KINDS, HookCapture, stream
+from bayescurv.deprecation import UNSET, renamed
 from bayescurv.errors import InvalidArgumentError, NonFiniteError
 from bayescurv.likelihoods import Likelihood, get_likelihood
 from bayescurv.linalg import (
@@ -117,7 +118,7 @@ def compute(
     *,
     structure: str = "kfac",
     kind: str = "ggn",
-    params: ParamSet | str | Iterable[str] = "all",
+    subset: ParamSet | str | Iterable[str] = "all",
     num_samples: int = 1,
     generator: torch.Generator | None = None,
     reduction: str = "sum",
@@ -130,6 +131,7 @@ def compute(
     batch_dim: int = 0,
     column_chunk: int | None = None,
     output_key: OutputKey = None,
+    params: ParamSet | str | Iterable[str] = UNSET,
 ) -> Curvature:
     r"""Curvature of :math:`L(\theta) = \sum_n -\log p(y_n | f(x_n;\theta))` at the current
     parameters.
@@ -152,7 +154,8 @@ def compute(
             GGN / Fisher with ``num_samples`` sampled targets per point), ``"ef"``
             (empirical Fisher :math:`\sum_n g_n g_n^\top`), ``"hessian"`` (full/diag, dense
             by ``torch.func``; lowrank with a matrix-free ``lowrank_method``).
-        params: which parameters (``"all"``, ``"last_layer"``, names, or a ParamSet).
+        subset: which parameters (``"all"``, ``"last_layer"``, names, or a ParamSet), as
+            ``Laplace(subset=...)``.
         generator: random source of ``"mc"`` and of the randomized low-rank methods.
         reduction: ``"sum"`` (the convention above) or ``"mean"`` (divide by N).
         unknown_layers: ``"error"`` (refuse modules of unknown type, naming them) or
@@ -180,8 +183,9 @@ def compute(
 
         output_key: how to read the network output when the model returns a tuple, a
             dict or a HuggingFace-style output: a key / index, or a callable ``out -> f``.
-            ``params="last_layer"`` is resolved from a forward pass on the first batch
+            ``subset="last_layer"`` is resolved from a forward pass on the first batch
             (:func:`bayescurv.params.find_last_layer`).
+        params: deprecated name of ``subset`` (a ``FutureWarning``).
 
     The result is summed across ``torch.distributed`` ranks when a process group is
     initialized, so each rank holds the curvature of the whole data set.
@@ -191,6 +195,7 @@ def compute(
             f"model must be an nn.Module, got {type(model).__name__}; wrap a function of the "
             "parameters in an nn.Module that owns them"
         )
+    subset = renamed(subset, params, "subset", "params", "compute")
     check_options(structure, kind, num_samples, rank, lowrank_method, unknown_layers)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise InvalidArgumentError(
@@ -213,13 +218,13 @@ def compute(
     if structure == "ekfac" or (structure in LOWRANK and lowrank_method != "sqrt"):
         batches.check_reiterable(data, f"structure={structure!r}")
     example = None
-    if isinstance(params, str) and params == "last_layer":
+    if isinstance(subset, str) and subset == "last_layer":
         example, data = batches.peek_inputs(data, x_key, y_key)
-    if isinstance(params, ParamSet):
-        pset = params if output_key is None else dataclasses.replace(
-            params, output_key=check_output_key(output_key))
+    if isinstance(subset, ParamSet):
+        pset = subset if output_key is None else dataclasses.replace(
+            subset, output_key=check_output_key(output_key))
     else:
-        pset = select(model, params, example_input=example, output_key=output_key)
+        pset = select(model, subset, example_input=example, output_key=output_key)
     _check_params(pset)
     preflight.check_size(pset, structure, rank)
     if kind == "hessian" and structure not in LOWRANK:
@@ -269,7 +274,7 @@ def compute(
         if matfree_lowrank:
             from bayescurv.curvature.matfree import CurvatureLinearOperator
 
-            op = CurvatureLinearOperator(model, lik, data, params=pset, kind=kind,
+            op = CurvatureLinearOperator(model, lik, data, subset=pset, kind=kind,
                                          x_key=x_key, y_key=y_key, progress=progress)
             u, s = lowrank.matfree_eigen(op, min(rank, pset.numel), lowrank_method, generator)
         else:

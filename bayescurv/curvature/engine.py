@@ -332,7 +332,7 @@ class HookCapture:
                 "are never called (their parent uses the weights directly, as "
                 "nn.MultiheadAttention does with out_proj), so forward hooks cannot see them and "
                 "their curvature would silently be zero. Leave these parameters out of the "
-                "subset (params=/subset= with the other names)"
+                "subset (subset= with the other names)"
             )
 
     def backward(self, f: Tensor, cols: Tensor, retain: bool = False) -> None:

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from bayescurv import batches
+from bayescurv.deprecation import UNSET, renamed
 from bayescurv.errors import InvalidArgumentError, ShapeError
 from bayescurv.likelihoods import Likelihood, check_finite_outputs, get_likelihood
 from bayescurv.linalg import internal_dtype
@@ -200,13 +201,15 @@ class CurvatureLinearOperator:
             :class:`~bayescurv.likelihoods.Likelihood`.
         data: an iterable of ``(x, y)`` or dict batches, iterated anew at every product
             (a DataLoader or a list; not a one-shot generator).
-        params: ``"all"``, ``"last_layer"``, a list of names, or a :class:`ParamSet`.
+        subset: which parameters: ``"all"``, ``"last_layer"``, a list of names, or a
+            :class:`ParamSet` (as ``Laplace(subset=...)``; resolved into :attr:`params`).
         kind: ``"ggn"``, ``"hessian"`` or ``"ef"`` (see the module docstring).
         reduction: ``"sum"`` (default) or ``"mean"`` (divide by the number of data points).
         x_key, y_key: keys of dict batches (see :func:`bayescurv.batches.split_batch`).
         progress: show a tqdm bar over batches.
         chunk_size: push at most this many columns at once through ``vmap`` (bounds the
             memory of a ``matmat`` to ``chunk_size`` linearised copies); ``None``: all.
+        params: deprecated name of ``subset`` (a ``FutureWarning``).
 
     The model is evaluated in its current mode; the training flag is never changed.
     Dropout in training mode makes every product random (and ``J`` and ``Jᵀ`` see
@@ -224,14 +227,17 @@ class CurvatureLinearOperator:
         model: nn.Module,
         likelihood: str | Likelihood,
         data: Iterable[Any],
-        params: str | Iterable[str] | ParamSet = "all",
+        subset: str | Iterable[str] | ParamSet = "all",
         kind: str = "ggn",
         reduction: str = "sum",
         x_key: str = "x",
         y_key: str = "y",
         progress: bool = False,
         chunk_size: int | None = None,
+        *,
+        params: str | Iterable[str] | ParamSet = UNSET,
     ) -> None:
+        subset = renamed(subset, params, "subset", "params", "CurvatureLinearOperator")
         if kind not in KINDS:
             raise InvalidArgumentError(f"unknown curvature kind {kind!r}; use one of {KINDS}")
         batches.check_reduction(reduction)
@@ -248,7 +254,7 @@ class CurvatureLinearOperator:
         self.model = model
         self.likelihood = get_likelihood(likelihood)
         self.data = data
-        self.params = _resolve_params(model, params)
+        self.params = _resolve_params(model, subset)
         self.kind = kind
         self.reduction = reduction
         self.x_key = x_key

@@ -60,7 +60,7 @@ def per_output_curvatures(
 ) -> list[PSDOperator]:
     """``[H_c]`` for each output ``c`` (unit noise)."""
     return [
-        compute(params.model, _OutputColumn(c), data, structure=structure, params=params,
+        compute(params.model, _OutputColumn(c), data, structure=structure, subset=params,
                 **options).matrix
         for c in range(num_outputs)
     ]

@@ -276,7 +276,7 @@ class Laplace(PredictionsMixin, StateDictMixin):
                        progress=progress)
         if self.index is None:
             curv = compute(self.model, unit, loader, structure=self.structure,
-                           params=self.params, **options, **self.curvature_options,
+                           subset=self.params, **options, **self.curvature_options,
                            batch_dim=self.batch_dim)
         else:
             if self.batch_dim:

@@ -72,7 +72,7 @@ def masked_curvature(
             f"factors); use one of {MASK_STRUCTURES}"
         )
     if structure == "diag":
-        curv = compute(pset.model, likelihood, data, structure="diag", params=pset, **options)
+        curv = compute(pset.model, likelihood, data, structure="diag", subset=pset, **options)
         curv.matrix = Diagonal(curv.matrix.diagonal()[index])
         return curv
     unknown = options.pop("unknown_layers", "error")

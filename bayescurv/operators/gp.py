@@ -32,6 +32,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
+from bayescurv.deprecation import UNSET, renamed
 from bayescurv.errors import InvalidArgumentError, NonFiniteError, ShapeError
 from bayescurv.linalg import Diagonal, LowRankPlusDiagonal, PSDOperator
 from bayescurv.operators.fno import FlattenOutput, call_operator
@@ -233,16 +234,19 @@ class OperatorGP:
             out.append(LowRankPlusDiagonal(q, lam, resid))
         return out
 
-    def sample(self, a: Tensor, n: int = 100, out_size=None,
+    def sample(self, a: Tensor, num_samples: int = 100, out_size=None,
                generator: torch.Generator | None = None, linearized: bool = True,
-               weights: Tensor | None = None) -> Tensor:
-        """``n`` function samples ``(n, B, out, *grid)``: of the linearized GP
+               weights: Tensor | None = None, *, n: int = UNSET) -> Tensor:
+        """``num_samples`` function samples ``(num_samples, B, out, *grid)``: of the linearized GP
         (:math:`u(a;\\theta^*) + J_a\\varepsilon`) or, ``linearized=False``, of the network
         at sampled weights :math:`u(a;\\theta^* + \\varepsilon)` (sample-based Laplace).
-        ``weights``: the draws :math:`\\varepsilon` ``(n, P)`` to reuse (e.g. the same
-        functions on two grids); default: fresh draws from :math:`N(0, \\Sigma)`."""
-        if not isinstance(n, int) or n < 1:
-            raise InvalidArgumentError(f"n must be a positive integer, got {n}")
+        ``weights``: the draws :math:`\\varepsilon` ``(num_samples, P)`` to reuse (e.g. the
+        same functions on two grids); default: fresh draws from :math:`N(0, \\Sigma)`.
+        ``n``: deprecated name of ``num_samples`` (a ``FutureWarning``)."""
+        name = "num_samples" if n is UNSET else "n"  # errors name the argument passed
+        n = renamed(num_samples, n, "num_samples", "n", "OperatorGP.sample")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InvalidArgumentError(f"{name} must be a positive integer, got {n}")
         a = self._check(a)
         shape = self._shape(a, out_size)
         eps = self.precision.sample_inverse(n, generator) if weights is None else weights
