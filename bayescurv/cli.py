@@ -1,4 +1,4 @@
-"""Command line: ``bayescurv demo``. Thin: it calls the library."""
+"""Command line: ``bayescurv demo``, ``bayescurv --version``. Thin: it calls the library."""
 
 from __future__ import annotations
 
@@ -23,11 +23,26 @@ def _checked(check):
     return parse
 
 
+def version() -> str:
+    """The installed distribution's version (:mod:`importlib.metadata`), else
+    ``bayescurv.__version__`` (a source checkout that is not installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("bayescurv")
+    except PackageNotFoundError:
+        import bayescurv
+
+        return getattr(bayescurv, "__version__", "unknown")
+
+
 def main(argv: list[str] | None = None) -> int:
     from bayescurv import demo as demo_mod
     from bayescurv.errors import InvalidArgumentError
 
     parser = argparse.ArgumentParser(prog="bayescurv", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"bayescurv {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="Laplace on a digits MLP: MAP vs Laplace table")
     demo.add_argument("--out", default="outputs", help="folder for the reliability diagram")
