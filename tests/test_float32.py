@@ -254,10 +254,9 @@ def test_float32_weight_sharing_predictive_matches_float64(structure):
 
 @pytest.mark.parametrize("structure", ["kfac", "kfac-reduce", "ekfac"])
 def test_float32_conv_factors_summed_in_chunks_match_float64(structure, monkeypatch):
-    """Low-precision Kronecker factors are summed in float32 chunks of ``GRAM_ROWS`` rows and
-    added to the float64 state; the evidence of a float32 CNN stays within 1e-3 nats of the
-    float64 one (measured 7.5e-5, the same as with float64 sums: the model's own float32
-    factors dominate)."""
+    """Kronecker factors of a float32 model are converted in chunks of ``GRAM_ROWS`` rows and
+    summed in float64; the evidence of a float32 CNN stays within 1e-3 nats of the float64
+    one (measured 7.5e-5)."""
     from bayescurv.curvature import accumulate
 
     monkeypatch.setattr(accumulate, "GRAM_ROWS", 256)  # many chunks on small data

@@ -32,7 +32,7 @@ from bayescurv.linalg import (
 from bayescurv.params import ParamSet
 
 GRAM_ROWS = 4096
-"""Rows of a low-precision factor summed in float32 before adding to the float64 state."""
+"""Rows of a factor converted to the state's dtype at once by the Gram accumulation."""
 
 
 def _per_sample(rec: ModuleRecord, dtype: torch.dtype | None) -> dict[int, Tensor]:
@@ -222,18 +222,16 @@ class KFACAccumulator:
         self.state[rec.name][key].add_(value)
 
     def _acc_gram(self, rec: ModuleRecord, key: str, x: Tensor) -> None:
-        """``state[key] += xᵀ x`` in place (``x``: ``(rows, d)``). Rows of a low-precision
-        ``x`` are summed in float32 chunks of :data:`GRAM_ROWS`, each chunk's Gram added to the
-        float64 state (the rounding of one chunk's float32 sums, ``~ 1e-7`` of its norm, is
-        below that of the model's own float32 factors); float64 ``x`` directly."""
+        """``state[key] += xᵀ x`` in place (``x``: ``(rows, d)``), in the state's dtype:
+        products of float32 numbers are exact in float64, so the Gram of a float32 model's
+        factors is summed without rounding (a float32 sum loses the small eigenvalues of an
+        ill-conditioned factor: measured on the float32 sine regression of
+        ``tests/test_float32.py``). Rows are converted in chunks of :data:`GRAM_ROWS`, so no
+        float64 copy of the whole factor is made."""
         acc = self.state[rec.name][key]
-        if x.dtype == acc.dtype or x.shape[0] <= GRAM_ROWS:
-            acc.addmm_(x.T.to(acc.dtype), x.to(acc.dtype))
-            return
-        x = x.float()
         for s in range(0, x.shape[0], GRAM_ROWS):
-            xs = x[s:s + GRAM_ROWS]
-            acc.add_((xs.T @ xs).to(acc.dtype))
+            xs = x[s:s + GRAM_ROWS].to(acc.dtype)
+            acc.addmm_(xs.T, xs)
 
     def update(self, records: list[ModuleRecord], first: bool = True) -> None:
         for rec in records:
