@@ -306,3 +306,19 @@ def test_probit_softmax_ignores_the_softmax_invariant_direction():
     var = torch.diagonal(cov + 50.0 * ones, dim1=-2, dim2=-1)
     err_plain = (torch.softmax(mean * links.probit_scale(var), -1) - mc).abs().max()
     assert err_centred < 0.1 and err_centred < err_plain / 2
+
+
+@pytest.mark.parametrize("c", [2, 7, 50])
+def test_probit_projection_in_quadratic_time_equals_the_matrix_products(c):
+    """``projected_variance`` (O(C²)) is the diagonal of ``P Σ P`` formed explicitly, and
+    ``probit_softmax`` with it matches the probit of the explicitly projected covariance."""
+    g = torch.Generator().manual_seed(c)
+    a = torch.randn(4, c, c + 3, generator=g, dtype=torch.float64)
+    cov = a @ a.transpose(-1, -2) + 0.3 * torch.ones(c, c, dtype=torch.float64)
+    mean = torch.randn(4, c, generator=g, dtype=torch.float64)
+    proj = torch.eye(c, dtype=torch.float64) - 1.0 / c
+    explicit = torch.diagonal(proj @ cov @ proj, dim1=-2, dim2=-1)
+    torch.testing.assert_close(links.projected_variance(cov), explicit, rtol=1e-12, atol=1e-12)
+    centred = mean - mean.mean(-1, keepdim=True)
+    expected = torch.softmax(centred * links.probit_scale(explicit), -1)
+    torch.testing.assert_close(links.probit_softmax(mean, cov), expected, rtol=1e-12, atol=0)
