@@ -87,10 +87,13 @@ def probit_scale(var: Tensor) -> Tensor:
 def projected_variance(cov: Tensor) -> Tensor:
     r"""Diagonal of :math:`P \Sigma P`, :math:`P = I - \tfrac1C 11^\top`, for a symmetric
     ``cov`` ``(B, C, C)``, in :math:`O(C^2)` per input instead of the :math:`O(C^3)` of the
-    two products: :math:`\Sigma_{cc} - \tfrac2C (\Sigma 1)_c + \tfrac1{C^2} 1^\top\Sigma 1`."""
-    rows = cov.mean(-1)  # (Σ1)_c / C
-    return (torch.diagonal(cov, dim1=-2, dim2=-1) - 2 * rows
-            + rows.mean(-1, keepdim=True))
+    two products: with the row-centred :math:`X = \Sigma P`,
+    :math:`(P\Sigma P)_{cc} = X_{cc} - \tfrac1C \sum_k X_{kc}`. Centring the entries first
+    (rather than combining :math:`\Sigma_{cc}`, :math:`(\Sigma 1)_c` and
+    :math:`1^\top\Sigma 1`, which are all dominated by a large common shift) keeps float32
+    at the accuracy the entries themselves carry."""
+    x = cov - cov.mean(-1, keepdim=True)
+    return torch.diagonal(x, dim1=-2, dim2=-1) - x.mean(-2)
 
 
 def probit_softmax(mean: Tensor, cov: Tensor) -> Tensor:

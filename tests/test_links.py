@@ -322,3 +322,16 @@ def test_probit_projection_in_quadratic_time_equals_the_matrix_products(c):
     centred = mean - mean.mean(-1, keepdim=True)
     expected = torch.softmax(centred * links.probit_scale(explicit), -1)
     torch.testing.assert_close(links.probit_softmax(mean, cov), expected, rtol=1e-12, atol=0)
+
+
+def test_projected_variance_in_float32_matches_float64_under_a_large_common_shift():
+    """The case the projection exists for — a large variance along ``1`` (the softmax-invariant
+    direction) on top of O(1) variances — loses no more in float32 than the entries' own
+    rounding, ``shift * eps`` (an uncentred formula lost 3x that here)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(8, 10, 13, generator=g, dtype=torch.float64)
+    cov64 = a @ a.transpose(-1, -2) / 13 + 1e3 * torch.ones(10, 10, dtype=torch.float64)
+    ref = links.projected_variance(cov64)
+    got = links.projected_variance(cov64.float()).double()
+    floor = 1e3 * torch.finfo(torch.float32).eps / ref.min()
+    assert ((got - ref).abs() / ref).max() < 2 * floor
