@@ -189,9 +189,11 @@ def table(results: dict, evals: int) -> str:
         cells = []
         for c in marks:
             col = reg[:, c]
-            cells.append(f"{col.median():.3g} [{col.quantile(0.25):.3g}, {col.quantile(0.75):.3g}]")
+            q25, q50, q75 = (col.quantile(q).item() for q in (0.25, 0.5, 0.75))
+            cells.append(f"{q50:.3g} [{q25:.3g}, {q75:.3g}]")
         tpi = sum(r["time_per_iter"] for r in runs) / len(runs)
-        lines.append(f"| {name} | {method} | " + " | ".join(cells) + f" | {tpi:.2f} |")
+        label = f"{method} ({len(runs)} seed{'s' * (len(runs) > 1)})"
+        lines.append(f"| {name} | {label} | " + " | ".join(cells) + f" | {tpi:.2f} |")
     return "\n".join(lines)
 
 
@@ -211,7 +213,7 @@ def plot(results: dict, path: Path, title: str) -> None:
             if fname != name:
                 continue
             reg = torch.tensor([r["regret"] for r in runs]).clamp_min(1e-6)
-            med = reg.median(0).values
+            med = reg.quantile(0.5, 0)
             (line,) = ax.semilogy(range(len(med)), med, label=method)
             ax.fill_between(range(len(med)), reg.quantile(0.25, 0), reg.quantile(0.75, 0),
                             alpha=0.15, color=line.get_color())
@@ -227,27 +229,50 @@ def plot(results: dict, path: Path, title: str) -> None:
     print(f"wrote {path}")
 
 
+def _regret_task(task: tuple) -> dict:
+    """One BO run (a process-pool task: torch threads set in the worker)."""
+    name, method, seed, args = task
+    torch.set_num_threads(args.threads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return bo_run(problems()[name], method, seed, args)
+
+
 def regret_section(args) -> dict:
     methods = list(args.methods)
     if LaplaceBoTorch is None and "lbo" in methods:
         methods.remove("lbo")
         print("laplace-bayesopt not importable: skipped")
-    fs = {k: v for k, v in problems().items() if k in args.functions}
-    results = {}
-    for name, f in fs.items():
-        for method in methods:
-            t0 = time.perf_counter()
-            runs = []
-            for seed in range(args.seeds):
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    runs.append(bo_run(f, method, seed, args))
-            results[(name, method)] = runs
+    names = [k for k in problems() if k in args.functions]
+    seeds = {m: min(args.seeds, args.lbo_seeds) if m == "lbo" else args.seeds for m in methods}
+    tasks = [(name, method, seed, args) for name in names for method in methods
+             for seed in range(seeds[method])]
+    results: dict = {}
+    done: dict = {}
+    t0 = time.perf_counter()
+
+    def record(task: tuple, run: dict) -> None:
+        key = task[:2]
+        done.setdefault(key, {})[task[2]] = run
+        if len(done[key]) == seeds[key[1]]:  # all seeds of (function, method): report them
+            results[key] = [done[key][s] for s in range(seeds[key[1]])]
             (args.out / "partial-regret.json").write_text(json.dumps(  # survives a stop
                 {f"{k[0]}/{k[1]}": v for k, v in results.items()}))
-            reg = torch.tensor([r["regret"] for r in runs])
-            print(f"  {name:10s} {method:8s} final median regret {reg[:, -1].median():.4f} "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            reg = torch.tensor([r["regret"] for r in results[key]])
+            print(f"  {key[0]:10s} {key[1]:8s} final median regret {reg[:, -1].quantile(0.5):.4f} "
+                  f"({time.perf_counter() - t0:.0f} s into the section)", flush=True)
+
+    if args.jobs > 1:  # independent runs in worker processes (one run, same configuration)
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
+            for task, run in zip(tasks, pool.map(_regret_task, tasks)):
+                record(task, run)
+    else:
+        for task in tasks:
+            record(task, _regret_task(task))
+    results = {key: results[key] for key in ((n, m) for n in names for m in methods)}
     out = table(results, args.evals)
     print(out)
     (args.out / "regret.md").write_text(out + "\n")
@@ -350,7 +375,7 @@ def ablation_section(args) -> dict:
             reg = torch.tensor([r["regret"] for r in runs])[:, -1]
             tpi = sum(r["time_per_iter"] for r in runs) / len(runs)
             res[f"{label}/{name}"] = runs
-            cells.append(f"{reg.median():.3g} [{reg.quantile(0.25):.3g}, "
+            cells.append(f"{reg.quantile(0.5):.3g} [{reg.quantile(0.25):.3g}, "
                          f"{reg.quantile(0.75):.3g}] ({tpi:.1f} s/it)")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
@@ -372,6 +397,8 @@ def main() -> None:
     p.add_argument("--functions", nargs="+", default=list(problems()))
     p.add_argument("--methods", nargs="+", default=["mlp", "fourier", "gp", "lbo", "random"])
     p.add_argument("--lbo-epochs", type=int, default=1000, help="laplace-bayesopt's default")
+    p.add_argument("--lbo-seeds", type=int, default=10,
+                   help="seeds for laplace-bayesopt (its 1,000-epoch refits dominate the run)")
     p.add_argument("--refit-every", type=int, default=5,
                    help="our surrogates: refit from scratch every k evaluations, "
                         "condition_on_observations in between")
@@ -383,6 +410,9 @@ def main() -> None:
     p.add_argument("--ablation-functions", nargs="+", default=["Branin", "Hartmann6"])
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: small models are faster on one thread)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="regret section: BO runs in this many worker processes (timings per "
+                        "iteration are then taken with that many runs sharing the machine)")
     p.add_argument("--out", type=Path, default=Path("outputs/bo"))
     p.add_argument("--png", type=Path, default=None, help="regret PNG path")
     args = p.parse_args()
