@@ -229,9 +229,12 @@ def plot(results: dict, path: Path, title: str) -> None:
     print(f"wrote {path}")
 
 
-def _regret_task(task: tuple) -> dict:
-    """One BO run (a process-pool task: torch threads set in the worker)."""
+def _regret_task(task: tuple) -> dict | None:
+    """One BO run (a process-pool task: torch threads set in the worker); ``None`` when it
+    would start after ``args.deadline`` (a wall-clock time), so the run ends on time."""
     name, method, seed, args = task
+    if args.deadline is not None and time.time() > args.deadline:
+        return None
     torch.set_num_threads(args.threads)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -245,17 +248,26 @@ def regret_section(args) -> dict:
         print("laplace-bayesopt not importable: skipped")
     names = [k for k in problems() if k in args.functions]
     seeds = {m: min(args.seeds, args.lbo_seeds) if m == "lbo" else args.seeds for m in methods}
+    # laplace-bayesopt last, seed by seed, so a deadline drops its last seeds, nothing else
     tasks = [(name, method, seed, args) for name in names for method in methods
-             for seed in range(seeds[method])]
+             for seed in range(seeds[method]) if method != "lbo"]
+    tasks += [(name, "lbo", seed, args) for seed in range(seeds.get("lbo", 0))
+              for name in names]
+    skipped: list[str] = []
     results: dict = {}
     done: dict = {}
     t0 = time.perf_counter()
 
-    def record(task: tuple, run: dict) -> None:
+    def record(task: tuple, run: dict | None) -> None:
         key = task[:2]
+        if run is None:
+            skipped.append(f"{key[0]}/{key[1]}/seed {task[2]}")
         done.setdefault(key, {})[task[2]] = run
         if len(done[key]) == seeds[key[1]]:  # all seeds of (function, method): report them
-            results[key] = [done[key][s] for s in range(seeds[key[1]])]
+            results[key] = [done[key][s] for s in range(seeds[key[1]]) if done[key][s]]
+            if not results[key]:
+                del results[key]
+                return
             (args.out / "partial-regret.json").write_text(json.dumps(  # survives a stop
                 {f"{k[0]}/{k[1]}": v for k, v in results.items()}))
             reg = torch.tensor([r["regret"] for r in results[key]])
@@ -272,8 +284,11 @@ def regret_section(args) -> dict:
     else:
         for task in tasks:
             record(task, _regret_task(task))
-    results = {key: results[key] for key in ((n, m) for n in names for m in methods)}
+    results = {key: results[key] for key in ((n, m) for n in names for m in methods)
+               if key in results}
     out = table(results, args.evals)
+    if skipped:
+        out += f"\n\nnot started before the deadline: {', '.join(skipped)}"
     print(out)
     (args.out / "regret.md").write_text(out + "\n")
     plot(results, args.png or args.out / "regret.png",
@@ -410,6 +425,9 @@ def main() -> None:
     p.add_argument("--ablation-functions", nargs="+", default=["Branin", "Hartmann6"])
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: small models are faster on one thread)")
+    p.add_argument("--deadline-min", type=float, default=None,
+                   help="regret section: BO runs not started within this many minutes of the "
+                        "start are skipped (laplace-bayesopt's last seeds first) and listed")
     p.add_argument("--jobs", type=int, default=1,
                    help="regret section: BO runs in this many worker processes (timings per "
                         "iteration are then taken with that many runs sharing the machine)")
@@ -418,6 +436,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
+    args.deadline = None if args.deadline_min is None else time.time() + 60 * args.deadline_min
     print(f"threads={torch.get_num_threads()} config={vars(args)}", flush=True)
     res: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
     t0 = time.perf_counter()

@@ -3,6 +3,7 @@ checked against dense float64 references (``J`` from ``torch.func.jacrev``)."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -241,3 +242,47 @@ def test_prior_first_and_center_scale():
     assert torch.isfinite(model.posterior(x[:, None]).mean).all()
     plain = LaplaceModel(X, Y, seed=0, center=False, **FAST)
     assert not isinstance(plain.net[0], Center)
+
+
+def test_center_candidates_are_selected_by_the_evidence_at_init():
+    from bayescurv.bo.fitting import ntk_evidence, prepare_ntk
+    from bayescurv.bo.networks import default_network
+
+    X = torch.rand(30, 2, generator=torch.Generator().manual_seed(0), dtype=DT)
+    scales = (0.3, 10.0)
+    picked = {}
+    for name, y in (("wiggly", torch.sin(12 * X[:, :1])), ("linear", X[:, :1] + X[:, 1:])):
+        model = LaplaceModel(X, y, seed=0, center=scales, **FAST)
+        assert model.center_scale in scales and model.net[0].scale == model.center_scale
+        picked[name] = model.center_scale
+        # the choice is the argmax of the tuned evidence of the NTK GP at the initialization
+        torch.manual_seed(0)
+        base = default_network(2, 1, FAST["hidden"]).to(DT)
+        cfg = dict(model._config)
+        objectives = []
+        for c in scales:
+            net, state = prepare_ntk(copy.deepcopy(base), 2, cfg, center=c)
+            objectives.append(ntk_evidence(
+                net, model.train_X, model.train_Y, cfg, state, delta=None, sigma=0.1,
+                fixed=None, noise_prior=model._noise_prior(), generator=torch.Generator(),
+                max_iter=cfg["marglik_steps"])[2])
+        assert model.center_scale == scales[max(range(2), key=objectives.__getitem__)]
+    # a wiggly target needs the nonlinear first layer, a linear one the nearly linear one
+    assert picked == {"wiggly": 10.0, "linear": 0.3}
+    assert LaplaceModel(X, y, seed=0, center=2.0, **FAST).center_scale == 2.0
+
+
+@pytest.mark.parametrize("center", [(), (1.0, -2.0), (0.0, 1.0), -1.0, float("nan")])
+def test_invalid_center_is_refused(center):
+    X, Y = _data(n=8)
+    with pytest.raises(InvalidArgumentError, match="center"):
+        LaplaceModel(X, Y, center=center, **FAST)
+
+
+def test_conditioning_keeps_the_ntk_hyperparameters(ntk_model):
+    new = ntk_model.condition_on_observations(torch.rand(2, 2, dtype=DT),
+                                              torch.zeros(2, 1, dtype=DT))
+    torch.testing.assert_close(new.gp.prior_precision, ntk_model.gp.prior_precision)
+    torch.testing.assert_close(new.gp.sigma_noise, ntk_model.gp.sigma_noise)
+    assert new.center_scale == ntk_model.center_scale == 1.0
+    assert math.isfinite(new.log_evidence)

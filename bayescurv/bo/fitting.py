@@ -20,6 +20,7 @@ after defaults are resolved).
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -56,12 +57,14 @@ class PosteriorFit:
 
 @dataclass
 class NTKState:
-    r"""What the ``"ntk"`` fits of one network share: the prior mean :math:`\theta_0` and the
-    prior group of every parameter (:func:`~bayescurv.bo.ntk.prior_groups`)."""
+    r"""What the ``"ntk"`` fits of one network share: the prior mean :math:`\theta_0`, the
+    prior group of every parameter (:func:`~bayescurv.bo.ntk.prior_groups`) and the input
+    scale of :class:`~bayescurv.bo.ntk.Center` (0: no centring)."""
 
     theta0: Tensor
     groups: Tensor
     num_groups: int
+    center: float = 0.0
 
 
 def fixed_noise(cfg: dict[str, Any]) -> float | None:
@@ -116,17 +119,68 @@ def fit_laplace(
     return PosteriorFit(float(objective), train_loss, la=la, glm=glm, theta_bar=theta_bar)
 
 
-def prepare_ntk(net: nn.Module, input_dim: int, cfg: dict[str, Any]) -> tuple[nn.Module,
-                                                                               NTKState]:
+def prepare_ntk(net: nn.Module, input_dim: int, cfg: dict[str, Any],
+                center: float | None = None) -> tuple[nn.Module, NTKState]:
     """The network as the ``"ntk"`` posterior sees it (behind :class:`~bayescurv.bo.ntk.Center`
-    when ``cfg["center"]``) and its prior mean and groups."""
-    if cfg["center"]:
-        net = nn.Sequential(Center(float(cfg["center"])), net)
+    of scale ``center``, default ``cfg["center"]``, when it is nonzero) and its prior mean and
+    groups."""
+    scale = float(cfg["center"] if center is None else center)
+    if scale:
+        net = nn.Sequential(Center(scale), net)
     ps = select(net, "all")
     theta0 = ps.vector() if cfg["prior_mean"] == "init" else torch.zeros(ps.numel).to(
         ps.vector())
     groups = prior_groups(ps, input_dim, cfg["prior_granularity"])
-    return net, NTKState(theta0, groups, int(groups.max()) + 1)
+    return net, NTKState(theta0, groups, int(groups.max()) + 1, scale)
+
+
+def ntk_evidence(
+    net: nn.Module, X: Tensor, Y: Tensor, cfg: dict[str, Any], state: NTKState, *,
+    delta: Tensor | None, sigma: float, fixed: float | None, noise_prior,
+    generator: torch.Generator, max_iter: int,
+) -> tuple[Tensor, float, float]:
+    r"""Tune :math:`(\delta_g, \sigma)` on the evidence of the linearized GP of ``net`` at its
+    current weights (on at most ``cfg["tune_points"]`` random points): one Jacobian, the
+    per-group Gram matrices, L-BFGS (:func:`~bayescurv.bo.ntk.tune`). Returns the precisions,
+    the noise std and the MAP-II objective."""
+    n = X.shape[0]
+    ps = select(net, "all")
+    if n > cfg["tune_points"]:
+        idx = torch.randperm(n, generator=generator)[:cfg["tune_points"]].to(X.device)
+        X, Y = X[idx], Y[idx]
+    with torch.no_grad():
+        f, J = jacobian(ps, X)
+        res = Y.reshape(-1) - f + J @ (ps.vector() - state.theta0)
+        grams = group_grams(J, state.groups, state.num_groups)
+    hyper = tune(grams, res, init_precision=delta, init_sigma=sigma, min_noise=cfg["min_noise"],
+                 fixed_noise=fixed, noise_prior=noise_prior, max_iter=max_iter)
+    return hyper.prior_precision, hyper.sigma_noise.item(), hyper.objective
+
+
+def select_center(
+    net: nn.Module, X: Tensor, Y: Tensor, cfg: dict[str, Any], scales: tuple[float, ...], *,
+    sigma: float, noise_prior, generator: torch.Generator, max_iter: int,
+) -> tuple[nn.Module, NTKState]:
+    r"""The input scale :math:`c` of :class:`~bayescurv.bo.ntk.Center` among ``scales`` whose
+    NTK GP *at the initialization* has the best tuned evidence (model selection by the
+    evidence before any training: one Jacobian and one tuning per candidate).
+
+    :math:`c` plays the part of an inverse lengthscale: it sets how nonlinear the first layer
+    is across the box (with PyTorch's default initialization a tanh MLP on ``[-1, 1]^d`` is
+    nearly linear, and its NTK nearly a linear kernel). Returns the wrapped network and its
+    state (``state.center`` is the chosen scale)."""
+    fixed = fixed_noise(cfg)
+    prior_ = noise_prior if cfg["noise"] == "marglik" else None
+    best: tuple[float, nn.Module, NTKState] | None = None
+    for scale in scales:
+        cand, state = prepare_ntk(copy.deepcopy(net), X.shape[-1], cfg, center=scale)
+        _, _, objective = ntk_evidence(cand, X, Y, cfg, state, delta=None, sigma=sigma,
+                                       fixed=fixed, noise_prior=prior_, generator=generator,
+                                       max_iter=max_iter)
+        if best is None or objective > best[0]:
+            best = (objective, cand, state)
+    assert best is not None
+    return best[1], best[2]
 
 
 def fit_ntk(
@@ -138,10 +192,11 @@ def fit_ntk(
     per-group weight decay :math:`\sigma^2\delta_g/N`, then the evidence on at most
     ``tune_points`` points), then the linearized GP on all data. The first round's tuning
     starts at the data-driven precisions unless ``warm``. ``noise_prior`` applies to
-    ``noise="marglik"`` only."""
+    ``noise="marglik"`` only. ``tune_iter=0`` keeps ``delta`` and ``sigma`` (conditioning, as
+    BoTorch conditions a GP at fixed hyperparameters)."""
     n = X.shape[0]
     ps = select(net, "all")
-    theta0, groups, G = state.theta0, state.groups, state.num_groups
+    theta0, groups = state.theta0, state.groups
     anchor = ps.unflatten(theta0)
     mode = cfg["noise"]
     fixed = fixed_noise(cfg)
@@ -149,18 +204,8 @@ def fit_ntk(
     train_loss = objective = math.nan
 
     def evidence_fit(delta: Tensor | None, sigma: float, fixed: float | None):
-        Xs, Ys = X, Y
-        if n > cfg["tune_points"]:
-            idx = torch.randperm(n, generator=generator)[:cfg["tune_points"]]
-            Xs, Ys = X[idx.to(X.device)], Y[idx.to(X.device)]
-        with torch.no_grad():
-            f, J = jacobian(ps, Xs)
-            res = Ys.reshape(-1) - f + J @ (ps.vector() - theta0)
-            grams = group_grams(J, groups, G)
-        hyper = tune(grams, res, init_precision=delta, init_sigma=sigma,
-                     min_noise=cfg["min_noise"], fixed_noise=fixed, noise_prior=prior_,
-                     max_iter=tune_iter)
-        return hyper.prior_precision, hyper.sigma_noise.item(), hyper.objective
+        return ntk_evidence(net, X, Y, cfg, state, delta=delta, sigma=sigma, fixed=fixed,
+                            noise_prior=prior_, generator=generator, max_iter=tune_iter)
 
     train = cfg["train"] and steps > 0
     start: Tensor | None = delta if warm else None
@@ -178,11 +223,14 @@ def fit_ntk(
             with torch.no_grad():
                 mse = (net(X) - Y).square().mean().item()
             fixed = math.sqrt(max(mse, cfg["min_noise"] ** 2))
-        delta, sigma, objective = evidence_fit(start, sigma if fixed is None else fixed, fixed)
+        if fixed is not None:
+            sigma = fixed
+        if tune_iter > 0:
+            delta, sigma, objective = evidence_fit(start, sigma, fixed)
         start = delta
         steps = steps if warm else max(steps // 2, 1)  # later rounds start from θ*
     gp = LinearizedGP(ps, theta0, groups, delta, torch.tensor(sigma), X, Y)
-    if n > cfg["tune_points"]:  # the evidence of all data at the tuned values
+    if n > cfg["tune_points"] or tune_iter == 0:  # the evidence of all data at these values
         objective = float(gp.log_evidence) + (
             0.0 if prior_ is None else float(noise_log_prior(prior_, gp.sigma_noise)))
     return PosteriorFit(objective, train_loss, gp=gp)

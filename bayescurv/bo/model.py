@@ -26,6 +26,7 @@ The helpers that lived here before the module was split (``default_network``, ``
 from __future__ import annotations
 
 import copy
+import math
 from functools import partial
 from typing import Any
 
@@ -52,6 +53,7 @@ from bayescurv.bo.fitting import (
     fit_laplace,
     fit_ntk,
     prepare_ntk,
+    select_center,
 )
 from bayescurv.bo.hyperparameters import (
     default_noise_prior,
@@ -101,7 +103,9 @@ class LaplaceModel(LinearizedModelMixin, Model, FantasizeMixin):
             network and the MAP is pulled towards it; ``"zero"``: :math:`N(0, D^{-1})`.
         center: (``"ntk"``) the network sees ``c (2 x - 1)``, the normalized unit cube mapped
             to ``[-c, c]^d`` (:class:`~bayescurv.bo.ntk.Center`); ``True`` is ``c = 1``,
-            ``False`` no centring.
+            ``False`` no centring; a tuple of scales: the one whose NTK GP at the
+            initialization has the best evidence (:func:`~bayescurv.bo.fitting.select_center`;
+            ``c`` acts as an inverse lengthscale). The chosen scale is ``model.center_scale``.
         rounds: (``"ntk"``) alternations of MAP training (weight decay from the current prior
             and noise) and evidence tuning; the second round retrains from :math:`\theta^*`
             with the tuned values, so the MAP is the one of the selected prior.
@@ -134,7 +138,7 @@ class LaplaceModel(LinearizedModelMixin, Model, FantasizeMixin):
             (half of it in later rounds), 2000 otherwise.
         marglik_steps: L-BFGS iterations (at most) of the
             hyperparameter tuning.
-        refine_steps: Adam steps (default 100 for ``"ntk"``, else 300) of the warm-started
+        refine_steps: Adam steps (default 50 for ``"ntk"``, else 300) of the warm-started
             refinement in
             :meth:`condition_on_observations`.
         input_transform, outcome_transform: BoTorch transforms (e.g. ``Normalize``,
@@ -164,7 +168,7 @@ class LaplaceModel(LinearizedModelMixin, Model, FantasizeMixin):
         sigma_noise: float = 0.1,
         prior_granularity: str = "auto",
         prior_mean: str = "init",
-        center: bool | float = True,
+        center: bool | float | tuple[float, ...] = True,
         rounds: int = 2,
         prior_first: bool = False,
         tune_points: int = 500,
@@ -203,17 +207,26 @@ class LaplaceModel(LinearizedModelMixin, Model, FantasizeMixin):
                 "structure='ntk' puts all weights in the posterior: subset='all'")
         if prior_granularity == "auto":
             prior_granularity = "ard" if ntk else "layer"
+        scales = tuple(center) if isinstance(center, (tuple, list)) else (float(center),)
+        if not scales or not all(isinstance(c, (bool, int, float)) and math.isfinite(c)
+                                 and c >= 0 for c in scales) or (len(scales) > 1
+                                                                 and min(scales) <= 0):
+            raise InvalidArgumentError(
+                f"center must be a bool, a scale >= 0 or a non-empty tuple of scales > 0, "
+                f"got {center!r}")
         if prior_mean not in ("init", "zero"):
             raise InvalidArgumentError(f"prior_mean must be 'init' or 'zero', got {prior_mean!r}")
         if steps is None:
             steps = 500 if ntk else 2000
         if refine_steps is None:
-            refine_steps = 100 if ntk else 300
+            refine_steps = 50 if ntk else 300
         self._config = dict(
             subset=subset, structure=structure, steps=steps, lr=lr, batch_size=batch_size,
             patience=patience, marglik_steps=marglik_steps, refine_steps=refine_steps,
             prior_granularity=prior_granularity, noise=noise, min_noise=min_noise,
-            noise_prior=noise_prior, prior_mean=prior_mean, center=float(center) if ntk else 0.0,
+            noise_prior=noise_prior, prior_mean=prior_mean,
+            center=(tuple(float(c) for c in center) if isinstance(center, (tuple, list))
+                    else float(center)) if ntk else 0.0,
             rounds=rounds, tune_points=tune_points, prior_first=prior_first,
             evidence=("linearized" if structure in ("full", "ntk") else "laplace")
             if evidence is None else evidence,
@@ -281,7 +294,13 @@ class LaplaceModel(LinearizedModelMixin, Model, FantasizeMixin):
             net = make_network(spec, d, m, hidden, activation, seed).to(train_X)
             state = None
             if ntk:
-                net, state = prepare_ntk(net, d, self._config)
+                if isinstance(self._config["center"], tuple):
+                    net, state = select_center(
+                        net, self.train_X, self.train_Y, self._config, self._config["center"],
+                        sigma=float(sigma_noise), noise_prior=self._noise_prior(),
+                        generator=self._generator, max_iter=self._config["marglik_steps"])
+                else:
+                    net, state = prepare_ntk(net, d, self._config)
                 delta = torch.as_tensor(prior_precision, dtype=state.theta0.dtype,
                                         device=state.theta0.device)
                 fit = self._fit_ntk(net, state, self._config["steps"],
@@ -319,6 +338,13 @@ class LaplaceModel(LinearizedModelMixin, Model, FantasizeMixin):
         self.net, self._ntk = net, state
         self.la, self.glm, self.theta_bar, self.gp = fit.la, fit.glm, fit.theta_bar, fit.gp
         self.log_evidence, self.train_loss = fit.objective, fit.train_loss
+
+    @property
+    def center_scale(self) -> float | None:
+        """The input scale of :class:`~bayescurv.bo.ntk.Center` the ``"ntk"`` network sees (0:
+        no centring; chosen by the evidence when ``center`` was a tuple); ``None`` for the
+        other structures."""
+        return None if self._ntk is None else self._ntk.center
 
     # BoTorch model API -------------------------------------------------------------------
     @property
@@ -362,13 +388,15 @@ class LaplaceModel(LinearizedModelMixin, Model, FantasizeMixin):
     ) -> Model:
         r"""The model conditioned on ``(X, Y)`` (raw, untransformed space).
 
-        ``refine=True`` (default for unbatched data): warm-started MAP refinement on old + new
-        data (``refine_steps`` Adam steps) and a curvature refit; returns a
-        :class:`LaplaceModel`. ``refine=False`` (default for batched ``Y``, e.g. fantasies, or
-        when ``X``/``Y`` need gradients): the exact linearized update (module docstring);
-        returns a :class:`ConditionedLaplaceModel` whose batch shape is the broadcast of the
-        batch shapes of ``X`` and ``Y``. ``noise`` (outcome-transformed, shape of ``Y``)
-        defaults to the learned :math:`\sigma^2`.
+        ``refine=True`` (default for unbatched data): warm-started MAP refinement on old + new data
+        (``refine_steps`` Adam steps) and a curvature refit; returns a :class:`LaplaceModel`. For
+        ``"ntk"`` the prior precisions and the noise are kept (as BoTorch conditions a GP at fixed
+        hyperparameters; a refit retunes them), for the other structures they get a short warm-
+        started retuning. ``refine=False`` (default for batched ``Y``, e.g. fantasies, or when
+        ``X``/``Y`` need gradients): the exact linearized update (module docstring); returns a
+        :class:`ConditionedLaplaceModel` whose batch shape is the broadcast of the batch shapes of
+        ``X`` and ``Y``. ``noise`` (outcome-transformed, shape of ``Y``) defaults to the learned
+        :math:`\sigma^2`.
         """
         Xt, Yt = self._transform_observations(X, Y)
         batched = Xt.dim() > 2 or Yt.dim() > 2
@@ -401,10 +429,9 @@ class LaplaceModel(LinearizedModelMixin, Model, FantasizeMixin):
         new.train_Y = torch.cat([self.train_Y, Yt])
         net = copy.deepcopy(self.net)
         cfg = self._config
-        if self.gp is not None:  # warm start: refine θ*, a few L-BFGS steps on (δ, σ)
+        if self.gp is not None:  # warm start: refine θ* at the current (δ, σ), kept fixed
             fit = new._fit_ntk(net, self._ntk, cfg["refine_steps"], self.gp.prior_precision,
-                               self.gp.sigma_noise.item(), rounds=1, warm=True,
-                               tune_iter=max(cfg["marglik_steps"] // 5, 1))
+                               self.gp.sigma_noise.item(), rounds=1, warm=True, tune_iter=0)
         else:
             fit = new._fit_laplace(net, cfg["refine_steps"], self.la.prior_precision,
                                    self.la.sigma_noise,
