@@ -126,3 +126,20 @@ def check_options(**options) -> None:
             kind = "a non-negative" if low == 0 else "a positive"
             raise InvalidArgumentError(f"{name} must be {kind} integer, got {value!r}")
 
+
+
+def check_center(center) -> float | tuple[float, ...]:
+    """``LaplaceModel(center=...)`` as a scale (``True`` is 1, ``False`` 0) or a tuple of
+    candidate scales (all ``> 0``); anything else is refused."""
+    def scale(c) -> float | None:
+        ok = isinstance(c, (bool, int, float)) and math.isfinite(c) and c >= 0
+        return float(c) if ok else None
+
+    if isinstance(center, (tuple, list)):
+        scales = tuple(scale(c) for c in center)
+        if scales and all(c is not None and c > 0 for c in scales):
+            return scales  # type: ignore[return-value]
+    elif scale(center) is not None:
+        return float(center)
+    raise InvalidArgumentError(
+        f"center must be a bool, a scale >= 0 or a non-empty tuple of scales > 0, got {center!r}")

@@ -26,7 +26,6 @@ The helpers that lived here before the module was split (``default_network``, ``
 from __future__ import annotations
 
 import copy
-import math
 from functools import partial
 from typing import Any
 
@@ -43,7 +42,12 @@ from torch import Tensor, nn
 
 from bayescurv.bo.ard import ARDFit
 from bayescurv.bo.base import LinearizedModelMixin
-from bayescurv.bo.checks import check_inputs, check_options, check_training_data
+from bayescurv.bo.checks import (
+    check_center,
+    check_inputs,
+    check_options,
+    check_training_data,
+)
 from bayescurv.bo.conditioned import ConditionedLaplaceModel
 from bayescurv.bo.features import fourier_network
 from bayescurv.bo.fitting import (
@@ -207,13 +211,7 @@ class LaplaceModel(LinearizedModelMixin, Model, FantasizeMixin):
                 "structure='ntk' puts all weights in the posterior: subset='all'")
         if prior_granularity == "auto":
             prior_granularity = "ard" if ntk else "layer"
-        scales = tuple(center) if isinstance(center, (tuple, list)) else (float(center),)
-        if not scales or not all(isinstance(c, (bool, int, float)) and math.isfinite(c)
-                                 and c >= 0 for c in scales) or (len(scales) > 1
-                                                                 and min(scales) <= 0):
-            raise InvalidArgumentError(
-                f"center must be a bool, a scale >= 0 or a non-empty tuple of scales > 0, "
-                f"got {center!r}")
+        center = check_center(center)
         if prior_mean not in ("init", "zero"):
             raise InvalidArgumentError(f"prior_mean must be 'init' or 'zero', got {prior_mean!r}")
         if steps is None:
@@ -224,9 +222,7 @@ class LaplaceModel(LinearizedModelMixin, Model, FantasizeMixin):
             subset=subset, structure=structure, steps=steps, lr=lr, batch_size=batch_size,
             patience=patience, marglik_steps=marglik_steps, refine_steps=refine_steps,
             prior_granularity=prior_granularity, noise=noise, min_noise=min_noise,
-            noise_prior=noise_prior, prior_mean=prior_mean,
-            center=(tuple(float(c) for c in center) if isinstance(center, (tuple, list))
-                    else float(center)) if ntk else 0.0,
+            noise_prior=noise_prior, prior_mean=prior_mean, center=center if ntk else 0.0,
             rounds=rounds, tune_points=tune_points, prior_first=prior_first,
             evidence=("linearized" if structure in ("full", "ntk") else "laplace")
             if evidence is None else evidence,
