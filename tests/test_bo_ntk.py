@@ -272,7 +272,8 @@ def test_center_candidates_are_selected_by_the_evidence_at_init():
     assert LaplaceModel(X, y, seed=0, center=2.0, **FAST).center_scale == 2.0
 
 
-@pytest.mark.parametrize("center", [(), (1.0, -2.0), (0.0, 1.0), ("a",), -1.0, float("nan"), "auto"])
+@pytest.mark.parametrize(
+    "center", [(), (1.0, -2.0), (0.0, 1.0), ("a",), -1.0, float("nan"), "auto"])
 def test_invalid_center_is_refused(center):
     X, Y = _data(n=8)
     with pytest.raises(InvalidArgumentError, match="center"):

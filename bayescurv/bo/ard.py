@@ -33,7 +33,11 @@ import torch
 from torch import Tensor
 
 from bayescurv.bo.features import FourierFeatures
-from bayescurv.bo.hyperparameters import CLOSED_FORM_TOL, gaussian_log_evidence
+from bayescurv.bo.hyperparameters import (
+    CLOSED_FORM_TOL,
+    floored_noise_variance,
+    gaussian_log_evidence,
+)
 from bayescurv.errors import InvalidArgumentError, NonFiniteError, NumericalError, ShapeError
 from bayescurv.laplace.marglik import maximize_lbfgs
 
@@ -123,7 +127,8 @@ def fit_lengthscales(
         ls = z[:d].clamp(-6.9, 6.9).exp()
         delta = z[d].clamp(-18.4, 18.4).exp()
         s2 = (torch.as_tensor(fixed_noise, dtype=z.dtype, device=z.device) ** 2
-              if fixed_noise is not None else floor + z[d + 1].clamp(-27.6, 2.3).exp())
+              if fixed_noise is not None
+              else floored_noise_variance(z[d + 1], floor, -27.6, 2.3))
         return ls, delta, s2
 
     def objective(z: Tensor) -> Tensor:

@@ -108,9 +108,8 @@ def fit_laplace(
     tune_sigma = mode == "marglik"
     if steps_ml > 0:
         tune_hyperparameters(la, cfg["prior_granularity"], steps_ml, tune_sigma=tune_sigma,
-                             noise_prior=noise_prior, evidence=evidence)
-        if tune_sigma and la.sigma_noise < cfg["min_noise"]:
-            la.sigma_noise = cfg["min_noise"]
+                             noise_prior=noise_prior, evidence=evidence,
+                             min_noise=cfg["min_noise"])
     with torch.no_grad():
         objective = evidence(la.prior_precision, la.sigma_noise)
         if tune_sigma:

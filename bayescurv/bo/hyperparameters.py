@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bayescurv.errors import NumericalError
 from bayescurv.laplace import Laplace
 from bayescurv.laplace.marglik import maximize_lbfgs
 
@@ -24,6 +25,20 @@ from bayescurv.laplace.marglik import maximize_lbfgs
 #: :func:`bayescurv.bo.ard.fit_lengthscales`): their objectives are exact Gaussian densities
 #: of a few variables, cheap to evaluate, so they run to torch's default ``tolerance_grad``
 CLOSED_FORM_TOL = 1e-7
+
+
+def floored_noise_variance(s: Tensor, floor: float, lo: float = -30.0,
+                           hi: float = 4.6) -> Tensor:
+    r"""The noise variance of the tuners' parametrization, :math:`\sigma^2 = \sigma_{min}^2
+    + e^{s}` with ``floor`` :math:`= \sigma_{min}^2`: the floor holds during tuning, not as a
+    clamp afterwards; ``s`` is boxed to ``[lo, hi]`` so a line search cannot overflow."""
+    return floor + s.clamp(lo, hi).exp()
+
+
+def noise_start(sigma: float, floor: float) -> float:
+    r"""The :math:`s` of :func:`floored_noise_variance` for a starting noise std ``sigma``
+    (just above the floor when ``sigma`` is at or below it)."""
+    return math.log(max(sigma**2 - floor, 1e-8))
 
 def gaussian_log_evidence(r: Tensor, K: Tensor) -> Tensor:
     r""":math:`\log N(r; 0, K)` summed over the columns of ``r`` (``(N,)`` or ``(N, m)``, one
@@ -76,6 +91,7 @@ def tune_hyperparameters(
     la: Laplace, granularity: str, n_steps: int, lr: float | None = None,
     tune_sigma: bool = True, noise_prior=None,
     evidence: Callable[[Tensor, Tensor], Tensor] | None = None, tol: float = 1e-4,
+    min_noise: float = 0.0,
 ) -> float:
     r"""MAP-II: maximize :math:`\log p(D \mid \delta, \sigma) + \log p(\sigma^2)` (the
     evidence plus the noise hyperprior) over :math:`\log\delta` (one per layer for
@@ -84,7 +100,10 @@ def tune_hyperparameters(
     evidence ``la.log_marginal_likelihood`` (e.g.
     :meth:`GaussianGLM.log_marginal_likelihood` instead). Keeps the best iterate and stores it
     in ``la``; returns the best objective. ``lr`` is ignored (the line search sets the steps;
-    it was Adam's learning rate).
+    it was Adam's learning rate). The noise is parametrized as
+    :math:`\sigma^2 = \sigma_{min}^2 + e^s` (``min_noise`` :math:`=\sigma_{min}`,
+    :func:`floored_noise_variance`), so the floor holds during tuning; the log prior precision
+    is boxed to :math:`[-23, 23]`.
 
     Shared with :meth:`Laplace.optimize_prior_precision`
     (:func:`bayescurv.laplace.marglik.optimize`): the log-space parametrization and the inner
@@ -94,9 +113,11 @@ def tune_hyperparameters(
     - the objective: any ``evidence`` (the linearized model's, whose posterior mean is
       re-solved for every :math:`(\delta, \sigma)`) plus a noise hyperprior; ``optimize``
       maximizes the Laplace evidence of ``la`` alone (type-II maximum likelihood);
-    - a non-finite evidence is a failed trial step and the best finite iterate is kept, where
-      ``optimize`` raises: a BO loop refits the surrogate at every iteration and must not stop
-      on one extreme trial point;
+    - a non-finite evidence (or a :class:`~bayescurv.errors.NumericalError` from it, e.g. a
+      posterior precision that is numerically indefinite at an extreme trial point) is a
+      failed trial step and the best finite iterate is kept, where ``optimize`` raises: a BO
+      loop refits the surrogate at every iteration and must not stop on one extreme trial
+      point;
     - the start is the current :math:`(\delta, \sigma)` (warm start across refits), not
       ``optimize``'s grid scan for a scalar prior; and ``n_steps`` is a budget (refits use a
       fraction of it), so stopping before ``tol`` warns nothing.
@@ -113,17 +134,25 @@ def tune_hyperparameters(
         init = cur.clone()
     else:
         init = cur.mean().expand(size).clone()
+    floor = min_noise**2
+    sigma0 = la.sigma_noise.reshape(())
     log_prior = init.log().clone().requires_grad_(True)
-    log_sigma = la.sigma_noise.reshape(()).log().clone().requires_grad_(tune_sigma)
-    variables = [log_prior] + ([log_sigma] if tune_sigma else [])
+    s = sigma0.new_tensor(noise_start(float(sigma0), floor)).requires_grad_(tune_sigma)
+    variables = [log_prior] + ([s] if tune_sigma else [])
+
+    def sigma_of(s: Tensor) -> Tensor:
+        return floored_noise_variance(s, floor).sqrt() if tune_sigma else sigma0
 
     def objective() -> Tensor:
-        sigma = log_sigma.exp()
-        lml = evidence(log_prior.exp(), sigma)
+        sigma = sigma_of(s)
+        try:
+            lml = evidence(log_prior.clamp(-23.0, 23.0).exp(), sigma)
+        except NumericalError:  # an extreme trial point: a failed step, not a failed fit
+            return log_prior.new_tensor(-math.inf)
         return lml + noise_log_prior(noise_prior if tune_sigma else None, sigma)
 
     best, _, _ = maximize_lbfgs(objective, variables, n_steps, tol=tol, keep_best=True)
-    la.prior_precision = log_prior.detach().exp()
+    la.prior_precision = log_prior.detach().clamp(-23.0, 23.0).exp()
     if tune_sigma:
-        la.sigma_noise = log_sigma.detach().exp()
+        la.sigma_noise = sigma_of(s.detach())
     return best

@@ -40,7 +40,12 @@ import torch
 from linear_operator.utils.cholesky import psd_safe_cholesky
 from torch import Tensor, nn
 
-from bayescurv.bo.hyperparameters import CLOSED_FORM_TOL, gaussian_log_evidence
+from bayescurv.bo.hyperparameters import (
+    CLOSED_FORM_TOL,
+    floored_noise_variance,
+    gaussian_log_evidence,
+    noise_start,
+)
 from bayescurv.errors import InvalidArgumentError, NumericalError
 from bayescurv.laplace.marglik import maximize_lbfgs
 from bayescurv.params import ParamSet
@@ -143,14 +148,14 @@ def tune(
         tr = grams.diagonal(dim1=-2, dim2=-1).sum(-1)
         init_precision = torch.where(tr > 0, G * tr / n, torch.ones_like(tr))
     floor = min_noise**2
-    s0 = math.log(max(init_sigma**2 - floor, 1e-8))
+    s0 = noise_start(init_sigma, floor)
     z = torch.cat([init_precision.detach().log().reshape(-1).expand(G),
                    grams.new_tensor([s0])]).clone().requires_grad_(True)
 
     def unpack(z: Tensor) -> tuple[Tensor, Tensor]:
         delta = z[:G].clamp(-23.0, 23.0).exp()
         s2 = (grams.new_tensor(fixed_noise**2) if fixed_noise is not None
-              else floor + z[G].clamp(-30.0, 4.6).exp())
+              else floored_noise_variance(z[G], floor))
         return delta, s2
 
     def objective(z: Tensor) -> Tensor:
