@@ -241,7 +241,10 @@ def _regret_task(task: tuple) -> dict | None:
     torch.set_num_threads(args.threads)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return bo_run(problems()[name], method, seed, args)
+        try:
+            return bo_run(problems()[name], method, seed, args)
+        except Exception as exc:  # reported with the table, the other runs go on
+            return {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
 
 
 def regret_section(args) -> dict:
@@ -257,6 +260,7 @@ def regret_section(args) -> dict:
     tasks += [(name, "lbo", seed, args) for seed in range(seeds.get("lbo", 0))
               for name in names]
     skipped: list[str] = []
+    failed: list[str] = []
     results: dict = {}
     done: dict = {}
     t0 = time.perf_counter()
@@ -265,6 +269,10 @@ def regret_section(args) -> dict:
         key = task[:2]
         if run is None:
             skipped.append(f"{key[0]}/{key[1]}/seed {task[2]}")
+        elif "error" in run:
+            failed.append(f"{key[0]}/{key[1]}/seed {task[2]} ({run['error']})")
+            print(f"  FAILED {failed[-1]}", flush=True)
+            run = None
         done.setdefault(key, {})[task[2]] = run
         if len(done[key]) == seeds[key[1]]:  # all seeds of (function, method): report them
             results[key] = [done[key][s] for s in range(seeds[key[1]]) if done[key][s]]
@@ -292,6 +300,8 @@ def regret_section(args) -> dict:
     out = table(results, args.evals)
     if skipped:
         out += f"\n\nnot started before the deadline: {', '.join(skipped)}"
+    if failed:
+        out += f"\n\nfailed (not in the table): {'; '.join(failed)}"
     print(out)
     (args.out / "regret.md").write_text(out + "\n")
     plot(results, args.png or args.out / "regret.png",
