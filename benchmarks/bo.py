@@ -20,11 +20,11 @@ The issue's protocol is the default (10 seeds x 5 functions x 100 evaluations x 
 laplace-bayesopt at 1,000 epochs): hours of CPU. docs/bo.md reports
 
     python benchmarks/bo.py --sections condition scaling regret --seeds 10 --lbo-seeds 3 \
-        --evals 100 --jobs 2 --deadline-min 88
+        --evals 100 --jobs 2 --deadline-min 87
 
 (two worker processes of one thread each on a 2-core machine; laplace-bayesopt, whose
 1,000-epoch retraining per evaluation dominates the run, with at most 3 seeds, the runs that
-could not start within 88 minutes skipped and listed).
+could not start within 87 minutes skipped and listed).
 """
 
 from __future__ import annotations
