@@ -287,3 +287,25 @@ def test_conditioning_keeps_the_ntk_hyperparameters(ntk_model):
     torch.testing.assert_close(new.gp.sigma_noise, ntk_model.gp.sigma_noise)
     assert new.center_scale == ntk_model.center_scale == 1.0
     assert math.isfinite(new.log_evidence)
+
+
+class _ResidualLN(nn.Module):
+    """A user's network that is not an MLP: residual block with LayerNorm."""
+
+    def __init__(self, d: int, m: int) -> None:
+        super().__init__()
+        self.a, self.norm = nn.Linear(d, 16), nn.LayerNorm(16)
+        self.b, self.out = nn.Linear(16, 16), nn.Linear(16, m)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.out(h + torch.tanh(self.b(self.norm(h))))
+
+
+def test_center_selection_on_a_residual_layernorm_net_agrees_in_float32():
+    X = torch.rand(30, 2, generator=torch.Generator().manual_seed(0), dtype=DT)
+    for y, expected in ((torch.sin(12 * X[:, :1]), 10.0), (X[:, :1] + X[:, 1:], 0.3)):
+        picks = [LaplaceModel(X.to(dt), y.to(dt), network=_ResidualLN, seed=0,
+                              center=(0.3, 10.0), **{**FAST, "hidden": None}).center_scale
+                 for dt in (torch.float64, torch.float32)]
+        assert picks == [expected, expected]
