@@ -285,16 +285,8 @@ def regret_section(args) -> dict:
             print(f"  {key[0]:10s} {key[1]:8s} final median regret {reg[:, -1].quantile(0.5):.4f} "
                   f"({time.perf_counter() - t0:.0f} s into the section)", flush=True)
 
-    if args.jobs > 1:  # independent runs in worker processes (one run, same configuration)
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
-            for task, run in zip(tasks, pool.map(_regret_task, tasks)):
-                record(task, run)
-    else:
-        for task in tasks:
-            record(task, _regret_task(task))
+    for task, run in zip(tasks, pool_map(_regret_task, tasks, args.jobs)):
+        record(task, run)
     results = {key: results[key] for key in ((n, m) for n in names for m in methods)
                if key in results}
     out = table(results, args.evals)
@@ -378,38 +370,72 @@ def condition_section(args) -> dict:
 
 
 ABLATION = {
-    "defaults": {},
-    "no ARD (one prior per tensor)": dict(prior_granularity="layer"),
-    "prior mean 0 (not the init)": dict(prior_mean="zero"),
-    "no centring": dict(center=False),
+    "defaults (Fourier embedding, 256 features, one prior)": {},
+    "no embedding (tanh MLP on the inputs, ARD prior: the earlier default)":
+        dict(embedding=None),
+    "embedding with 128 features": dict(embedding_features=128),
+    "embedding with 512 features": dict(embedding_features=512),
+    "one prior per tensor (not one for all)": dict(prior_granularity="layer"),
     "one round (MAP at the initial prior only)": dict(rounds=1),
     "no MAP training (NTK GP at init)": dict(steps=0),
+    "prior mean 0 (not the init)": dict(prior_mean="zero"),
     "no noise floor (min_noise 1e-6)": dict(min_noise=1e-6),
-    "prior tuned at init before training (prior_first)": dict(prior_first=True),
-    "inputs to [-3, 3] (center=3)": dict(center=3.0),
     "ReLU instead of tanh": dict(activation="relu"),
 }
 
 
+def _ablation_task(task: tuple) -> dict:
+    label, name, seed, args = task
+    torch.set_num_threads(args.threads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return bo_run(problems()[name], "mlp", seed, args, extra=ABLATION[label])
+        except Exception as exc:  # reported in the table
+            return {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+
+
+def pool_map(fn, tasks: list, jobs: int):
+    """``map(fn, tasks)`` in ``jobs`` spawned worker processes (in order), or here."""
+    if jobs <= 1:
+        yield from map(fn, tasks)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"))
+    try:
+        yield from pool.map(fn, tasks)
+    finally:
+        pool.shutdown()
+
+
 def ablation_section(args) -> dict:
-    fs = {k: v for k, v in problems().items() if k in args.ablation_functions}
+    names = [k for k in problems() if k in args.ablation_functions]
+    tasks = [(label, name, s, args) for label in ABLATION for name in names
+             for s in range(args.seeds)]
+    runs: dict = {}
+    for (label, name, _seed, _), run in zip(tasks, pool_map(_ablation_task, tasks, args.jobs)):
+        runs.setdefault((label, name), []).append(run)
     res, lines = {}, []
-    for label, kw in ABLATION.items():
+    for label in ABLATION:
         cells = []
-        for name, f in fs.items():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                runs = [bo_run(f, "mlp", s, args, extra=kw) for s in range(args.seeds)]
-            reg = torch.tensor([r["regret"] for r in runs])[:, -1]
-            tpi = sum(r["time_per_iter"] for r in runs) / len(runs)
-            res[f"{label}/{name}"] = runs
+        for name in names:
+            ok = [r for r in runs[label, name] if "error" not in r]
+            res[f"{label}/{name}"] = runs[label, name]
+            if not ok:
+                cells.append("failed")
+                continue
+            reg = torch.tensor([r["regret"] for r in ok])[:, -1]
+            tpi = sum(r["time_per_iter"] for r in ok) / len(ok)
+            failed = len(runs[label, name]) - len(ok)
             cells.append(f"{reg.quantile(0.5):.3g} [{reg.quantile(0.25):.3g}, "
-                         f"{reg.quantile(0.75):.3g}] ({tpi:.1f} s/it)")
+                         f"{reg.quantile(0.75):.3g}] ({tpi:.2f} s/it"
+                         + (f", {failed} failed" if failed else "") + ")")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        print(lines[-1], flush=True)
-    text = "\n".join(["| MLP surrogate | " + " | ".join(
-        f"{n} regret @{args.evals} median [IQR]" for n in fs) + " |",
-        "|---|" + "---|" * len(fs), *lines])
+    text = "\n".join(["| MLP surrogate (hidden=(50, 50)) | " + " | ".join(
+        f"{n} regret @{args.evals} median [IQR]" for n in names) + " |",
+        "|---|" + "---|" * len(names), *lines])
     print(text)
     (args.out / "ablation.md").write_text(text + "\n")
     return res
@@ -435,15 +461,17 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[20, 100, 1000, 10000])
     p.add_argument("--bo-iter-max-n", type=int, default=1000)
     p.add_argument("--cond-n", type=int, default=100)
-    p.add_argument("--ablation-functions", nargs="+", default=["Branin", "Hartmann6"])
+    p.add_argument("--ablation-functions", nargs="+",
+                   default=["Hartmann6", "Ackley10", "Levy10"])
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: small models are faster on one thread)")
     p.add_argument("--deadline-min", type=float, default=None,
                    help="regret section: BO runs not started within this many minutes of the "
                         "start are skipped (laplace-bayesopt's last seeds first) and listed")
     p.add_argument("--jobs", type=int, default=1,
-                   help="regret section: BO runs in this many worker processes (timings per "
-                        "iteration are then taken with that many runs sharing the machine)")
+                   help="regret and ablation sections: BO runs in this many worker processes "
+                        "(timings per iteration are then taken with that many runs sharing the "
+                        "machine)")
     p.add_argument("--out", type=Path, default=Path("outputs/bo"))
     p.add_argument("--png", type=Path, default=None, help="regret PNG path")
     args = p.parse_args()

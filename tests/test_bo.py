@@ -20,7 +20,7 @@ DT = torch.float64
 # the Laplace path (structure="full"; MLPs default to structure="ntk" since issue 12, tested in
 # tests/test_bo_ntk.py)
 FAST = dict(hidden=(8, 8), steps=200, marglik_steps=20, refine_steps=50, patience=50,
-            structure="full")
+            structure="full", embedding=None)
 
 
 def _data(n=12, d=2, m=1, seed=0):

@@ -16,12 +16,15 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 from bayescurv.bo import ConditionedLaplaceModel, LaplaceModel, train_map
+from bayescurv.bo.features import FourierFeatures
 from bayescurv.bo.ntk import Center, LinearizedGP, group_grams, jacobian, prior_groups, tune
 from bayescurv.errors import InvalidArgumentError
 from bayescurv.params import select
 
 DT = torch.float64
-FAST = dict(hidden=(8, 8), steps=150, patience=50, refine_steps=30, marglik_steps=30)
+# the plain MLP on the raw inputs (the Fourier embedding, default for hidden=..., is tested below)
+FAST = dict(hidden=(8, 8), steps=150, patience=50, refine_steps=30, marglik_steps=30,
+            embedding=None)
 
 
 def _data(n=12, d=2, m=1, seed=0):
@@ -63,13 +66,19 @@ def test_prior_groups_ard_splits_the_first_layer_by_input():
         prior_groups(ps, 3, "nope")
 
 
-@pytest.mark.parametrize("m", [1, 2])
-def test_data_and_weight_space_agree_with_the_dense_posterior(m):
+def _embedded_net(d=2, m=1, seed=0):
+    """The Fourier-embedded MLP (frozen features, then trainable layers)."""
+    feats = FourierFeatures(d, 16, torch.tensor([0.3, 0.7]), torch.Generator().manual_seed(seed))
+    return nn.Sequential(feats.to(DT), _net(16, m, seed))
+
+
+@pytest.mark.parametrize("m, embedded", [(1, False), (2, False), (1, True)])
+def test_data_and_weight_space_agree_with_the_dense_posterior(m, embedded):
     X, Y = _data(n=7, m=m)
-    net = _net(m=m)
+    net = _embedded_net(m=m) if embedded else _net(m=m)
     ps = select(net, "all")
     theta0 = ps.vector() + 0.1  # prior mean away from θ*
-    groups = prior_groups(ps, 2, "ard")
+    groups = prior_groups(ps, 2, "layer" if embedded else "ard")
     delta = torch.linspace(0.5, 3.0, int(groups.max()) + 1, dtype=DT)
     sigma = torch.tensor(0.2, dtype=DT)
     gps = {s: LinearizedGP(ps, theta0, groups, delta, sigma, X, Y, space=s)
@@ -212,7 +221,7 @@ def test_user_network_and_two_outputs():
 def test_weight_space_when_data_outnumber_parameters():
     X, Y = _data(n=80)
     model = LaplaceModel(X, Y, hidden=(4,), seed=0, steps=100, marglik_steps=20,
-                         tune_points=40)
+                         tune_points=40, embedding=None)
     assert model.gp.space == "weight"  # 80 targets > P = 17
     assert torch.isfinite(model.posterior(torch.rand(5, 1, 2, dtype=DT)).variance).all()
 
@@ -309,3 +318,99 @@ def test_center_selection_on_a_residual_layernorm_net_agrees_in_float32():
                               center=(0.3, 10.0), **{**FAST, "hidden": None}).center_scale
                  for dt in (torch.float64, torch.float32)]
         assert picks == [expected, expected]
+
+
+# the Fourier embedding (default for hidden=...) ---------------------------------------------
+EMB = {**FAST, "embedding": "auto", "embedding_features": 32}
+
+
+@pytest.fixture(scope="module")
+def embedded_model():
+    X, Y = _data(n=12)
+    return LaplaceModel(X, Y, seed=0, **EMB)
+
+
+def test_mlp_defaults_to_a_fourier_embedding_with_evidence_lengthscales(embedded_model):
+    model = embedded_model
+    feats = model.net[0]
+    assert isinstance(feats, FourierFeatures) and feats.omega.shape == (32, 2)
+    assert model.ard is not None  # lengthscales fitted by the evidence, then frozen
+    torch.testing.assert_close(feats.lengthscale, model.ard.lengthscale)
+    assert not any(p is feats.omega for p in model.net.parameters())
+    assert model.center_scale == 0.0 and model.gp.prior_precision.numel() == 1  # "scalar"
+    X, Y = _data(n=12)
+    with torch.no_grad():
+        post = model.posterior(X[:, None])
+        rmse = (post.mean.reshape(-1) - Y.reshape(-1)).square().mean().sqrt()
+    assert rmse < 0.2 * Y.std()
+    new = model.condition_on_observations(torch.rand(2, 2, dtype=DT), torch.zeros(2, 1, dtype=DT))
+    torch.testing.assert_close(new.net[0].lengthscale, feats.lengthscale)  # features kept
+    torch.testing.assert_close(new.net[0].omega, feats.omega)
+
+
+def test_embedding_has_no_trend_away_from_the_data(embedded_model, ntk_model):
+    """The point of the embedding: a stationary NTK. Far from the data (in the embedding's
+    lengthscales) the predictive mean of the embedded MLP is the same constant everywhere and
+    nearly the same everywhere, where the plain tanh MLP's linearized mean keeps its
+    trend (it extrapolates)."""
+    far = torch.tensor([[40.0, -40.0], [-37.0, 52.0], [60.0, 45.0], [-50.0, -45.0]], dtype=DT)
+    spread = {}
+    for name, model in (("embedded", embedded_model), ("plain", ntk_model)):
+        with torch.no_grad():
+            post = model.posterior(far[:, None])
+        mean, sd = post.mean.reshape(-1), post.variance.sqrt().reshape(-1)
+        spread[name] = ((mean.max() - mean.min()) / sd.min()).item()
+    # finite features: the far-field kernel is O(1/sqrt(F)) noise, not exactly zero
+    assert spread["embedded"] < 0.5
+    assert spread["plain"] > 5 * spread["embedded"]
+
+
+def test_embedding_factory_gets_the_feature_count():
+    X, Y = _data(n=10)
+    seen = []
+
+    def factory(d, m):
+        seen.append(d)
+        return _net(d, m)
+
+    model = LaplaceModel(X, Y, network=factory, seed=0,
+                         **{**EMB, "hidden": None, "embedding": "fourier"})
+    assert seen == [32] and isinstance(model.net[0], FourierFeatures)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(embedding="rff"), "embedding must be"),
+    (dict(embedding="fourier", hidden=None), "default network already"),
+    (dict(embedding="fourier", hidden=None, network=_net()), "factory"),
+    (dict(center=3.0), "center"),
+    (dict(center=(1.0, 3.0)), "center"),
+    (dict(prior_granularity="ard"), "prior_granularity"),
+    (dict(embedding_features=0), "embedding_features"),
+])
+def test_embedding_arguments_are_checked(kwargs, match):
+    X, Y = _data(n=8)
+    with pytest.raises(InvalidArgumentError, match=match):
+        LaplaceModel(X, Y, **{**EMB, **kwargs})
+
+
+def test_embedded_linearized_gp_float32_agrees_with_float64_when_ill_conditioned():
+    """Clustered inputs and a small noise make ``K`` ill-conditioned; the float32 posterior
+    stays close to the float64 one at the same weights and hyperparameters."""
+    g = torch.Generator().manual_seed(1)
+    X = torch.cat([0.5 + 1e-3 * torch.randn(10, 2, generator=g, dtype=DT),
+                   torch.rand(10, 2, generator=g, dtype=DT)])
+    Y = torch.sin(6 * X).sum(-1, keepdim=True)
+    Xq = torch.rand(4, 1, 2, generator=g, dtype=DT)
+    out = {}
+    for dt in (torch.float64, torch.float32):
+        net = _embedded_net().to(dt)
+        ps = select(net, "all")
+        groups = prior_groups(ps, 2, "scalar")
+        gp = LinearizedGP(ps, ps.vector(), groups, torch.ones(1, dtype=dt),
+                          torch.tensor(1e-2, dtype=dt), X.to(dt), Y.to(dt))
+        K = gp.B  # exists in data space
+        assert K is not None
+        out[dt] = [t.double() for t in gp.moments(Xq.to(dt))]
+    (m64, c64), (m32, c32) = out[torch.float64], out[torch.float32]
+    torch.testing.assert_close(m32, m64, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(c32, c64, atol=1e-3 * c64.abs().max().item(), rtol=1e-2)

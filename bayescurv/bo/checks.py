@@ -11,7 +11,7 @@ import math
 
 import torch
 from botorch.exceptions.errors import BotorchTensorDimensionError, InputDataError
-from torch import Tensor
+from torch import Tensor, nn
 
 from bayescurv.errors import InvalidArgumentError
 
@@ -126,6 +126,29 @@ def check_options(**options) -> None:
             kind = "a non-negative" if low == 0 else "a positive"
             raise InvalidArgumentError(f"{name} must be {kind} integer, got {value!r}")
 
+
+
+def check_embedding(embedding, network, hidden) -> str | None:
+    """``LaplaceModel(embedding=...)`` resolved: ``"auto"`` is ``"fourier"`` for the MLP
+    (``hidden`` given, no ``network``) and ``None`` otherwise; ``"fourier"`` needs ``hidden``
+    or network factories (called with the number of features as input size), not modules."""
+    if embedding == "auto":
+        return "fourier" if network is None and hidden is not None else None
+    if embedding is None:
+        return None
+    if embedding != "fourier":
+        raise InvalidArgumentError(
+            f"embedding must be 'auto', 'fourier' or None, got {embedding!r}")
+    if network is None and hidden is None:
+        raise InvalidArgumentError(
+            "embedding='fourier' is for network surrogates (hidden=... or a network factory); "
+            "the default network already is Fourier features")
+    specs = network if isinstance(network, (list, tuple)) else [network]
+    if any(isinstance(s, nn.Module) for s in specs):
+        raise InvalidArgumentError(
+            "embedding='fourier' feeds embedding_features inputs to the network: pass a factory "
+            "(d, m) -> nn.Module (called with d = embedding_features) instead of a module")
+    return embedding
 
 
 def check_center(center) -> float | tuple[float, ...]:

@@ -44,6 +44,7 @@ from bayescurv.bo.ard import ARDFit
 from bayescurv.bo.base import LinearizedModelMixin
 from bayescurv.bo.checks import (
     check_center,
+    check_embedding,
     check_inputs,
     check_options,
     check_training_data,
@@ -91,6 +92,17 @@ class LaplaceModel(LinearizedModelMixin, Model, FantasizeMixin):
             default and ``SingleTaskGP``, and behind random search on Ackley-10, Levy-10 and
             a 40-d embedded Hartmann6 (its mean extrapolates to the box's faces); prefer the
             default there.
+        embedding: ``"auto"`` (default): ``"fourier"`` for the MLP (``hidden`` given), ``None``
+            for your own ``network``. ``"fourier"``: the network sees frozen random Fourier
+            features of the (normalized) inputs, ``embedding_features`` of them, whose ARD
+            lengthscales are fitted by the evidence first (as for the default network,
+            :func:`~bayescurv.bo.ard.fit_lengthscales`; ``model.ard``), a Fourier-feature
+            network (Tancik et al., 2020): its NTK is stationary, so the linearized mean does
+            not extrapolate towards the faces of the box as a tanh MLP's does (docs/bo.md).
+            Then ``center`` is not used and ``prior_granularity`` defaults to ``"scalar"``;
+            factories are called with ``d = embedding_features``; modules are refused (their
+            input size is fixed). ``None``: the network sees the inputs.
+        embedding_features: number of Fourier features of the embedding (default 256).
         lengthscales: for the default Fourier network: ``"ard"`` (default) learns one
             lengthscale per input dimension by the exact evidence with BoTorch's
             ``SingleTaskGP`` hyperpriors (:func:`~bayescurv.bo.ard.fit_lengthscales`, on at
@@ -132,7 +144,7 @@ class LaplaceModel(LinearizedModelMixin, Model, FantasizeMixin):
             weight decay :math:`\sigma_0^2\delta_0/N`, then both are tuned by marginal
             likelihood (``prior_granularity`` "scalar"/"layer", or "ard" for ``"ntk"``: one
             precision per input column of the first layer, one per other tensor — the
-            default there; see :func:`~bayescurv.bo.ntk.prior_groups`).
+            default there without an embedding; see :func:`~bayescurv.bo.ntk.prior_groups`).
         noise: ``"marglik"`` (tune :math:`\sigma` with the prior precision), ``"residual"``
             (:math:`\sigma^2` = the MAP fit's training MSE) or a fixed float; in all cases
             :math:`\sigma \ge` ``min_noise`` (outcome-transformed units).
@@ -155,7 +167,8 @@ class LaplaceModel(LinearizedModelMixin, Model, FantasizeMixin):
     """
 
     _num_outputs: int
-    #: the ARD fit of the default network (``lengthscales="ard"``), else ``None``
+    #: the ARD fit of the default network (``lengthscales="ard"``) or of the Fourier
+    #: ``embedding``, else ``None``
     ard: ARDFit | None = None
 
     def __init__(
@@ -168,6 +181,8 @@ class LaplaceModel(LinearizedModelMixin, Model, FantasizeMixin):
         structure: str = "auto",
         hidden: tuple[int, ...] | None = None,
         activation: str = "tanh",
+        embedding: str | None = "auto",
+        embedding_features: int = 256,
         num_features: int = 512,
         lengthscales: str | tuple[float, ...] = "ard",
         ard_points: int = 1000,
@@ -199,7 +214,8 @@ class LaplaceModel(LinearizedModelMixin, Model, FantasizeMixin):
                       min_noise=min_noise, steps=steps, marglik_steps=marglik_steps,
                       refine_steps=refine_steps, rounds=rounds, patience=patience,
                       batch_size=batch_size, num_features=num_features,
-                      ard_points=ard_points, tune_points=tune_points)
+                      ard_points=ard_points, tune_points=tune_points,
+                      embedding_features=embedding_features)
         n, d = train_X.shape
         m = train_Y.shape[-1]
         self._num_outputs = m
@@ -213,9 +229,21 @@ class LaplaceModel(LinearizedModelMixin, Model, FantasizeMixin):
         if ntk and subset != "all":
             raise InvalidArgumentError(
                 "structure='ntk' puts all weights in the posterior: subset='all'")
-        if prior_granularity == "auto":
-            prior_granularity = "ard" if ntk else "layer"
+        embedding = check_embedding(embedding, network, hidden)
         center = check_center(center)
+        if embedding is not None:
+            if center not in (0.0, 1.0):
+                raise InvalidArgumentError(
+                    "center is for networks on the raw inputs; with embedding='fourier' the "
+                    "features' ARD lengthscales set the input scale (pass center=True or False)")
+            if prior_granularity == "ard":
+                raise InvalidArgumentError(
+                    "prior_granularity='ard' acts on the first layer's input columns; with "
+                    "embedding='fourier' the embedding's ARD lengthscales do that: use "
+                    "'scalar' (the default then) or 'layer'")
+            center = 0.0
+        if prior_granularity == "auto":
+            prior_granularity = "scalar" if embedding else ("ard" if ntk else "layer")
         if prior_mean not in ("init", "zero"):
             raise InvalidArgumentError(f"prior_mean must be 'init' or 'zero', got {prior_mean!r}")
         if steps is None:
@@ -290,8 +318,17 @@ class LaplaceModel(LinearizedModelMixin, Model, FantasizeMixin):
             raise InputDataError("network: an empty list of candidates")
         best: tuple[PosteriorFit, nn.Module, NTKState | None] | None = None
         hidden = (50, 50) if hidden is None else hidden
+        embed, width = None, d
+        if embedding is not None:  # frozen Fourier features with evidence-fitted lengthscales
+            embed_net, self.ard = fit_ard_network(
+                self.train_X, self.train_Y, self._config, num_features=embedding_features,
+                seed=seed, max_points=ard_points, noise_prior=self._noise_prior(),
+                generator=self._generator)
+            embed, width = embed_net[0], embedding_features
         for spec in specs:
-            net = make_network(spec, d, m, hidden, activation, seed).to(train_X)
+            net = make_network(spec, width, m, hidden, activation, seed).to(train_X)
+            if embed is not None:
+                net = nn.Sequential(copy.deepcopy(embed), net)
             state = None
             if ntk:
                 if isinstance(self._config["center"], tuple):
