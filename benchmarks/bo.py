@@ -6,7 +6,8 @@ tables; outputs go to ``--out``):
 - ``regret``: BO loops maximizing the negated BoTorch test functions on their boxes —
   Branin (2-d), Hartmann6, Ackley-10, Levy-10 and ``Embedded40`` (Hartmann6 on 6 of 40 inputs,
   34 inert: low-dimensional structure that ARD must find). Methods: ``mlp`` (our MLP
-  surrogate, ``LaplaceModel(hidden=(50, 50))`` with its defaults), ``fourier`` (our default,
+  surrogate, ``LaplaceModel(hidden=(50, 50))`` with its defaults: the MLP on a Fourier-feature
+  embedding), ``fourier`` (our default,
   Fourier features: a sparse-spectrum GP), ``gp`` (``SingleTaskGP``), ``lbo``
   (laplace-bayesopt's ``LaplaceBoTorch`` with its defaults, 1,000 epochs) and ``random``.
   LogEI with ``optimize_acqf``; simple regret per evaluation; median and IQR at the
@@ -14,17 +15,18 @@ tables; outputs go to ``--out``):
 - ``scaling``: fit time of the MLP surrogate against n (Hartmann6 data) and one BO iteration
   (fit + ``optimize_acqf`` of LogEI).
 - ``condition``: ``condition_on_observations`` of the MLP surrogate against refitting it.
-- ``ablation``: what each ingredient of the MLP surrogate buys (short BO runs).
+- ``ablation``: what each ingredient of the MLP surrogate buys (short BO runs; docs/bo.md
+  reports ``--sections ablation --seeds 4 --evals 40 --jobs 2``).
 
 The issue's protocol is the default (10 seeds x 5 functions x 100 evaluations x 5 methods,
 laplace-bayesopt at 1,000 epochs): hours of CPU. docs/bo.md reports
 
     python benchmarks/bo.py --sections condition scaling regret --seeds 10 --lbo-seeds 3 \
-        --evals 100 --jobs 2 --deadline-min 87
+        --evals 100 --jobs 2 --deadline-min 75
 
 (two worker processes of one thread each on a 2-core machine; laplace-bayesopt, whose
 1,000-epoch retraining per evaluation dominates the run, with at most 3 seeds, the runs that
-could not start within 87 minutes skipped and listed).
+could not start within 75 minutes skipped and listed).
 """
 
 from __future__ import annotations
