@@ -66,19 +66,23 @@ def test_prior_groups_ard_splits_the_first_layer_by_input():
         prior_groups(ps, 3, "nope")
 
 
-def _embedded_net(d=2, m=1, seed=0):
-    """The Fourier-embedded MLP (frozen features, then trainable layers)."""
+def _embedded_net(d=2, m=1, seed=0, body=None):
+    """Frozen Fourier features, then trainable layers (``body``: a factory, default the MLP)."""
     feats = FourierFeatures(d, 16, torch.tensor([0.3, 0.7]), torch.Generator().manual_seed(seed))
-    return nn.Sequential(feats.to(DT), _net(16, m, seed))
+    torch.manual_seed(seed)
+    return nn.Sequential(feats.to(DT), (body or _net)(16, m).to(DT))
 
 
-@pytest.mark.parametrize("m, embedded", [(1, False), (2, False), (1, True)])
+@pytest.mark.parametrize("m, embedded", [(1, None), (2, None), (1, "mlp"), (2, "residual")])
 def test_data_and_weight_space_agree_with_the_dense_posterior(m, embedded):
     X, Y = _data(n=7, m=m)
-    net = _embedded_net(m=m) if embedded else _net(m=m)
+    net = _net(m=m) if embedded is None else _embedded_net(
+        m=m, body=_ResidualLN if embedded == "residual" else None)
     ps = select(net, "all")
     theta0 = ps.vector() + 0.1  # prior mean away from θ*
     groups = prior_groups(ps, 2, "layer" if embedded else "ard")
+    if embedded == "residual":
+        assert 7 * m <= ps.numel  # data space checked against weight space and the dense one
     delta = torch.linspace(0.5, 3.0, int(groups.max()) + 1, dtype=DT)
     sigma = torch.tensor(0.2, dtype=DT)
     gps = {s: LinearizedGP(ps, theta0, groups, delta, sigma, X, Y, space=s)
