@@ -128,26 +128,40 @@ def check_options(**options) -> None:
 
 
 
-def check_embedding(embedding, network, hidden) -> str | None:
+def check_embedding(embedding, network, hidden, center: float | tuple[float, ...],
+                    prior_granularity: str) -> str | None:
     """``LaplaceModel(embedding=...)`` resolved: ``"auto"`` is ``"fourier"`` for the MLP
     (``hidden`` given, no ``network``) and ``None`` otherwise; ``"fourier"`` needs ``hidden``
-    or network factories (called with the number of features as input size), not modules."""
+    or network factories (called with the number of features as input size), not modules,
+    and refuses what acts on the raw inputs: a ``center`` scale (from :func:`check_center`)
+    other than on/off and ``prior_granularity="ard"``."""
     if embedding == "auto":
-        return "fourier" if network is None and hidden is not None else None
+        embedding = "fourier" if network is None and hidden is not None else None
+    elif embedding is not None:
+        if embedding != "fourier":
+            raise InvalidArgumentError(
+                f"embedding must be 'auto', 'fourier' or None, got {embedding!r}")
+        if network is None and hidden is None:
+            raise InvalidArgumentError(
+                "embedding='fourier' is for network surrogates (hidden=... or a network "
+                "factory); the default network already is Fourier features")
+        specs = network if isinstance(network, (list, tuple)) else [network]
+        if any(isinstance(s, nn.Module) for s in specs):
+            raise InvalidArgumentError(
+                "embedding='fourier' feeds embedding_features inputs to the network: pass a "
+                "factory (d, m) -> nn.Module (called with d = embedding_features) instead of a "
+                "module")
     if embedding is None:
         return None
-    if embedding != "fourier":
+    if center not in (0.0, 1.0):
         raise InvalidArgumentError(
-            f"embedding must be 'auto', 'fourier' or None, got {embedding!r}")
-    if network is None and hidden is None:
+            "center is for networks on the raw inputs; with embedding='fourier' the "
+            "features' ARD lengthscales set the input scale (pass center=True or False)")
+    if prior_granularity == "ard":
         raise InvalidArgumentError(
-            "embedding='fourier' is for network surrogates (hidden=... or a network factory); "
-            "the default network already is Fourier features")
-    specs = network if isinstance(network, (list, tuple)) else [network]
-    if any(isinstance(s, nn.Module) for s in specs):
-        raise InvalidArgumentError(
-            "embedding='fourier' feeds embedding_features inputs to the network: pass a factory "
-            "(d, m) -> nn.Module (called with d = embedding_features) instead of a module")
+            "prior_granularity='ard' acts on the first layer's input columns; with "
+            "embedding='fourier' the embedding's ARD lengthscales do that: use "
+            "'scalar' (the default then) or 'layer'")
     return embedding
 
 

@@ -230,19 +230,10 @@ class LaplaceModel(LinearizedModelMixin, Model, FantasizeMixin):
         if ntk and subset != "all":
             raise InvalidArgumentError(
                 "structure='ntk' puts all weights in the posterior: subset='all'")
-        embedding = check_embedding(embedding, network, hidden)
         center = check_center(center)
+        embedding = check_embedding(embedding, network, hidden, center, prior_granularity)
         if embedding is not None:
-            if center not in (0.0, 1.0):
-                raise InvalidArgumentError(
-                    "center is for networks on the raw inputs; with embedding='fourier' the "
-                    "features' ARD lengthscales set the input scale (pass center=True or False)")
-            if prior_granularity == "ard":
-                raise InvalidArgumentError(
-                    "prior_granularity='ard' acts on the first layer's input columns; with "
-                    "embedding='fourier' the embedding's ARD lengthscales do that: use "
-                    "'scalar' (the default then) or 'layer'")
-            center = 0.0
+            center = 0.0  # the features take the unit cube; their lengthscales set the scale
         if prior_granularity == "auto":
             prior_granularity = "scalar" if embedding else ("ard" if ntk else "layer")
         if prior_mean not in ("init", "zero"):
