@@ -372,11 +372,10 @@ def condition_section(args) -> dict:
 
 
 ABLATION = {
-    "defaults (Fourier embedding, 256 features, one prior)": {},
+    "defaults (Fourier embedding, 512 features, one prior)": {},
     "no embedding (tanh MLP on the inputs, ARD prior: the earlier default)":
         dict(embedding=None),
-    "embedding with 128 features": dict(embedding_features=128),
-    "embedding with 512 features": dict(embedding_features=512),
+    "embedding with 256 features": dict(embedding_features=256),
     "one prior per tensor (not one for all)": dict(prior_granularity="layer"),
     "one round (MAP at the initial prior only)": dict(rounds=1),
     "no MAP training (NTK GP at init)": dict(steps=0),

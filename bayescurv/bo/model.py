@@ -103,7 +103,8 @@ class LaplaceModel(LinearizedModelMixin, Model, FantasizeMixin):
             Then ``center`` is not used and ``prior_granularity`` defaults to ``"scalar"``;
             factories are called with ``d = embedding_features``; modules are refused (their
             input size is fixed). ``None``: the network sees the inputs.
-        embedding_features: number of Fourier features of the embedding (default 256).
+        embedding_features: number of Fourier features of the embedding (default 512; 256 were
+            too few for the ARD fit on the 40-d embedded Hartmann6 of docs/bo.md).
         lengthscales: for the default Fourier network: ``"ard"`` (default) learns one
             lengthscale per input dimension by the exact evidence with BoTorch's
             ``SingleTaskGP`` hyperpriors (:func:`~bayescurv.bo.ard.fit_lengthscales`, on at
@@ -183,7 +184,7 @@ class LaplaceModel(LinearizedModelMixin, Model, FantasizeMixin):
         hidden: tuple[int, ...] | None = None,
         activation: str = "tanh",
         embedding: str | None = "auto",
-        embedding_features: int = 256,
+        embedding_features: int = 512,
         num_features: int = 512,
         lengthscales: str | tuple[float, ...] = "ard",
         ard_points: int = 1000,
