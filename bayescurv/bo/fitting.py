@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from bayescurv.bo.ard import ARDFit, fit_lengthscales
 from bayescurv.bo.features import fourier_network
 from bayescurv.bo.hyperparameters import noise_log_prior, tune_hyperparameters
-from bayescurv.bo.ntk import Center, LinearizedGP, group_grams, jacobian, prior_groups, tune
+from bayescurv.bo.ntk import Center, LinearizedGP, prior_groups, tune
+from bayescurv.bo.ntk_factors import FactoredJacobian
 from bayescurv.bo.training import train_map
 from bayescurv.laplace import Laplace
 from bayescurv.laplace.glm import GaussianGLM
@@ -139,18 +140,20 @@ def ntk_evidence(
     generator: torch.Generator, max_iter: int,
 ) -> tuple[Tensor, float, float]:
     r"""Tune :math:`(\delta_g, \sigma)` on the evidence of the linearized GP of ``net`` at its
-    current weights (on at most ``cfg["tune_points"]`` random points): one Jacobian, the
-    per-group Gram matrices, L-BFGS (:func:`~bayescurv.bo.ntk.tune`). Returns the precisions,
-    the noise std and the MAP-II objective."""
+    current weights (on at most ``cfg["tune_points"]`` random points): the per-group Gram
+    matrices from per-layer factors (:class:`~bayescurv.bo.ntk_factors.FactoredJacobian`, no
+    ``N x P`` Jacobian), L-BFGS (:func:`~bayescurv.bo.ntk.tune`). Returns the precisions, the
+    noise std and the MAP-II objective."""
     n = X.shape[0]
     ps = select(net, "all")
     if n > cfg["tune_points"]:
         idx = torch.randperm(n, generator=generator)[:cfg["tune_points"]].to(X.device)
         X, Y = X[idx], Y[idx]
     with torch.no_grad():
-        f, J = jacobian(ps, X)
-        res = Y.reshape(-1) - f + J @ (ps.vector() - state.theta0)
-        grams = group_grams(J, state.groups, state.num_groups)
+        jac = FactoredJacobian(ps, state.groups, X)
+        F = jac.factors(X)
+        res = Y.reshape(-1) - F.f + jac.jvp(F, ps.vector() - state.theta0)
+        grams = jac.grams(F, state.num_groups)
     hyper = tune(grams, res, init_precision=delta, init_sigma=sigma, min_noise=cfg["min_noise"],
                  fixed_noise=fixed, noise_prior=noise_prior, max_iter=max_iter)
     return hyper.prior_precision, hyper.sigma_noise.item(), hyper.objective
@@ -162,7 +165,7 @@ def select_center(
 ) -> tuple[nn.Module, NTKState]:
     r"""The input scale :math:`c` of :class:`~bayescurv.bo.ntk.Center` among ``scales`` whose
     NTK GP *at the initialization* has the best tuned evidence (model selection by the
-    evidence before any training: one Jacobian and one tuning per candidate).
+    evidence before any training: one set of factors and one tuning per candidate).
 
     :math:`c` plays the part of an inverse lengthscale: it sets how nonlinear the first layer
     is across the box (with PyTorch's default initialization a tanh MLP on ``[-1, 1]^d`` is

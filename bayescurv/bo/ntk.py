@@ -12,7 +12,9 @@ For a network :math:`f(x;\theta)` with MAP weights :math:`\theta^*`, the lineari
 
 the full-GGN linearized Laplace (exact for this model). With :math:`N` targets (points x
 outputs) and :math:`P` parameters, its evidence and posterior need either the ``N x N`` kernel
-matrix :math:`K = J D^{-1}J^\top + \sigma^2 I` (*data space*, :math:`O(N^2 P + N^3)`) or the
+matrix :math:`K = J D^{-1}J^\top + \sigma^2 I` (*data space*, :math:`O(N^2 P + N^3)`; formed from
+per-layer factors without the Jacobian, :math:`O(N^2\sum_l (d_{in} + d_{out}) + N^3)` for
+``nn.Linear`` layers, :mod:`bayescurv.bo.ntk_factors`) or the
 ``P x P`` precision :math:`\Lambda = J^\top J/\sigma^2 + D` (*weight space*,
 :math:`O(N P^2 + P^3)`); :class:`LinearizedGP` takes data space when :math:`N \le P`. With
 :math:`\tilde r = y - f(X;\theta^*) + J(\theta^* - \theta_0)`:
@@ -46,6 +48,7 @@ from bayescurv.bo.hyperparameters import (
     gaussian_log_evidence,
     noise_start,
 )
+from bayescurv.bo.ntk_factors import FactoredJacobian
 from bayescurv.errors import InvalidArgumentError, NumericalError
 from bayescurv.laplace.marglik import maximize_lbfgs
 from bayescurv.params import ParamSet
@@ -115,11 +118,6 @@ def jacobian(params: ParamSet, x: Tensor) -> tuple[Tensor, Tensor]:
         Js.append(J)
     f, J = torch.cat(fs), torch.cat(Js)
     return f.reshape(-1), J.reshape(-1, params.numel)
-
-
-def group_grams(J: Tensor, groups: Tensor, num_groups: int) -> Tensor:
-    r""":math:`J_g J_g^\top` for every group, ``(G, N, N)``."""
-    return torch.stack([J[:, groups == g] @ J[:, groups == g].T for g in range(num_groups)])
 
 
 @dataclass
@@ -207,16 +205,16 @@ class LinearizedGP:
         s2 = self.sigma_noise**2
         shift = self.theta_star - theta0
         with torch.no_grad():
-            if self.space == "data":
-                f, J = jacobian(params, X)
-                r = (Y.reshape(-1) - f) + J @ shift
-                JD = J * self.dinv
-                K = JD @ J.T + s2 * torch.eye(N, dtype=J.dtype, device=J.device)
-                L = psd_safe_cholesky(K)
+            if self.space == "data":  # per-layer factors, no N x P Jacobian
+                self.factored = FactoredJacobian(params, groups, X)
+                self.train_factors = F = self.factored.factors(X)
+                r = (Y.reshape(-1) - F.f) + self.factored.jvp(F, shift)
+                K = self.factored.kernel(F, F, prior_precision)
+                K = K + s2 * torch.eye(N, dtype=K.dtype, device=K.device)
+                self.L = L = psd_safe_cholesky(K)  # Σ = D⁻¹ − D⁻¹JᵀK⁻¹JD⁻¹
                 a = torch.linalg.solve_triangular(L, r.unsqueeze(-1), upper=False)
-                self.theta_bar = theta0 + JD.T @ torch.linalg.solve_triangular(
-                    L.T, a, upper=True).squeeze(-1)
-                self.B = torch.linalg.solve_triangular(L, JD, upper=False)  # Σ = D⁻¹ − BᵀB
+                alpha = torch.linalg.solve_triangular(L.T, a, upper=True).squeeze(-1)
+                self.theta_bar = theta0 + self.dinv * self.factored.vjp(F, alpha)
                 self.log_evidence = -0.5 * (a.square().sum() + 2 * L.diagonal().log().sum()
                                             + N * math.log(2 * math.pi))
             else:
@@ -242,17 +240,23 @@ class LinearizedGP:
 
     def moments(self, X: Tensor) -> tuple[Tensor, Tensor]:
         """Mean ``(T, q, m)`` and joint covariance ``(T, q m, q m)`` of the ``q`` points of
-        every t-batch of ``X`` (``(T, q, d)``); t-batches are independent. Differentiable in
-        ``X``."""
-        T, q, d = X.shape
+        every t-batch of ``X`` (``(T, q, *input_shape)``, e.g. ``(T, q, d)``); t-batches are
+        independent. Differentiable in ``X``."""
+        T, q = X.shape[:2]
+        pts = X.reshape(T * q, *X.shape[2:])
         m = self.num_outputs
-        f, J = jacobian(self.params, X.reshape(T * q, d))  # (Tqm,), (Tqm, P)
-        mean = f + J @ (self.theta_bar - self.theta_star)
         if self.space == "data":
-            A = J @ self.B.T  # (Tqm, N)
-            Jb, Ab = J.reshape(T, q * m, -1), A.reshape(T, q * m, -1)
-            cov = (Jb * self.dinv) @ Jb.transpose(-1, -2) - Ab @ Ab.transpose(-1, -2)
+            F = self.factored.factors(pts)
+            mean = F.f + self.factored.jvp(F, self.theta_bar - self.theta_star)
+            k_train = self.factored.kernel(self.train_factors, F, self.prior_precision)
+            W = torch.linalg.solve_triangular(self.L, k_train, upper=False)  # (N, Tqm)
+            Wb = W.T.reshape(T, q * m, -1)
+            Fb = F.batched(T)
+            cov = (self.factored.kernel(Fb, Fb, self.prior_precision)
+                   - Wb @ Wb.transpose(-1, -2))
         else:
+            f, J = jacobian(self.params, pts)  # (Tqm,), (Tqm, P)
+            mean = f + J @ (self.theta_bar - self.theta_star)
             W = torch.linalg.solve_triangular(self.C, J.T, upper=False)  # (P, Tqm)
             Wb = W.T.reshape(T, q * m, -1)
             cov = Wb @ Wb.transpose(-1, -2)
