@@ -69,7 +69,8 @@ def test_ard_groups_per_input_column():
 
 
 class _Tied(nn.Module):
-    """One Linear called twice, one tied to another module, one without bias, one frozen."""
+    """One Linear called twice, one tied to another module, one without bias, one frozen, one
+    applied to a sequence folded into the batch dimension."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -81,9 +82,12 @@ class _Tied(nn.Module):
         self.frozen.requires_grad_(False)
         self.head = nn.Linear(3, 2)
 
+        self.folded = nn.Linear(1, 1)  # sees (B * 3, 1): the sequence folded into the batch
+
     def forward(self, x):
         h = torch.tanh(self.a(torch.tanh(self.a(x))))
         h = torch.tanh(self.b(h)) + self.c(h) + self.frozen(h)
+        h = h + self.folded(h.reshape(-1, 1)).reshape(h.shape)
         return self.head(h)
 
 
@@ -95,7 +99,7 @@ def test_reused_tied_bias_free_and_frozen_layers():
     G = int(groups.max()) + 1
     x = torch.randn(6, 3, dtype=DT)
     jac = FactoredJacobian(ps, groups, x)
-    assert [layer.module for layer in jac.layers] == [net.head]  # a reused, b/c tied
+    assert [layer.module for layer in jac.layers] == [net.head]  # a reused, b/c tied, folded
     # groups that vary along a weight's rows cannot be factored: that weight goes explicit
     rows = groups.clone()
     sl = ps.slice_of(ps.index_of(net.head.weight))

@@ -86,10 +86,10 @@ class FactoredJacobian:
     def __init__(self, params: ParamSet, groups: Tensor, example: Tensor) -> None:
         self.params = params
         self.groups = groups
-        calls: dict[nn.Module, list[int]] = {}
+        calls: dict[nn.Module, list[tuple[int, ...]]] = {}
 
         def probe(mod: nn.Module, inp: tuple, out: Tensor) -> None:
-            calls.setdefault(mod, []).append(inp[0].dim())
+            calls.setdefault(mod, []).append(tuple(inp[0].shape[:-1]))
 
         linears = [m for _, m, _ in params.modules() if isinstance(m, nn.Linear)]
         handles = [m.register_forward_hook(probe) for m in linears]
@@ -106,7 +106,9 @@ class FactoredJacobian:
         self.layers: list[_Layer] = []
         factored: set[int] = set()
         for m in linears:
-            if calls.get(m) != [2]:  # unused, reused or applied to a sequence
+            # one call on one row for the one sample: unused, reused, or applied to a sequence
+            # (also one folded into the batch dimension, (T, d) for the sample) is explicit
+            if calls.get(m) != [(1,)]:
                 continue
             iw, ib = params.index_of(m.weight), (
                 params.index_of(m.bias) if m.bias is not None else -1)
