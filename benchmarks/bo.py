@@ -377,7 +377,7 @@ def condition_section(args) -> dict:
 
 ABLATION = {
     "defaults (Fourier embedding, 512 features, one prior)": {},
-    "no embedding (tanh MLP on the inputs, ARD prior: the earlier default)":
+    "no embedding (MLP on the inputs, ARD prior)":
         dict(embedding=None),
     "embedding with 256 features": dict(embedding_features=256),
     "one prior per tensor (not one for all)": dict(prior_granularity="layer"),
@@ -385,7 +385,8 @@ ABLATION = {
     "no MAP training (NTK GP at init)": dict(steps=0),
     "prior mean 0 (not the init)": dict(prior_mean="zero"),
     "no noise floor (min_noise 1e-6)": dict(min_noise=1e-6),
-    "ReLU instead of tanh": dict(activation="relu"),
+    "tanh instead of SiLU": dict(activation="tanh"),
+    "ReLU instead of SiLU": dict(activation="relu"),
 }
 
 

@@ -264,13 +264,14 @@ def test_center_candidates_are_selected_by_the_evidence_at_init():
     X = torch.rand(30, 2, generator=torch.Generator().manual_seed(0), dtype=DT)
     scales = (0.3, 10.0)
     picked = {}
+    # tanh: the scale decides whether its first layer is linear or saturating on the box
     for name, y in (("wiggly", torch.sin(12 * X[:, :1])), ("linear", X[:, :1] + X[:, 1:])):
-        model = LaplaceModel(X, y, seed=0, center=scales, **FAST)
+        model = LaplaceModel(X, y, seed=0, center=scales, activation="tanh", **FAST)
         assert model.center_scale in scales and model.net[0].scale == model.center_scale
         picked[name] = model.center_scale
         # the choice is the argmax of the tuned evidence of the NTK GP at the initialization
         torch.manual_seed(0)
-        base = default_network(2, 1, FAST["hidden"]).to(DT)
+        base = default_network(2, 1, FAST["hidden"], "tanh").to(DT)
         cfg = dict(model._config)
         objectives = []
         for c in scales:
@@ -355,7 +356,7 @@ def test_mlp_defaults_to_a_fourier_embedding_with_evidence_lengthscales(embedded
 def test_embedding_has_no_trend_away_from_the_data(embedded_model, ntk_model):
     """The point of the embedding: a stationary NTK. Far from the data (in the embedding's
     lengthscales) the predictive mean of the embedded MLP is the same constant everywhere and
-    nearly the same everywhere, where the plain tanh MLP's linearized mean keeps its
+    nearly the same everywhere, where the plain MLP's linearized mean keeps its
     trend (it extrapolates)."""
     far = torch.tensor([[40.0, -40.0], [-37.0, 52.0], [60.0, 45.0], [-50.0, -45.0]], dtype=DT)
     spread = {}

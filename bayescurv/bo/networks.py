@@ -23,7 +23,7 @@ ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GEL
 
 def default_network(
     input_dim: int, num_outputs: int, hidden: tuple[int, ...] = (50, 50),
-    activation: str = "tanh",
+    activation: str = "silu",
 ) -> nn.Sequential:
     """MLP ``d -> hidden... -> m`` with ``activation`` between linear layers."""
     if activation not in ACTIVATIONS:
