@@ -8,7 +8,7 @@ with laplace-bayesopt, SingleTaskGP and random search, see ``benchmarks/bo.py``.
     python examples/bo_branin_hartmann.py [--evals 30] [--seed 0] [--mlp]
 
 ``--mlp`` uses the network surrogate, ``LaplaceModel(..., hidden=(50, 50))`` (the exact
-linearized GP of a 50-50 tanh MLP on a Fourier-feature embedding of the inputs,
+linearized GP of a 50-50 SiLU MLP on a Fourier-feature embedding of the inputs,
 ``structure="ntk"``), instead of the Fourier-feature default.
 """
 

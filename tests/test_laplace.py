@@ -398,3 +398,26 @@ def test_regression_curvature_scales_correctly_with_noise(kind):
     ref = compute(model, Gaussian(0.5), dl, structure="full", kind=kind).matrix.to_dense()
     torch.testing.assert_close(la.posterior_precision.to_dense(),
                                ref + torch.eye(ref.shape[0], dtype=DT))
+
+
+@pytest.mark.parametrize("cliff", [0.5, 1.5])
+def test_lbfgs_tuner_never_evaluates_nan_variables(cliff):
+    """A non-finite trial value makes the strong-Wolfe line search step to NaN; the tuner
+    treats that point as a failed step instead of handing it to the objective, whose
+    hyperprior would raise (the ARD fit of the BO surrogate failed on Branin this way)."""
+    from bayescurv.laplace.marglik import maximize_lbfgs
+
+    prior = torch.distributions.LogNormal(torch.tensor(0.0, dtype=torch.float64), 1.0)
+    z = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    seen = []
+
+    def objective():
+        seen.append(z.detach().clone())
+        value = -(z[0] - 3) ** 2 + prior.log_prob(z[0].exp())  # raises on NaN
+        return torch.where(z[0] > cliff, torch.full_like(value, math.inf), value)
+
+    value, _, _ = maximize_lbfgs(objective, [z], 50, keep_best=True)
+    assert all(torch.isfinite(s).all() for s in seen)
+    # the best finite iterate below the cliff is kept
+    assert math.isfinite(value) and z.item() <= cliff
+    assert value == pytest.approx(objective().item())

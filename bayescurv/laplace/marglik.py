@@ -97,7 +97,8 @@ def maximize_lbfgs(
     L-BFGS with a strong-Wolfe line search (history 20), at most ``max_iter`` iterations
     (none for ``max_iter < 1``: the objective is only evaluated), stopping when the largest
     gradient entry is below ``tol``. A non-finite value is a failed trial step: the line
-    search sees :math:`+\infty` as the loss and backs off (``objective`` may raise instead).
+    search sees :math:`+\infty` as the loss and backs off (``objective`` may raise instead);
+    so is a trial point with non-finite variables, where ``objective`` is not called.
     With ``keep_best`` the variables end at the best finite iterate evaluated, else where
     L-BFGS stopped. Returns the objective at the result, the iterations taken and the
     max-norm of the gradient there (``-inf`` and ``inf`` when the result is not finite).
@@ -110,6 +111,10 @@ def maximize_lbfgs(
     def closure() -> Tensor:
         nonlocal best
         opt.zero_grad()
+        if not all(bool(torch.isfinite(v).all()) for v in variables):
+            # the line search stepped to NaN/inf (after a non-finite trial): a failed step,
+            # never handed to ``objective`` (whose priors would reject it)
+            return variables[0].new_tensor(math.inf)
         value = objective()
         if not torch.isfinite(value):
             return torch.tensor(math.inf, dtype=value.dtype, device=value.device)
