@@ -89,10 +89,10 @@ class LaplaceModel(LinearizedModelMixin, Model, FantasizeMixin):
             ``Normalize``) whose lengthscales are set by ``lengthscales``; with ``hidden`` the
             MLP :func:`~bayescurv.bo.networks.default_network` (``hidden``, ``activation``).
             Measured (docs/bo.md, 10 seeds, 100 evaluations): the MLP (with its default
-            Fourier ``embedding``) is ahead of random search on all five test functions and
-            of ``SingleTaskGP`` on Branin and Hartmann6, level on Levy-10 and behind it on
-            Ackley-10 and a 40-d embedded Hartmann6; the Fourier default is cheaper and as
-            good or better on these stationary test functions.
+            Fourier ``embedding`` and SiLU) is ahead of random search on all five test
+            functions and of ``SingleTaskGP`` on Branin, Hartmann6 and Levy-10, about level
+            on Ackley-10 and behind it on a 40-d embedded Hartmann6; the Fourier default is
+            cheaper and close to it on these stationary test functions.
         embedding: ``"auto"`` (default): ``"fourier"`` for the MLP (``hidden`` given), ``None``
             for your own ``network``. ``"fourier"``: the network sees frozen random Fourier
             features of the (normalized) inputs, ``embedding_features`` of them, whose ARD
