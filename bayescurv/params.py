@@ -12,6 +12,7 @@ Frozen parameters (``requires_grad=False``) are never part of a set. Tied parame
 from __future__ import annotations
 
 import inspect
+from fnmatch import fnmatchcase
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 from bayescurv import batches
 from bayescurv.errors import InvalidArgumentError
 
-SUBSETS = ("all", "last_layer")
+SUBSETS = ("all", "trainable", "last_layer")
 
 OutputKey = str | int | Callable[[Any], Tensor] | None
 """How to read the network output from what the model returns: ``None`` (the model
@@ -229,13 +230,28 @@ def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return out
 
 
+def _layer_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules that own parameters and contain no other module that does: the *layers*.
+    A container that also owns loose parameters (timm's ``VisionTransformer`` with its
+    ``cls_token`` and ``pos_embed``, a block with a layer-scale ``gamma``) finishes its forward
+    call after its children and is never the output layer; when no module qualifies (a
+    single container holding every parameter), every module owning parameters does."""
+    owning = [(n, m) for n, m in model.named_modules()
+              if next(m.parameters(recurse=False), None) is not None]
+    names = [n for n, _ in owning]
+    leaves = [(n, m) for n, m in owning
+              if not any(o != n and (n == "" or o.startswith(f"{n}.")) for o in names)]
+    return leaves or owning
+
+
 def find_last_layer(model: nn.Module, example_input: Any = None,
                     output_key: OutputKey = None) -> str:
-    """Name of the output layer: the module owning parameters whose forward call finished
-    last when the model runs on ``example_input`` (a batch of inputs: a tensor or a dict of
-    keyword inputs), found with forward hooks. Modules never called (registered but unused)
-    are not candidates. Without ``example_input``, the last module in registration order
-    that owns trainable parameters (right for ``nn.Sequential``).
+    """Name of the output layer: the layer (:func:`_layer_modules`: a module owning
+    parameters that contains no other such module) whose forward call finished last when the
+    model runs on ``example_input`` (a batch of inputs: a tensor or a dict of keyword inputs),
+    found with forward hooks. Modules never called (registered but unused) are not
+    candidates. Without ``example_input``, the last such layer in registration order that owns
+    trainable parameters (right for ``nn.Sequential``).
 
     Warns when the chosen module's output is not itself the network output (an operation
     follows it), since "last" is then a judgement; pass ``last_layer_name=`` to choose.
@@ -244,7 +260,7 @@ def find_last_layer(model: nn.Module, example_input: Any = None,
     """
     if example_input is None:
         last = None
-        for mname, module in model.named_modules():
+        for mname, module in _layer_modules(model):
             if any(p.requires_grad for p in module.parameters(recurse=False)):
                 last = mname
         if last is None:
@@ -252,10 +268,9 @@ def find_last_layer(model: nn.Module, example_input: Any = None,
         return last
     order: list[tuple[str, Any]] = []
     handles = []
-    for mname, module in model.named_modules():
-        if next(module.parameters(recurse=False), None) is not None:
-            handles.append(module.register_forward_hook(
-                lambda m, i, o, name=mname: order.append((name, o))))
+    for mname, module in _layer_modules(model):
+        handles.append(module.register_forward_hook(
+            lambda m, i, o, name=mname: order.append((name, o))))
     first = next(model.parameters(), None)
     if first is not None:
         example_input = batches.to_device(example_input, first.device, first.dtype)
@@ -301,9 +316,12 @@ def select(
 
     Args:
         model: the network.
-        subset: ``"all"`` (every trainable parameter), ``"last_layer"`` (the parameters
-            of the last parametrised module, or of ``last_layer_name``), or an iterable of
-            parameter or module names (a module name selects all its parameters).
+        subset: ``"all"`` or its synonym ``"trainable"`` (every parameter with
+            ``requires_grad``: after PEFT's ``get_peft_model`` the adapters only),
+            ``"last_layer"`` (the parameters of the output layer, or of ``last_layer_name``),
+            or an iterable of parameter or module names (a module name selects all its
+            parameters) and shell-style patterns (``"*lora_*"``: every trainable parameter
+            whose name matches, :func:`fnmatch.fnmatchcase`).
         last_layer_name: module name of the output layer, for ``subset="last_layer"``.
         example_input: a batch of inputs; with it ``"last_layer"`` is found from the forward
             pass (:func:`find_last_layer`).
@@ -313,7 +331,7 @@ def select(
     if not named:
         raise InvalidArgumentError("the model has no trainable parameters (requires_grad=True)")
     if isinstance(subset, str):
-        if subset == "all":
+        if subset in ("all", "trainable"):
             chosen = named
         elif subset == "last_layer":
             lname = last_layer_name if last_layer_name is not None else find_last_layer(
@@ -340,6 +358,15 @@ def select(
             raise InvalidArgumentError("the subset is an empty list of names")
         pnames = {n for n, _ in named}
         mnames = {n for n, _ in model.named_modules()}
+        patterns = [w for w in wanted if isinstance(w, str) and any(c in w for c in "*?[")
+                    and w not in pnames and w not in mnames]
+        empty = [w for w in patterns if not any(fnmatchcase(n, w) for n in pnames)]
+        if empty:
+            raise InvalidArgumentError(
+                f"the name pattern(s) {empty} match no trainable parameter; trainable "
+                f"parameters are {sorted(pnames)[:20]}"
+            )
+        wanted = [w for w in wanted if w not in patterns]
         unknown = [w for w in wanted if w not in pnames and w not in mnames]
         frozen = sorted(set(unknown) & {n for n, p in model.named_parameters()
                                         if not p.requires_grad})
@@ -357,6 +384,7 @@ def select(
             (n, p)
             for n, p in named
             if n in wanted or any(n.startswith(f"{w}.") or w == "" for w in wanted if w in mnames)
+            or any(fnmatchcase(n, w) for w in patterns)
         ]
     return ParamSet(model, [n for n, _ in chosen], [p for _, p in chosen],
                     check_output_key(output_key))

@@ -48,7 +48,9 @@ class Laplace(PredictionsMixin, StateDictMixin):
     Args:
         model: the trained network (its current parameters are the MAP ``θ*``).
         likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
-        subset: ``"all"``, ``"last_layer"``, or a list of parameter / module names.
+        subset: ``"all"`` / ``"trainable"`` (every parameter with ``requires_grad``),
+            ``"last_layer"``, or a list of parameter / module names and name patterns
+            (``"*lora_*"``); see :func:`bayescurv.params.select`.
         structure: ``"full"``, ``"diag"``, ``"kfac"``, ``"kfac-reduce"`` or ``"ekfac"``.
         prior_precision: scalar, one value per layer, or one per parameter.
         sigma_noise: observation noise (regression), scalar or one per output.
