@@ -57,6 +57,7 @@ demo: $(STAMP)
 # the documentation site, strictly: a broken page, link or API reference fails the build
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict --quiet
+	@echo "documentation site written to build/site/index.html (open it in a browser)"
 
 test: $(ZOOSTAMP) docs
 	$(BIN)/python -m pytest -q -m "not slow" tests

@@ -149,6 +149,27 @@ def batch_size(x: Tensor | dict[str, Tensor], batch_dim: int = 0) -> int:
     return t.shape[batch_dim]
 
 
+def split_inputs(x: Tensor | dict[str, Tensor], size: int,
+                 batch_dim: int = 0) -> list[Tensor | dict[str, Tensor]]:
+    """Inputs ``x`` cut into consecutive chunks of at most ``size`` data points along
+    ``batch_dim`` (views, no copies; one chunk, ``x`` itself, when it holds at most ``size``).
+    For a dict every entry whose dimension ``batch_dim`` has the batch size
+    (:func:`batch_size`) is cut; other entries (broadcast ones, e.g. a shared ``(1, T)``
+    ``position_ids``) go whole into every chunk."""
+    n = batch_size(x, batch_dim)
+    if n <= size:
+        return [x]
+    if not isinstance(x, dict):
+        return list(x.split(size, dim=batch_dim))
+    starts = range(0, n, size)
+
+    def cut(v: Tensor, s: int) -> Tensor:
+        batched = torch.is_tensor(v) and v.dim() > batch_dim and v.shape[batch_dim] == n
+        return v.narrow(batch_dim, s, min(size, n - s)) if batched else v
+
+    return [{k: cut(v, s) for k, v in x.items()} for s in starts]
+
+
 def to_device(x: Tensor | dict[str, Tensor], device: torch.device, dtype: torch.dtype | None):
     """Move inputs to the model's device; floating inputs also take the model's dtype."""
 
@@ -236,6 +257,7 @@ __all__ = [
     "peek_inputs",
     "split_batch",
     "batch_size",
+    "split_inputs",
     "check_batch_dim",
     "to_device",
     "check_finite",

@@ -21,6 +21,7 @@ Each likelihood ``p(y | f)`` of a network output ``f`` (shape ``(B, C)``) gives
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import ClassVar
 
 import torch
@@ -393,18 +394,54 @@ for _cls in (Gaussian, Categorical, Bernoulli, Poisson):
         LIKELIHOODS[_n] = _cls
 
 
-def get_likelihood(likelihood: str | Likelihood, sigma_noise: float | Tensor = 1.0) -> Likelihood:
+def _listing(names: Iterable[str]) -> str:
+    """``'a', 'b' or 'c'``: the canonical names of the registered likelihoods ``names``."""
+    canon = sorted({LIKELIHOODS[n].name for n in names})
+    quoted = [repr(n) for n in canon]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
+
+
+def get_likelihood(
+    likelihood: str | Likelihood, sigma_noise: float | Tensor = 1.0, *,
+    accepted: Iterable[str] | None = None, caller: str = "",
+) -> Likelihood:
     """A likelihood object from its name (``"regression"``, ``"classification"``,
-    ``"binary"``, ``"poisson"`` or an alias) or pass an instance through."""
+    ``"binary"``, ``"poisson"`` or an alias) or pass an instance through.
+
+    ``accepted``: the names (aliases included) the caller supports, default all registered;
+    the errors list exactly those, so they never recommend a name the caller refuses.
+    ``caller`` names the caller in the error of a registered name it does not accept.
+    """
     if isinstance(likelihood, Likelihood):
         return likelihood
-    if not isinstance(likelihood, str) or likelihood not in LIKELIHOODS:
+    names = set(LIKELIHOODS) if accepted is None else set(accepted)
+    instance = "or a bayescurv.likelihoods.Likelihood instance"
+    if isinstance(likelihood, str) and likelihood in LIKELIHOODS and likelihood not in names:
         raise InvalidArgumentError(
-            f"unknown likelihood {likelihood!r}; use one of "
-            f"{sorted({c.name for c in LIKELIHOODS.values()})}"
+            f"{caller or 'this function'} supports likelihood {_listing(names)} (by name), "
+            f"got {likelihood!r}; another likelihood can be passed as a "
+            "bayescurv.likelihoods.Likelihood instance"
+        )
+    if not isinstance(likelihood, str) or likelihood not in names:
+        raise InvalidArgumentError(
+            f"unknown likelihood {likelihood!r}; use one of {_listing(names)} {instance}"
         )
     cls = LIKELIHOODS[likelihood]
     return cls(sigma_noise) if cls is Gaussian else cls()
+
+
+def unimplemented(likelihood: Likelihood, methods: Iterable[str | tuple[str, ...]]) -> list[str]:
+    """Which of ``methods`` ``likelihood``'s class leaves as the base class's
+    ``NotImplementedError`` stub; a tuple is a set of alternatives (one suffices)."""
+    def done(name: str) -> bool:
+        return getattr(type(likelihood), name, None) is not getattr(Likelihood, name, None)
+
+    missing = []
+    for m in methods:
+        alts = (m,) if isinstance(m, str) else m
+        if not any(done(a) for a in alts):
+            missing.append(" or ".join(alts))
+    return missing
 
 
 def check_finite_outputs(f: Tensor) -> None:
@@ -421,5 +458,6 @@ __all__ = [
     "Bernoulli",
     "Poisson",
     "get_likelihood",
+    "unimplemented",
     "LIKELIHOODS",
 ]

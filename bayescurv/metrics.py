@@ -225,53 +225,82 @@ def rmse(mean: Tensor, y: Tensor) -> float:
 # plotting
 # ----------------------------------------------------------------------------------------
 def plot_reliability(
-    diagrams: dict[str, dict[str, Any]], path: str | os.PathLike[str], dpi: int = 100
+    diagrams: dict[str, dict[str, Any]],
+    path: str | os.PathLike[str],
+    dpi: int = 100,
+    title: str | None = None,
 ) -> str:
     """Write a PNG with one reliability diagram per model (``name -> reliability_diagram
-    output``): per-bin accuracy as bars against the diagonal of perfect calibration, the
-    number of points of each bin above its bar, ECE in the title. Renders with matplotlib's
-    Agg canvas (no pyplot); returns the path."""
+    output``), side by side.
+
+    Each model gets a column of two panels. Top: per confidence bin, the accuracy of the
+    points in the bin as an opaque bar (lighter for a bin of fewer than 10 points), the bin's
+    mean confidence as a black tick, and the diagonal of perfect calibration (accuracy =
+    confidence): a bar below the diagonal (and below its tick) is over-confident, above it
+    under-confident; ECE in the panel title.
+    Bottom: the number of points of each bin (log scale), written above its bar, so that a
+    bin of one point does not pass for evidence. A legend under the panels says what each mark
+    is; ``title`` (e.g. the data set and models) goes above them. Renders with matplotlib's
+    Agg canvas (no pyplot); returns the path.
+    """
     if not diagrams:
         raise InvalidArgumentError("plot_reliability needs at least one diagram")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     n = len(diagrams)
     # A bare Figure on the Agg canvas: no pyplot state, the user's backend is untouched.
-    fig = Figure(figsize=(3.6 * n, 3.6))
+    height = (5.4 if title else 4.9) + (0.6 if n == 1 else 0.0)  # n = 1: legend in one column
+    fig = Figure(figsize=(3.6 * n, height), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, n, squeeze=False)[0]
-    for ax, (name, d) in zip(axes, diagrams.items()):
+    axes = fig.subplots(2, n, squeeze=False, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    bar_color, few_color, edge, few_points = "tab:blue", "#a9c8e6", "white", 10
+    for col, (name, d) in enumerate(diagrams.items()):
+        ax, ax_n = axes[0, col], axes[1, col]
         edges = torch.as_tensor(d["bin_edges"], dtype=torch.float64).cpu().numpy()
         acc = torch.as_tensor(d["accuracy"], dtype=torch.float64).cpu().numpy()
         conf = torch.as_tensor(d["confidence"], dtype=torch.float64).cpu().numpy()
-        mask = torch.as_tensor(d["count"]).cpu().numpy() > 0
+        counts = torch.as_tensor(d["count"], dtype=torch.float64).cpu().numpy()
+        mask = counts > 0
         left, width = edges[:-1][mask], (edges[1:] - edges[:-1])[mask]
-        ax.bar(
-            left, acc[mask], width=width, align="edge", edgecolor="k", alpha=0.7, label="accuracy"
-        )
-        ax.bar(
-            left,
-            conf[mask] - acc[mask],
-            bottom=acc[mask],
-            width=width,
-            align="edge",
-            color="tab:red",
-            alpha=0.3,
-            label="gap to confidence",
-        )
-        counts = torch.as_tensor(d["count"]).cpu().numpy()[mask]
-        for x0, w, top, n in zip(left, width, acc[mask], counts):  # points per bin
-            ax.text(x0 + w / 2, min(float(top), 0.92) + 0.02, str(int(n)), ha="center",
-                    va="bottom", fontsize=6)
-        ax.plot([0, 1], [0, 1], "k--", lw=1)
+        few = counts[mask] < few_points
+        colors = [few_color if f else bar_color for f in few]
+        ax.bar(left, acc[mask], width=width, align="edge", color=colors, edgecolor=edge,
+               lw=0.8, zorder=2)
+        ax.plot([0, 1], [0, 1], color="0.3", ls="--", lw=1, zorder=4)
+        ax.hlines(conf[mask], left + 0.15 * width, left + 0.85 * width, color="k", lw=2,
+                  zorder=3)
         ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_xlabel("confidence")
-        ax.set_title(f"{name} (ECE {float(d.get('ece', float('nan'))):.3f})")
-    axes[0].set_ylabel("accuracy")
-    axes[0].legend(loc="upper left")
-    fig.tight_layout()
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"{name}\nECE {float(d.get('ece', float('nan'))):.3f}", fontsize=10)
+        ax.grid(axis="y", color="0.9", lw=0.6, zorder=0)
+
+        shown = counts[mask]
+        ax_n.bar(left, shown, width=width, align="edge", color="0.55", edgecolor=edge, lw=0.8)
+        ax_n.set_yscale("log")
+        top = float(shown.max()) if shown.size else 1.0
+        rotate = any(c >= 1000 for c in shown)  # 4 digits would collide side by side
+        ax_n.set_ylim(0.5, top * (100 if rotate else 12))  # head-room (log) for the labels
+        for x0, w, c in zip(left, width, shown):  # points per bin, above its bar
+            ax_n.text(x0 + w / 2, c * 1.25, str(int(c)), ha="center", va="bottom",
+                      fontsize=7, rotation=90 if rotate else 0)
+        ax_n.set_xlabel("confidence (max. probability)")
+        ax_n.tick_params(axis="y", labelsize=7)
+    axes[0, 0].set_ylabel("accuracy")
+    axes[1, 0].set_ylabel("points per bin")
+    handles = [
+        Patch(facecolor=bar_color, label="accuracy of the bin's points"),
+        Patch(facecolor=few_color, label=f"same, bin of < {few_points} points"),
+        Line2D([], [], color="k", lw=2, label="their mean confidence"),
+        Line2D([], [], color="0.3", ls="--", lw=1, label="perfect calibration"),
+        Patch(facecolor="0.55", label="points per bin (log scale)"),
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncols={1: 1, 2: 3}.get(n, 5),
+               fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=9)
     path = os.fspath(path)
     fig.savefig(path, dpi=dpi, format="png")
     return path

@@ -192,13 +192,20 @@ class ParamSet:
         out = torch.func.functional_call(self.model, self.as_dict(vector), args, kwargs)
         return select_output(out, self.output_key)
 
-    def forward(self, x: Tensor | dict[str, Tensor]) -> Tensor:
+    def forward(self, x: Tensor | dict[str, Tensor],
+                replace: dict[str, Tensor] | None = None) -> Tensor:
         """The network output at inputs ``x`` (a tensor, or a dict of keyword inputs), read
-        with :attr:`output_key`."""
-        if isinstance(x, dict):
-            check_keyword_inputs(self.model, x)
-            return select_output(self.model(**x), self.output_key)
-        return select_output(self.model(x), self.output_key)
+        with :attr:`output_key`; ``replace`` (``{qualified name: tensor}``) stands in for
+        those parameters during the call (:func:`torch.func.functional_call`; module hooks
+        still fire)."""
+        args, kwargs = ((), x) if isinstance(x, dict) else ((x,), {})
+        if kwargs:
+            check_keyword_inputs(self.model, kwargs)
+        if replace:
+            out = torch.func.functional_call(self.model, replace, args, kwargs, strict=False)
+        else:
+            out = self.model(*args, **kwargs)
+        return select_output(out, self.output_key)
 
     # per-module view -----------------------------------------------------------------
     def modules(self) -> list[tuple[str, nn.Module, list[tuple[str, int]]]]:
@@ -330,6 +337,8 @@ def select(
     named = _trainable(model)
     if not named:
         raise InvalidArgumentError("the model has no trainable parameters (requires_grad=True)")
+    if isinstance(subset, str) and subset not in SUBSETS and any(c in subset for c in "*?["):
+        subset = [subset]  # one name pattern
     if isinstance(subset, str):
         if subset in ("all", "trainable"):
             chosen = named

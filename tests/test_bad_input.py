@@ -306,10 +306,13 @@ def _supported_hessian_full():
 def _supported_grouped_conv():
     from conftest import dense_curvature
 
-    # a grouped convolution has no Kronecker factors: K-FAC keeps its exact dense block
+    # a grouped convolution is Kronecker-factored per group; its diagonal is exact
     model = _grouped_conv()
-    kfac = dense(compute(model, "classification", _image_loader(), subset=["0"]))
-    same(kfac, dense_curvature(model, "classification", _image_loader(), params=["0"]))
+    kfac = compute(model, "classification", _image_loader(), subset=["0"]).matrix
+    assert type(kfac.blocks[0]).__name__ == "KroneckerBatch"
+    diag = compute(model, "classification", _image_loader(), subset=["0"], structure="diag")
+    same(diag.matrix.diagonal(),
+         dense_curvature(model, "classification", _image_loader(), params=["0"]).diagonal())
 
 
 COMPUTE = [
@@ -485,10 +488,11 @@ COMPUTE = [
     Row("compute/gru-per-sample", lambda: compute(RNNNet(), "classification", seq_loader(),
                                                   unknown_layers="per_sample"),
         UnsupportedLayerError, "recurrent"),
-    Row("compute/unknown-layer", lambda: curv(model=nn.Sequential(mlp(), Scale())),
-        UnsupportedLayerError, "unknown_layers='per_sample'"),
-    Row("compute/root-parameter", lambda: curv(model=RootParam()), UnsupportedLayerError,
-        "unknown_layers='per_sample'"),
+    Row("compute/unknown-layer", lambda: curv(model=nn.Sequential(mlp(), Scale()),
+                                              unknown_layers="error"),
+        UnsupportedLayerError, "unknown_layers='auto'"),
+    Row("compute/root-parameter", lambda: curv(model=RootParam(), unknown_layers="error"),
+        UnsupportedLayerError, "unknown_layers='auto'"),
     Row("compute/data-numpy-array", lambda: curv(data=xy()[0].numpy()), InvalidArgumentError,
         "got a ndarray"),
     Row("compute/data-dict", lambda: curv(data={"x": xy()[0], "y": xy()[1]}),
@@ -523,7 +527,7 @@ COMPUTE = [
     Row("compute/ok-mean-reduction", _supported_mean_reduction),
     Row("compute/ok-uneven-batches", _supported_uneven_batches),
     Row("compute/ok-hessian-full", _supported_hessian_full),
-    Row("compute/ok-grouped-conv-kfac-dense-block", _supported_grouped_conv),
+    Row("compute/ok-grouped-conv-kfac-per-group", _supported_grouped_conv),
 ]
 
 

@@ -154,10 +154,10 @@ def _case(name: str):
         model = nn.Sequential(nn.Conv3d(1, 2, 2, stride=(1, 2, 1), padding=1), nn.Tanh(),
                               Flatten(), nn.LazyLinear(2))
         x = torch.randn(n, 1, 3, 3, 3)
-    elif name == "conv-groups":  # no Kronecker factorisation: generic per-sample route
+    elif name == "conv-groups":  # one Kronecker block per group; one position (no sharing)
         model = nn.Sequential(nn.Conv2d(2, 4, 2, groups=2), nn.Tanh(), Flatten(),
                               nn.LazyLinear(3))
-        x = torch.randn(n, 2, 3, 3)
+        x = torch.randn(n, 2, 2, 2)
     elif name == "embedding":
         model = nn.Sequential(nn.Embedding(7, 3, padding_idx=0), MeanT(True), nn.Tanh(),
                               nn.Linear(3, 3))
@@ -227,9 +227,11 @@ def test_full_and_diag_exact(name, kind, dense_reference, batches_of):
 
 
 def _block_mask(matrix: BlockDiagonal) -> torch.Tensor:
+    """Diagonal blocks of the curvature, a grouped convolution's split into its groups."""
     mask = torch.zeros(matrix.size, matrix.size, dtype=torch.bool)
-    for idx in matrix.indices:
-        mask[idx[:, None], idx[None, :]] = True
+    for block, idx in zip(matrix.blocks, matrix.indices):
+        for part in idx.chunk(getattr(block, "num_groups", 1)):
+            mask[part[:, None], part[None, :]] = True
     return mask
 
 
@@ -482,11 +484,12 @@ def test_unknown_layer_refused_then_per_sample(dense_reference, batches_of):
     x, y = torch.randn(8, 3, dtype=DT), torch.randint(0, 2, (8,))
     data = batches_of(x, y, (5, 3))
     with pytest.raises(UnsupportedLayerError, match=r"'1'.*Scale"):
-        compute(model, "classification", data, structure="diag")
+        compute(model, "classification", data, structure="diag", unknown_layers="error")
     ref = dense_reference(model, "classification", data)
-    for structure in ("full", "diag", "kfac"):
+    for structure, option in [(s, o) for s in ("full", "diag", "kfac")
+                              for o in ("auto", "per_sample")]:
         curv = compute(model, "classification", data, structure=structure,
-                       unknown_layers="per_sample")
+                       unknown_layers=option)
         if structure == "kfac":
             blk = curv.matrix.blocks[1].to_dense()
             idx = curv.matrix.indices[1]

@@ -292,13 +292,15 @@ def test_unsupported_layer_is_named():
     model = nn.Sequential(nn.Linear(4, 3), Scale()).to(DT)
     _, _, dl = data()
     with pytest.raises(errors.UnsupportedLayerError, match="'1'.*Scale"):
-        Laplace(model, "classification", structure="kfac").fit(dl, progress=False)
-    # opting in to per-sample gradients of that module works and is exact
-    la = Laplace(model, "classification", structure="full",
-                 unknown_layers="per_sample").fit(dl, progress=False)
+        Laplace(model, "classification", structure="kfac",
+                unknown_layers="error").fit(dl, progress=False)
+    # by default (and opting in) per-sample gradients of that module: exact
     x = torch.cat([b[0] for b in dl])
     ggn, _ = dense_ggn(model, "classification", x)
-    torch.testing.assert_close(la.curvature.to_dense(), ggn)
+    for option in ("auto", "per_sample"):
+        la = Laplace(model, "classification", structure="full",
+                     unknown_layers=option).fit(dl, progress=False)
+        torch.testing.assert_close(la.curvature.to_dense(), ggn)
 
 
 def test_non_finite_data():

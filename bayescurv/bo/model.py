@@ -146,11 +146,13 @@ class LaplaceModel(LinearizedModelMixin, Model, FantasizeMixin):
             mean for every noise level, so noiseless objectives get interpolating fits);
             ``"laplace"`` (the only choice for other structures): the Laplace evidence at the
             MAP, predictive mean :math:`f(x;\theta^*)`.
-        prior_precision, sigma_noise: initial :math:`\delta_0, \sigma_0`; the MAP objective uses
-            weight decay :math:`\sigma_0^2\delta_0/N`, then both are tuned by marginal
-            likelihood (``prior_granularity`` "scalar"/"layer", or "ard" for ``"ntk"``: one
-            precision per input column of the first layer, one per other tensor — the
-            default there without an embedding; see :func:`~bayescurv.bo.ntk.prior_groups`).
+        prior_precision: initial prior precision :math:`\delta_0`; the MAP objective uses
+            weight decay :math:`\sigma_0^2\delta_0/N`, then :math:`\delta` and
+            :math:`\sigma` are tuned by marginal likelihood (``prior_granularity``
+            "scalar"/"layer", or "ard" for ``"ntk"``: one precision per input column of the
+            first layer, one per other tensor — the default there without an embedding; see
+            :func:`~bayescurv.bo.ntk.prior_groups`).
+        sigma_noise: initial observation noise :math:`\sigma_0` (see ``prior_precision``).
         noise: ``"marglik"`` (tune :math:`\sigma` with the prior precision), ``"residual"``
             (:math:`\sigma^2` = the MAP fit's training MSE) or a fixed float; in all cases
             :math:`\sigma \ge` ``min_noise`` (outcome-transformed units).
@@ -159,16 +161,19 @@ class LaplaceModel(LinearizedModelMixin, Model, FantasizeMixin):
             (LogNormal(-4, 1), BoTorch's ``SingleTaskGP`` noise prior), a
             ``torch.distributions.Distribution`` over :math:`\sigma^2`, or ``None`` (type-II
             maximum likelihood).
-        steps, lr, batch_size, patience: MAP training (see
-            :func:`~bayescurv.bo.training.train_map`); ``steps`` defaults to 500 for ``"ntk"``
-            (half of it in later rounds), 2000 otherwise.
+        steps: MAP training steps (see :func:`~bayescurv.bo.training.train_map`); default
+            500 for ``"ntk"`` (half of it in later rounds), 2000 otherwise.
+        lr: MAP training learning rate (Adam).
+        batch_size: MAP training mini-batch size (full batch when ``N <= batch_size``).
+        patience: MAP training stops after this many steps without improvement.
         marglik_steps: L-BFGS iterations (at most) of the
             hyperparameter tuning.
         refine_steps: Adam steps (default 50 for ``"ntk"``, else 300) of the warm-started
             refinement in
             :meth:`condition_on_observations`.
-        input_transform, outcome_transform: BoTorch transforms (e.g. ``Normalize``,
-            ``Standardize``), learned on the training data as BoTorch models do.
+        input_transform: BoTorch input transform (e.g. ``Normalize``), learned on the
+            training data as BoTorch models do.
+        outcome_transform: BoTorch outcome transform (e.g. ``Standardize``), likewise.
         seed: seeds the network initialization and mini-batch draws.
     """
 

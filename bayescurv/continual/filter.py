@@ -22,6 +22,7 @@ the last MAP; ``decay`` is EWC's γ. :class:`KFACFilter` is the K-FAC online Lap
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
@@ -36,8 +37,8 @@ from bayescurv.curvature.eigen import lanczos_topk, randomized_eigh
 from bayescurv.curvature.matfree import CurvatureLinearOperator
 from bayescurv.errors import InvalidArgumentError, NotFittedError, ShapeError
 from bayescurv.likelihoods import Likelihood, get_likelihood
-from bayescurv.linalg import BlockDiagonal, KroneckerEigen, LowRankPlusDiagonal
-from bayescurv.params import ParamSet, select
+from bayescurv.linalg import BlockDiagonal, KroneckerEigen, LowRankPlusDiagonal, robust_eigh
+from bayescurv.params import OutputKey, ParamSet, check_output_key, select
 
 EIGENSOLVERS = ("randomized", "lanczos", "dense")
 CURVATURE_KINDS = ("ggn", "ef")
@@ -81,7 +82,7 @@ def task_curvature(
         if eigensolver == "dense":
             dense = compute(model, likelihood, data, structure="full", kind=kind,
                             subset=params).matrix.to_dense()
-            evals, evecs = torch.linalg.eigh(0.5 * (dense + dense.mT))
+            evals, evecs = robust_eigh(0.5 * (dense + dense.mT), "task GGN")
             g, V = evals.flip(0)[:rank], evecs.flip(1)[:, :rank]
         else:
             op = CurvatureLinearOperator(model, likelihood, data, params, kind=kind)
@@ -108,11 +109,17 @@ def task_curvature(
 class _TaskSequence:
     """Parameter bookkeeping and phase checks shared by the filters."""
 
-    def __init__(self, model: nn.Module, likelihood: str | Likelihood, subset: Any) -> None:
+    def __init__(self, model: nn.Module, likelihood: str | Likelihood, subset: Any,
+                 output_key: OutputKey = None) -> None:
         self.model = model
         self.likelihood = get_likelihood(likelihood)
         self.subset = subset
-        self.params = subset if isinstance(subset, ParamSet) else select(model, subset)
+        output_key = check_output_key(output_key)
+        if isinstance(subset, ParamSet):
+            self.params = subset if output_key is None else dataclasses.replace(
+                subset, output_key=output_key)
+        else:
+            self.params = select(model, subset, output_key=output_key)
         self._signature = [(n, tuple(p.shape)) for n, p in zip(self.params.names,
                                                                 self.params.params)]
         self._phase = "start"  # start -> predicted -> filtered -> predicted -> ...
@@ -126,7 +133,7 @@ class _TaskSequence:
         if model is None or model is self.model:
             return self.params
         subset = self.subset if not isinstance(self.subset, ParamSet) else self.params.names
-        pset = select(model, subset)
+        pset = select(model, subset, output_key=self.params.output_key)
         sig = [(n, tuple(p.shape)) for n, p in zip(pset.names, pset.params)]
         if sig != self._signature:
             diff = [(a, b) for a, b in zip(self._signature, sig) if a != b][:3]
@@ -199,9 +206,14 @@ class LaplaceFilter(_TaskSequence):
             eigen-directions (so the GGN's diagonal is added exactly).
         fold_residual: fold the diagonal of what the re-truncation to rank ``k`` discards
             into ``D`` (keeps ``diag Λ`` exact); otherwise drop it (``Λ_kept ⪯ Λ``).
-        eigensolver, kind, generator: see :func:`task_curvature`.
+        eigensolver: see :func:`task_curvature`.
+        kind: see :func:`task_curvature`.
+        generator: see :func:`task_curvature`.
         eigensolver_options: ``{"oversample": int, "power_iters": int}`` for the randomized
             eigensolver (defaults 10 and 3).
+        output_key: how to read the network output when the model returns a tuple, a dict
+            or a HuggingFace-style output (:data:`~bayescurv.params.OutputKey`); default the
+            ``output_key`` of a ``ParamSet`` given as ``subset``.
     """
 
     def __init__(
@@ -221,8 +233,9 @@ class LaplaceFilter(_TaskSequence):
         kind: str = "ggn",
         generator: torch.Generator | None = None,
         eigensolver_options: dict[str, int] | None = None,
+        output_key: OutputKey = None,
     ) -> None:
-        super().__init__(model, likelihood, subset)
+        super().__init__(model, likelihood, subset, output_key)
         P = self.params.numel
         self.eigensolver_options = dict(eigensolver_options or {})
         unknown = set(self.eigensolver_options) - {"oversample", "power_iters"}
@@ -392,8 +405,9 @@ class KFACFilter(_TaskSequence):
         transition: Transition | None = None,
         subset: Any = "all",
         kind: str = "ggn",
+        output_key: OutputKey = None,
     ) -> None:
-        super().__init__(model, likelihood, subset)
+        super().__init__(model, likelihood, subset, output_key)
         transition = transition if transition is not None else Transition()
         if not (isinstance(transition.scale, (int, float)) and float(transition.scale) == 1.0
                 and isinstance(transition.noise, (int, float))

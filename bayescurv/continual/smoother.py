@@ -34,8 +34,10 @@ class FilterStep:
     """Moments of one task: predicted before training, filtered after the update.
 
     Attributes:
-        predicted_mean, predicted: ``m⁻_t`` and ``Λ⁻_t``.
-        mean, precision: ``m_t`` (the MAP of task ``t``) and ``Λ_t``.
+        predicted_mean: ``m⁻_t``.
+        predicted: ``Λ⁻_t``.
+        mean: ``m_t`` (the MAP of task ``t``).
+        precision: ``Λ_t``.
         scale: ``a`` of the transition into task ``t`` (ones for the first task).
         discarded: squared singular values dropped by the rank truncation of the update.
     """

@@ -24,12 +24,19 @@ from bayescurv.linalg import (
     BlockDiagonal,
     Dense,
     Diagonal,
+    KroneckerBatch,
     KroneckerEigen,
     PSDOperator,
     internal_dtype,
     product_dtype,
 )
 from bayescurv.params import ParamSet
+
+LOOSE_DENSE_MAX = 2048
+"""Largest number of entries of a module's non-Kronecker parameters (norm affine
+parameters, loose parameters such as class tokens, position codes, layer-scale gammas, bias
+tables) that K-FAC / EKFAC give an exact dense block; above it they get their exact
+diagonal (a ViT-S/16's ``pos_embed`` has 75,648 entries: a dense block would take 46 GB)."""
 
 GRAM_ROWS = 4096
 """Rows of a factor converted to the state's dtype at once by the Gram accumulation."""
@@ -45,12 +52,10 @@ def _per_sample(rec: ModuleRecord, dtype: torch.dtype | None) -> dict[int, Tenso
         return {i: t.to(dtype) for i, t in rec.per_sample().items()}
     v = rec.linear_view()
     ps = layers.linear_per_sample(layers.LinearView(v.a.to(dtype), v.g.to(dtype)))
-    k, b = ps.shape[:2]
-    out = {}
-    if rec.with_bias:
-        out[rec.owned["bias"]] = ps[..., -1].reshape(k, b, -1)
-        ps = ps[..., :-1]
-    out[rec.owned["weight"]] = ps.reshape(k, b, -1)
+    w, b = layers.split_per_sample(rec.module, ps, rec.with_bias)
+    out = {rec.owned["weight"]: w}
+    if b is not None:
+        out[rec.owned["bias"]] = b
     return out
 
 
@@ -119,17 +124,16 @@ class DiagAccumulator:
             self._add(i, t.square().sum((0, 1)))
 
     def _update_linear(self, rec: ModuleRecord) -> None:
-        wi = rec.owned["weight"]
         if rec.output_hessian is not None:  # the output layer: Σ_k g² = diag(H_b), closed form
             lik, f = rec.output_hessian
             a = rec.linear_inputs(augment=False)[:, 0, :].to(self.dtype)
             self._add_rank_one(rec, lik.hessian_diagonal(f).to(self.dtype), a)
             return
-        a = rec.linear_inputs(augment=False)
-        g = rec.linear_grads()
-        if a.shape[1] == 1:  # no sharing: Σ_b (Σ_k g²)ᵀ a², written in place
-            self._add_rank_one(rec, g[:, :, 0, :].to(self.dtype).square().sum(0),
-                               a[:, 0, :].to(self.dtype))
+        a = rec.linear_inputs(augment=False)  # (B, T, I); grouped (G, B, T, I)
+        g = rec.linear_grads()  # (K, B, T, O); grouped (G, K, B, T, O)
+        if a.shape[-2] == 1:  # no sharing: Σ_b (Σ_k g²)ᵀ a², written in place
+            self._add_rank_one(rec, g[..., 0, :].to(self.dtype).square().sum(-3),
+                               a[..., 0, :].to(self.dtype))
             return
         if rec.with_bias:  # the column of ones of the bias
             a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], -1)
@@ -139,14 +143,21 @@ class DiagAccumulator:
         if rec.with_bias:
             self._add(rec.owned["bias"], d[:, -1])
             d = d[:, :-1]
-        self._add(wi, d)
+        self._add(rec.owned["weight"], d.T if layers.linear_layout(rec.module).transposed
+                  else d)
 
     def _add_rank_one(self, rec: ModuleRecord, g2: Tensor, a: Tensor) -> None:
-        """``diag += Σ_b g2_b ⊗ a_b²`` in place (``g2`` ``(B, O)``, ``a`` ``(B, I)``)."""
-        w = self.diag[self.params.slice_of(rec.owned["weight"])].view(g2.shape[1], -1)
-        w.addmm_(g2.T, a.square())
+        """``diag += Σ_b g2_b ⊗ a_b²`` in place (``g2`` ``(B, O)``, ``a`` ``(B, I)``; grouped
+        ``(G, B, O_g)``, ``(G, B, I)``: one batched product, rows ``j O_g + o``)."""
+        w = self.diag[self.params.slice_of(rec.owned["weight"])]
+        if g2.dim() == 3:
+            w.view(g2.shape[0], g2.shape[2], -1).baddbmm_(g2.mT, a.square())
+        elif layers.linear_layout(rec.module).transposed:  # weight stored (I, O)
+            w.view(-1, g2.shape[1]).addmm_(a.square().T, g2)
+        else:
+            w.view(g2.shape[1], -1).addmm_(g2.T, a.square())
         if rec.with_bias:
-            self._add(rec.owned["bias"], g2.sum(0))
+            self._add(rec.owned["bias"], g2.sum(-2))
 
     def _add(self, index: int, values: Tensor) -> None:
         self.diag[self.params.slice_of(index)] += values.reshape(-1)
@@ -159,11 +170,14 @@ class DiagAccumulator:
 
 
 def kron_index(params: ParamSet, rec: ModuleRecord) -> Tensor:
-    """Flat positions of the row-major entries of ``W̃ = [W | b]`` (shape ``(O, I)``)."""
+    """Flat positions of the row-major entries of ``W̃ = [W | b]`` (shape ``(O, I)``; a
+    grouped convolution's rows ``j O_g + o`` are its ``C_out`` channels, so the groups'
+    blocks follow one another; a transposed weight ``(I, O)`` is read column-wise)."""
     w = params.params[rec.owned["weight"]]
-    o = w.shape[0]
+    lay = layers.linear_layout(rec.module)
     sw = params.slice_of(rec.owned["weight"])
-    idx = torch.arange(sw.start, sw.stop, device=w.device).reshape(o, -1)
+    idx = torch.arange(sw.start, sw.stop, device=w.device)
+    idx = idx.reshape(lay.inp, lay.out).T if lay.transposed else idx.reshape(lay.out, -1)
     if rec.with_bias:
         sb = params.slice_of(rec.owned["bias"])
         idx = torch.cat([idx, torch.arange(sb.start, sb.stop, device=w.device)[:, None]], 1)
@@ -180,7 +194,10 @@ class KFACAccumulator:
       :math:`\bar a_n = \frac1T\sum_t a_{nt}`, :math:`G = \sum_{k,n} (\sum_t g_{knt})(\cdot)^\top`;
 
     and the block is :math:`G \otimes A` on row-major ``vec(W̃)``. Both are exact for one
-    data point without sharing. Embeddings use expand with the diagonal ``A`` of row counts;
+    data point without sharing. A grouped convolution gets one pair per group, summed as
+    batched ``(G, I, I)`` / ``(G, O_g, O_g)`` Grams, and the block
+    :math:`\mathrm{blockdiag}_j (G_j \otimes A_j)` (:class:`~bayescurv.linalg.KroneckerBatch`).
+    Embeddings use expand with the diagonal ``A`` of row counts;
     other layers (norm affine parameters, opted-in generic modules) get an exact dense block.
     """
 
@@ -202,16 +219,19 @@ class KFACAccumulator:
             return torch.zeros(shape, dtype=self.dtype, device=self.params.device)
 
         if rec.route == "linear":
-            w = rec.module.weight
-            o, i = w.shape[0], w[0].numel()
-            st = {"A": z(i, i), "G": z(o, o), "count": z()}
+            lay = layers.linear_layout(rec.module)
+            o, i = lay.out_per_group, lay.inp
+            lead = (lay.groups,) if lay.groups > 1 else ()
+            st = {"A": z(*lead, i, i), "G": z(*lead, o, o), "count": z()}
             if rec.with_bias:
-                st["a_sum"] = z(i)
+                st["a_sum"] = z(*lead, i)
             return st
         if rec.route == "embedding":
             return {"A": z(rec.module.num_embeddings), "G": z(*[rec.module.embedding_dim] * 2),
                     "count": z()}
         p = sum(self.params.params[i].numel() for i in rec.owned.values())
+        if p > LOOSE_DENSE_MAX:
+            return {"diag": z(p), "count": z()}
         return {"block": z(p, p), "count": z()}
 
     def called(self, rec: ModuleRecord) -> bool:
@@ -229,6 +249,11 @@ class KFACAccumulator:
         ``tests/test_float32.py``). Rows are converted in chunks of :data:`GRAM_ROWS`, so no
         float64 copy of the whole factor is made."""
         acc = self.state[rec.name][key]
+        if x.dim() == 3:  # grouped: (G, rows, d), one batched product per chunk
+            for s in range(0, x.shape[1], GRAM_ROWS):
+                xs = x[:, s:s + GRAM_ROWS].to(acc.dtype)
+                acc.baddbmm_(xs.mT, xs)
+            return
         for s in range(0, x.shape[0], GRAM_ROWS):
             xs = x[s:s + GRAM_ROWS].to(acc.dtype)
             acc.addmm_(xs.T, xs)
@@ -243,20 +268,20 @@ class KFACAccumulator:
                 if first:  # later chunks of the batch's loss columns see the same inputs
                     a = rec.linear_inputs(augment=False)  # unfolded once per batch
                     if reduce:
-                        a = a.mean(1, keepdim=True)
-                    a2 = a.reshape(-1, a.shape[-1])
+                        a = a.mean(-2, keepdim=True)
+                    a2 = a.reshape(*a.shape[:-3], -1, a.shape[-1])  # grouped: (G, B T, I)
                     self._acc_gram(rec, "A", a2)
                     if rec.with_bias:  # the bias column of ones: Σ a and the count
-                        self._acc(rec, "a_sum", a2.sum(0, dtype=self.dtype))
-                    self._acc(rec, "count", a2.shape[0])
+                        self._acc(rec, "a_sum", a2.sum(-2, dtype=self.dtype))
+                    self._acc(rec, "count", a2.shape[-2])
                 if closed:  # Σ_k g gᵀ summed over the batch is Σ_b H_b: O(B C²), no roots
                     lik, f = rec.output_hessian
                     self._acc(rec, "G", lik.hessian_sum(f).to(self.dtype))
                 else:
                     g = rec.linear_grads()
                     if reduce:
-                        g = g.sum(2, keepdim=True)
-                    self._acc_gram(rec, "G", g.reshape(-1, g.shape[-1]))
+                        g = g.sum(-2, keepdim=True)
+                    self._acc_gram(rec, "G", g.reshape(*g.shape[:-4], -1, g.shape[-1]))
             elif rec.route == "embedding":
                 for x, g in zip(rec.inputs, rec.grads):
                     if first:
@@ -267,7 +292,10 @@ class KFACAccumulator:
             else:
                 ps = _per_sample(rec, self.dtype)
                 v = torch.cat([ps[i] for i in sorted(ps)], -1)
-                self._acc_gram(rec, "block", v.reshape(-1, v.shape[-1]))
+                if "diag" in self.state[rec.name]:
+                    self._acc(rec, "diag", v.square().sum((0, 1)))
+                else:
+                    self._acc_gram(rec, "block", v.reshape(-1, v.shape[-1]))
                 if first:
                     self._acc(rec, "count", v.shape[1])
 
@@ -280,12 +308,12 @@ class KFACAccumulator:
         diagonal by :class:`~bayescurv.linalg.KroneckerEigen`: no ``V x V`` matrix)."""
         st = self.state[rec.name]
         count = st["count"].clamp_min(1)
-        if rec.route == "linear":
+        if rec.route == "linear":  # grouped: (G, O_g, O_g), (G, I, I)
             a = st["A"]
             if rec.with_bias:  # augmented input [a, 1]: [[Σ a aᵀ, Σ a], [Σ aᵀ, count]]
-                s = st["a_sum"][:, None]
-                a = torch.cat([torch.cat([a, s], 1), torch.cat([s.T, st["count"].reshape(1, 1)],
-                                                                1)], 0)
+                s = st["a_sum"][..., :, None]
+                n = st["count"].expand(*s.shape[:-2], 1, 1)
+                a = torch.cat([torch.cat([a, s], -1), torch.cat([s.mT, n], -1)], -2)
             return st["G"], a / count
         return st["A"] / count, st["G"]  # embedding: (V, D) row-major -> diag(A) ⊗ G
 
@@ -307,12 +335,21 @@ class KFACAccumulator:
                 indices.append(idx)
                 continue
             if rec.route in ("linear", "embedding"):
-                blocks.append(KroneckerEigen.from_factors(*self.factors(rec)))
+                f1, f2 = self.factors(rec)
+                blocks.append(KroneckerBatch.from_factors(f1, f2) if f1.dim() == 3
+                              else KroneckerEigen.from_factors(f1, f2))
             else:
-                m = self.state[rec.name]["block"]
-                blocks.append(Dense(0.5 * (m + m.T)))
+                blocks.append(self.other_block(rec))
             indices.append(self.index(rec))
         return BlockDiagonal(blocks, indices)
+
+    def other_block(self, rec: ModuleRecord) -> PSDOperator:
+        """The exact block of a record without Kronecker factors: dense, or its diagonal
+        above :data:`LOOSE_DENSE_MAX` entries."""
+        st = self.state[rec.name]
+        if "diag" in st:
+            return Diagonal(st["diag"].clone())
+        return Dense(0.5 * (st["block"] + st["block"].T))
 
 
 class EKFACCorrection:
@@ -330,10 +367,10 @@ class EKFACCorrection:
             if rec.route in ("linear", "embedding") and kfac.called(rec):
                 f1, f2 = kfac.factors(rec)
                 q1 = None if f1.ndim == 1 else torch.linalg.eigh(f1)[1]  # diagonal: identity
-                q2 = torch.linalg.eigh(f2)[1]
+                q2 = torch.linalg.eigh(f2)[1]  # grouped: batched over the groups
                 self.bases[rec.name] = (q1, q2)
-                self.scales[rec.name] = torch.zeros(f1.shape[0], f2.shape[0], dtype=f1.dtype,
-                                                    device=f1.device)
+                self.scales[rec.name] = torch.zeros(*f2.shape[:-2], f1.shape[-1], f2.shape[-1],
+                                                    dtype=f1.dtype, device=f1.device)
 
     def update(self, records: list[ModuleRecord], first: bool = True) -> None:
         for rec in records:
@@ -348,19 +385,20 @@ class EKFACCorrection:
                     aq = (rec.linear_inputs()[:, 0, :].to(dt) @ q2).square()
                     self.scales[rec.name] += gq.T @ aq
                     continue
-                v = rec.linear_view()
-                if v.a.shape[1] == 1:  # no sharing: (g Q_G)^2ᵀ (a Q_A)^2, one matmul
-                    gq = (v.g[:, :, 0, :].to(dt) @ q1).square().sum(0)
-                    aq = (v.a[:, 0, :].to(dt) @ q2).square()
-                    self.scales[rec.name] += gq.T @ aq
+                v = rec.linear_view()  # grouped: bases (G, n, n), rotations batched over G
+                scale = self.scales[rec.name]
+                if v.a.shape[-2] == 1:  # no sharing: (g Q_G)^2ᵀ (a Q_A)^2, one matmul
+                    gq = layers.group_matmul(v.g[..., 0, :].to(dt), q1).square().sum(-3)
+                    aq = layers.group_matmul(v.a[..., 0, :].to(dt), q2).square()
+                    scale += gq.mT @ aq
                     continue
                 # sharing: rotate the factors, then square the per-input Jacobians in the
                 # eigenbasis, Σ_t (Q_Gᵀ g_t)(Q_Aᵀ a_t)ᵀ, in chunks (never (K, B, O, I) at once)
                 work = product_dtype(self.kfac.params.dtype)
-                gq = v.g.to(work) @ q1.to(work)
-                aq = v.a.to(work) @ q2.to(work)
-                self.scales[rec.name] += layers.linear_diag(layers.LinearView(aq, gq),
-                                                            out_dtype=dt)
+                gq = layers.group_matmul(v.g.to(work), q1.to(work))
+                aq = layers.group_matmul(v.a.to(work), q2.to(work))
+                scale += layers.linear_diag(layers.LinearView(aq, gq),
+                                            out_dtype=dt).view(scale.shape)
                 continue
             else:
                 ps = torch.cat([layers.embedding_per_sample(rec.module, x, g.to(dt))
@@ -383,9 +421,9 @@ class EKFACCorrection:
                 continue
             if rec.name in self.bases:
                 q1, q2 = self.bases[rec.name]
-                blocks.append(KroneckerEigen(q1, q2, self.scales[rec.name]))
+                cls = KroneckerBatch if q2.dim() == 3 else KroneckerEigen
+                blocks.append(cls(q1, q2, self.scales[rec.name]))
             else:
-                m = self.kfac.state[rec.name]["block"]
-                blocks.append(Dense(0.5 * (m + m.T)))
+                blocks.append(self.kfac.other_block(rec))
             indices.append(self.kfac.index(rec))
         return BlockDiagonal(blocks, indices)

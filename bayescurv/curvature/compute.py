@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from bayescurv import batches
 from bayescurv.curvature import accumulate, layers, lowrank, preflight
-from bayescurv.curvature.engine import KINDS, HookCapture, stream
+from bayescurv.curvature.engine import KINDS, UNKNOWN_LAYERS, HookCapture, stream
 from bayescurv.deprecation import UNSET, renamed
 from bayescurv.errors import InvalidArgumentError, NonFiniteError
 from bayescurv.likelihoods import Likelihood, get_likelihood
@@ -57,13 +57,13 @@ class Curvature:
 
 def check_options(
     structure: str, kind: str, num_samples: int, rank: int, lowrank_method: str,
-    unknown_layers: str = "error",
+    unknown_layers: str = "auto",
 ) -> None:
     """Validate the options of :func:`compute` (also called by ``Laplace`` at construction,
     so a bad option is refused before any data are read)."""
-    if unknown_layers not in ("error", "per_sample"):
+    if unknown_layers not in UNKNOWN_LAYERS:
         raise InvalidArgumentError(
-            f"unknown_layers must be 'error' or 'per_sample', got {unknown_layers!r}")
+            f"unknown_layers must be one of {UNKNOWN_LAYERS}, got {unknown_layers!r}")
     if structure not in STRUCTURES:
         raise InvalidArgumentError(f"unknown structure {structure!r}; use one of {STRUCTURES}")
     if kind not in ALL_KINDS:
@@ -122,7 +122,7 @@ def compute(
     num_samples: int = 1,
     generator: torch.Generator | None = None,
     reduction: str = "sum",
-    unknown_layers: str = "error",
+    unknown_layers: str = "auto",
     rank: int = 10,
     lowrank_method: str = "sqrt",
     x_key: str = "x",
@@ -158,9 +158,15 @@ def compute(
             ``Laplace(subset=...)``.
         generator: random source of ``"mc"`` and of the randomized low-rank methods.
         reduction: ``"sum"`` (the convention above) or ``"mean"`` (divide by N).
-        unknown_layers: ``"error"`` (refuse modules of unknown type, naming them) or
-            ``"per_sample"`` (opt in to per-sample gradients of that module by
-            ``torch.func``; exact for modules acting on each data point separately).
+        unknown_layers: modules of a type the extractors do not know that own parameters of
+            the subset (loose parameters: class tokens, position codes, layer-scale gammas,
+            bias tables): ``"auto"`` (default: exact; leading-size-one parameters expanded
+            over the batch, others by per-sample gradients of the owning module, checked once
+            to act per data point), ``"per_sample"`` (the same, unchecked) or ``"error"``
+            (refuse them, naming them); see :data:`bayescurv.curvature.engine.UNKNOWN_LAYERS`.
+            In K-FAC / EKFAC they get a dense block up to
+            :data:`~bayescurv.curvature.accumulate.LOOSE_DENSE_MAX` entries, their exact
+            diagonal above.
         rank: number of eigenpairs of the low-rank structures.
         lowrank_method: ``"sqrt"`` (exact low-rank root from the hooks, ViViT-style; exact
             when ``N * K <= rank``), ``"lanczos"`` or ``"randomized"`` (matrix-free GGN /

@@ -20,6 +20,16 @@ from bayescurv.errors import InvalidArgumentError, ShapeError, UnsupportedLayerE
 from bayescurv.likelihoods import Likelihood, check_finite_outputs
 from bayescurv.params import ParamSet
 
+UNKNOWN_LAYERS = ("auto", "per_sample", "error")
+"""How modules of a type the structured extractors do not know are handled when they own
+parameters of the posterior (e.g. timm's ``cls_token`` / ``pos_embed`` on the
+``VisionTransformer`` itself, a layer-scale ``gamma``, a relative-position bias table):
+``"auto"`` (default) handles them exactly — parameters with a leading dimension of size one
+by expanding them over the batch (their per-sample gradients come from the same backward
+pass), the others by per-sample gradients of the owning module (``torch.func``) after
+checking once that it acts on each data point separately; ``"per_sample"`` the same without
+that check; ``"error"`` refuses them."""
+
 KINDS = ("ggn", "mc", "ef")
 """Curvature kinds the hook engine computes: the exact GGN (= Fisher for the likelihoods
 here), its Monte-Carlo estimate with sampled targets, and the empirical Fisher. The Hessian
@@ -30,8 +40,12 @@ is matrix-free (:mod:`bayescurv.curvature.matfree`) or dense for small nets."""
 class ModuleRecord:
     """What the hooks saw of one module over one batch.
 
-    ``route``: ``"linear"`` (Linear/Conv with its weight in the posterior), ``"embedding"``
-    or ``"generic"`` (per-sample gradients of the module by ``torch.func``).
+    ``route``: ``"linear"`` (Linear/Conv with its weight in the posterior), ``"embedding"``,
+    ``"generic"`` (per-sample gradients of the module by ``torch.func``) or ``"broadcast"``
+    (loose parameters with a leading dimension of size one, e.g. a class token ``(1, 1, D)``
+    or position codes ``(1, T, D)``, replaced during the forward pass by their expansion over
+    the batch, so that the batched backward pass yields their per-sample gradients directly:
+    ``inputs``/``outputs`` then hold those expanded tensors, one per owned parameter).
     ``owned``: ``{local parameter name: index in the ParamSet}``.
     ``inputs``, ``outputs`` and ``grads`` (``(K, ...)``) hold the batch in dimension 0
     whatever the model's layout; ``batch_dims`` says where each call had it, ``shapes`` the
@@ -53,6 +67,8 @@ class ModuleRecord:
     shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     returned: list[Tensor] = field(default_factory=list)
     output_hessian: tuple | None = None
+    verify: bool = False
+    differentiable: bool = False
 
     @property
     def with_bias(self) -> bool:
@@ -74,47 +90,86 @@ class ModuleRecord:
 
     # views ------------------------------------------------------------------------------
     def linear_inputs(self, augment: bool = True) -> Tensor:
-        """Unfolded inputs ``(B, T, I)`` alone (calls stacked along ``T``)."""
+        """Unfolded inputs ``(B, T, I)`` alone (calls stacked along ``T``; grouped
+        convolutions ``(G, B, T, I)``, :class:`layers.LinearView`)."""
         a = [layers.linear_inputs(self.module, x, self.with_bias and augment)
              for x in self.inputs]
-        return a[0] if len(a) == 1 else torch.cat(a, 1)
+        return a[0] if len(a) == 1 else torch.cat(a, -2)
 
     def linear_grads(self) -> Tensor:
-        """Output gradients ``(K, B, T, O)`` alone (calls stacked along ``T``)."""
+        """Output gradients ``(K, B, T, O)`` alone (calls stacked along ``T``; grouped
+        ``(G, K, B, T, O)``)."""
         g = [layers.linear_grads(self.module, gi) for gi in self.grads]
-        return g[0] if len(g) == 1 else torch.cat(g, 2)
+        return g[0] if len(g) == 1 else torch.cat(g, -2)
 
     def linear_view(self, augment: bool = True) -> layers.LinearView:
         """Unfolded inputs and gradients, calls of a reused module stacked along ``T``;
         ``augment=False`` leaves out the column of ones of the bias."""
-        a = [layers.linear_inputs(self.module, x, self.with_bias and augment)
-             for x in self.inputs]
-        g = [layers.linear_grads(self.module, gi) for gi in self.grads]
-        if len(a) == 1:
-            return layers.LinearView(a[0], g[0])
-        return layers.LinearView(torch.cat(a, 1), torch.cat(g, 2))
+        return layers.LinearView(self.linear_inputs(augment), self.linear_grads())
 
     def per_sample(self) -> dict[int, Tensor]:
         """Per-sample, per-column gradients ``{param index: (K, B, numel)}``."""
         out: dict[int, Tensor] = {}
+        if self.route == "broadcast":  # the gradients of the expanded copies, row b = datum b
+            return {i: g.reshape(*g.shape[:2], -1) for i, g in zip(self.owned.values(),
+                                                                  self.grads)}
         if self.route == "linear" and self.called:
             ps = layers.linear_per_sample(self.linear_view())  # (K, B, O, I)
-            k, b = ps.shape[:2]
-            if self.with_bias:
-                out[self.owned["bias"]] = ps[..., -1].reshape(k, b, -1)
-                ps = ps[..., :-1]
-            out[self.owned["weight"]] = ps.reshape(k, b, -1)
+            w, b = layers.split_per_sample(self.module, ps, self.with_bias)
+            out[self.owned["weight"]] = w
+            if b is not None:
+                out[self.owned["bias"]] = b
             return out
         for x, g, bd in zip(self.inputs, self.grads, self.batch_dims):
             if self.route == "embedding":
                 grads = {"weight": layers.embedding_per_sample(self.module, x, g)}
             else:
+                if self.verify:  # the module must act on each data point separately
+                    check_per_sample(self, x, bd)
+                    self.verify = False
                 grads = layers.generic_per_sample(self.module, list(self.owned), x, g, bd)
+                if not self.differentiable:  # no autograd history across batches
+                    grads = {n: t.detach() for n, t in grads.items()}
             for lname, t in grads.items():
                 i = self.owned[lname]
                 t = t.reshape(*t.shape[:2], -1)
                 out[i] = out[i] + t if i in out else t
         return out
+
+
+def check_per_sample(rec: ModuleRecord, x: Tensor, batch_dim: int) -> None:
+    """Refuse a module of a type the extractors do not know when it does not act on each data
+    point separately (then per-sample gradients of the module are not the per-sample
+    gradients of the network): its output on the batch must equal its outputs on the data
+    points one at a time (``torch.func.vmap``), compared once, on the first batch."""
+    if not rec.returned:
+        return
+    ref = rec.returned[0].detach()
+    ref = ref.movedim(batch_dim, 0) if batch_dim else ref
+
+    def one(xb: Tensor) -> Tensor:
+        return rec.module(xb.unsqueeze(batch_dim)).squeeze(batch_dim)
+
+    try:
+        with torch.no_grad():
+            out = torch.func.vmap(one)(x.detach())
+    except Exception as err:  # an op without a batching rule, a non-tensor output, ...
+        raise UnsupportedLayerError(
+            f"module {rec.name!r} ({type(rec.module).__name__}) owns parameters in the "
+            f"posterior that no structured extractor knows, and it cannot be evaluated one data "
+            f"point at a time for their per-sample gradients ({type(err).__name__}: {err}). "
+            "Leave its parameters out of the subset"
+        ) from err
+    scale = ref.abs().max().clamp_min(1e-30)
+    tol = 1e-4 if ref.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+    if out.shape != ref.shape or (out - ref).abs().max() > tol * scale:
+        raise UnsupportedLayerError(
+            f"module {rec.name!r} ({type(rec.module).__name__}) owns parameters in the "
+            "posterior that no structured extractor knows, and its output on a batch differs "
+            "from its outputs on the data points one at a time: it couples the data points, so "
+            "per-sample gradients of the module are not those of the network. Leave its "
+            "parameters out of the subset"
+        )
 
 
 class HookCapture:
@@ -146,9 +201,9 @@ class HookCapture:
                 f"column_chunk must be a positive integer or None, got {column_chunk!r}")
         self.chunk = column_chunk
         self.recording = False  # hooks record only during the model's forward pass
-        if unknown_layers not in ("error", "per_sample"):
+        if unknown_layers not in UNKNOWN_LAYERS:
             raise InvalidArgumentError(
-                f"unknown_layers must be 'error' or 'per_sample', got {unknown_layers!r}"
+                f"unknown_layers must be one of {UNKNOWN_LAYERS}, got {unknown_layers!r}"
             )
         layers.check_modes(params.model)  # dropout / BatchNorm in training mode: refused
         self.params = params
@@ -157,9 +212,24 @@ class HookCapture:
         seen: dict[int, list[str]] = {}
         # attention modules recomputed while capturing: {module: in-projection record or None}
         self.attention: dict[nn.Module, tuple[str, ModuleRecord | None]] = {}
+        self.batch_size: int | None = None  # data points of the batch being captured
+        self._verified = False  # broadcast copies checked to act per data point
+        self._expanded: set[str] = set()  # records whose broadcast output was expanded
         for mname, module, owned in params.modules():
-            layers.check_module(module, mname, structure, unknown_layers == "per_sample")
+            layers.check_module(module, mname, structure, unknown_layers != "error")
             owned_d = dict(owned)
+            known = isinstance(module, (*layers.SUPPORTED, nn.MultiheadAttention)) or getattr(
+                module, layers.PER_SAMPLE_FLAG, False)
+            if not known and self.batch_dim == 0:  # loose parameters broadcast over the batch
+                loose = {n: i for n, i in owned_d.items() if params.params[i].dim() >= 2
+                         and params.params[i].shape[0] == 1}
+                if loose:
+                    self.records.append(ModuleRecord(mname, module, "broadcast", loose))
+                    for i in loose.values():
+                        seen.setdefault(i, []).append(mname)
+                    owned_d = {n: i for n, i in owned_d.items() if n not in loose}
+                    if not owned_d:
+                        continue
             if isinstance(module, nn.MultiheadAttention):
                 local = {"in_proj_weight": "weight", "in_proj_bias": "bias"}
                 rec = ModuleRecord(mname, attention.InProjection(module), "linear",
@@ -169,15 +239,15 @@ class HookCapture:
                 for _, i in owned:
                     seen.setdefault(i, []).append(mname)
                 continue
-            if isinstance(module, layers.LINEAR_LIKE) and "weight" in owned_d and (
-                isinstance(module, nn.Linear) or module.groups == 1
-            ):
-                route = "linear"
+            if "weight" in owned_d and layers.linear_layout(module) is not None:
+                route = "linear"  # Linear, Conv*d (grouped too), layers.LINEAR_RULES
             elif isinstance(module, nn.Embedding):
                 route = "embedding"
             else:
                 route = "generic"
-            self.records.append(ModuleRecord(mname, module, route, owned_d))
+            self.records.append(ModuleRecord(
+                mname, module, route, owned_d, differentiable=differentiable,
+                verify=route == "generic" and unknown_layers == "auto" and not known))
             for _, i in owned:
                 seen.setdefault(i, []).append(mname)
         self.tied = {i for i, mods in seen.items() if len(mods) > 1}
@@ -201,8 +271,8 @@ class HookCapture:
             p.requires_grad_(True)
         out_projs = {id(m.out_proj) for m in self.attention}  # called batch-first by us
         for rec in self.records:
-            if isinstance(rec.module, attention.InProjection):
-                continue  # captured by the attention module's own hook below
+            if isinstance(rec.module, attention.InProjection) or rec.route == "broadcast":
+                continue  # captured by the attention module's own hook / the substitution
             bd = 0 if id(rec.module) in out_projs else self.batch_dim
             self._handles.append(
                 rec.module.register_forward_hook(self._hook(self, rec, bd)))
@@ -234,6 +304,58 @@ class HookCapture:
         finally:
             self.recording = False
 
+    def call(self, x: Tensor | dict[str, Tensor]) -> Tensor:
+        """The model's forward pass on inputs ``x`` with the hooks recording: the network
+        output read with the set's ``output_key``. Loose parameters of ``"broadcast"`` records
+        are replaced by their expansion over the ``B`` data points (leaves w.r.t. which the
+        backward pass differentiates); the model sees the same values."""
+        self.batch_size = b = batches.batch_size(x, self.batch_dim)
+        replace = {}
+        for rec in self.records:
+            if rec.route != "broadcast":
+                continue
+            prefix = f"{rec.name}." if rec.name else ""
+            for lname in rec.owned:
+                p = rec.module.get_parameter(lname)
+                e = p.detach().expand(b, *p.shape[1:]).requires_grad_(True)
+                replace[prefix + lname] = e
+                rec.inputs.append(e)
+                rec.outputs.append(e)
+                rec.batch_dims.append(0)
+                rec.shapes.append((tuple(p.shape), tuple(e.shape)))
+        with self.forward():
+            return self.params.forward(x, replace=replace or None)
+
+    def check_broadcast(self, f: Tensor) -> None:
+        """Once per capture, when parameters or layer outputs shared by the whole batch were
+        expanded over it (:meth:`call`, the hooks): backpropagate the output of data point 0
+        alone and refuse when a copy belonging to another data point receives gradient (the
+        model does not use the shared tensor by broadcasting over the batch, so the copies'
+        gradients would not be per-sample gradients)."""
+        if self._verified or f.shape[0] < 2 or not f.requires_grad:
+            return
+        self._verified = True
+        recs = [r for r in self.records if r.route == "broadcast" or r.name in self._expanded]
+        ts = [o for r in recs for o in r.outputs]
+        if not ts:
+            return
+        cot = torch.zeros_like(f)
+        cot[0] = 1.0
+        grads = torch.autograd.grad(f, ts, cot, retain_graph=True, allow_unused=True)
+        j = 0
+        for r in recs:
+            for _ in r.outputs:
+                g = grads[j]
+                j += 1
+                if g is not None and bool(g[1:].ne(0).any()):
+                    raise UnsupportedLayerError(
+                        f"module {r.name or type(r.module).__name__!r} holds a tensor shared by "
+                        "all data points (a parameter or output with a leading dimension of "
+                        "size one), but the model does not use it by broadcasting over the "
+                        "batch: the output of one data point depends on the copies of others. "
+                        "Leave its parameters out of the subset"
+                    )
+
     @staticmethod
     def _hook(capture: HookCapture, rec: ModuleRecord, batch_dim: int):
         differentiable = capture.differentiable
@@ -245,8 +367,24 @@ class HookCapture:
                 raise UnsupportedLayerError(
                     f"module {rec.name!r} returns {type(output).__name__}, not a tensor"
                 )
+            if not inputs:
+                raise UnsupportedLayerError(
+                    f"module {rec.name!r} ({type(module).__name__}) owns parameters in the "
+                    "posterior but was called with keyword arguments only; its input cannot be "
+                    "captured. Leave its parameters out of the subset"
+                )
             x = inputs[0] if differentiable else inputs[0].detach()
             bd = layers.layer_batch_dim(module, output, batch_dim)
+            b = capture.batch_size
+            if (bd == 0 and b is not None and b > 1 and output.dim() >= 2
+                    and output.shape[0] == 1 and torch.is_tensor(x) and x.dim() >= 1
+                    and x.shape[0] == 1):
+                # a layer applied to an input shared by the batch (position ids (1, T)):
+                # its output is broadcast downstream; expand it over the B data points so the
+                # backward pass yields per-sample gradients (checked: check_broadcast)
+                capture._expanded.add(rec.name)
+                x = x.expand(b, *x.shape[1:])
+                output = output.expand(b, *output.shape[1:])
             rec.batch_dims.append(bd)
             rec.shapes.append((tuple(x.shape), tuple(output.shape)))
             if bd == 0 or x.dim() <= bd:  # (too few dims: refused by check_batch)
@@ -343,6 +481,7 @@ class HookCapture:
         (:meth:`check_batch`)."""
         self.check_batch(cols.shape[1])
         self._check_uncalled(f)
+        self.check_broadcast(f)
         outs = [o for rec in self.records for o in rec.outputs]
         for rec in self.records:
             rec.grads.clear()
@@ -452,8 +591,8 @@ def stream(
             _check_finite_fast(x, "inputs")
             _check_finite_fast(y, "targets")
             capture.clear()
-            with torch.enable_grad(), capture.forward():
-                raw = params.forward(x)  # the output selected by params.output_key
+            with torch.enable_grad():
+                raw = capture.call(x)  # the output selected by params.output_key
             with torch.enable_grad():
                 f = likelihood.check_outputs(raw)
                 check_finite_outputs(f)
@@ -518,8 +657,7 @@ def jacobian_pass(capture: HookCapture, x: Tensor | dict[str, Tensor]) -> Tensor
     ``∂f_c/∂θ_layer`` (inputs ``a``, output gradients ``g[c]``). Returns ``f`` (detached)."""
     capture.clear()
     with torch.enable_grad():
-        with capture.forward():
-            f = capture.params.forward(x)
+        f = capture.call(x)
         if f.dim() == 1:
             f = f.unsqueeze(-1)
         c = f.shape[-1]

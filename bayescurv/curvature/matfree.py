@@ -37,7 +37,7 @@ from bayescurv.deprecation import UNSET, renamed
 from bayescurv.errors import InvalidArgumentError, ShapeError
 from bayescurv.likelihoods import Likelihood, check_finite_outputs, get_likelihood
 from bayescurv.linalg import internal_dtype
-from bayescurv.params import ParamSet, select
+from bayescurv.params import ParamSet, select, select_output
 
 KINDS = ("ggn", "hessian", "ef")
 
@@ -398,6 +398,7 @@ class CurvatureLinearOperator:
                      zip(self.params.names, self.params.params, tangents)}
             args, kwargs = ((), x) if isinstance(x, dict) else ((x,), {})
             out = torch.func.functional_call(self.params.model, duals, args, kwargs)
+            out = select_output(out, self.params.output_key)
             f, jv = fwad.unpack_dual(_likelihood_outputs(out))
         return f, jv.detach()
 

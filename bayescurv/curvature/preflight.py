@@ -9,6 +9,7 @@ import os
 import torch
 from torch import nn
 
+from bayescurv.curvature import layers
 from bayescurv.errors import InvalidArgumentError
 from bayescurv.linalg.base import internal_dtype
 from bayescurv.params import ParamSet
@@ -41,7 +42,10 @@ def _human(n: float) -> str:
 
 
 def _kfac_entries(pset: ParamSet) -> int:
-    """Entries of the K-FAC factors (``O² + I²`` per weight; other tensors dense)."""
+    """Entries of the K-FAC factors: ``O² + I²`` per linear-like weight
+    (:func:`~bayescurv.curvature.layers.linear_layout`; ``I`` with the bias column), exactly
+    ``G (O_g² + I_g²)`` for a grouped convolution (one pair per group); the diagonal row
+    counts plus ``D²`` for an embedding; other tensors a dense block."""
     total = 0
     for _, module, owned in pset.modules():
         names = dict(owned)
@@ -50,12 +54,12 @@ def _kfac_entries(pset: ParamSet) -> int:
             continue
         if isinstance(module, nn.MultiheadAttention):  # in_proj: (3D, D + 1) factors
             names = {"weight": 0, **({"bias": 1} if "in_proj_bias" in names else {})}
-            w = module.in_proj_weight
+            lay = layers.LinearLayout(3 * module.embed_dim, module.embed_dim)
         else:
-            w = getattr(module, "weight", None)
-        if "weight" in names and isinstance(w, torch.Tensor) and w.dim() >= 2:
-            o, i = w.shape[0], w[0].numel() + ("bias" in names)
-            total += o * o + i * i
+            lay = layers.linear_layout(module)
+        if "weight" in names and lay is not None:
+            o, i = lay.out_per_group, lay.inp + ("bias" in names)
+            total += lay.groups * (o * o + i * i)
             continue
         p = sum(pset.params[j].numel() for j in names.values())
         total += p * p

@@ -271,7 +271,7 @@ class EmpiricalNTK(GLMKernel):
         out = []
         for x in X.split(self.block_size):
             with torch.no_grad():
-                f = self.params.model(x)
+                f = self.params.forward(x)  # read with the posterior's output_key
             f = f.reshape(f.shape[0], -1)
             out.append(f - jacobian_vector_product(self.params.model, self.params, x, theta))
         m = torch.cat(out)

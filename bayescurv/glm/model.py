@@ -81,8 +81,8 @@ class IterGLM(CoefficientsMixin):
             ``"laplace"`` (for an :class:`EmpiricalNTK` kernel: Woodbury with the Laplace's own
             structured posterior precision, e.g. K-FAC or diagonal), or a callable on
             ``(N C, k)`` columns.
-        max_newton, newton_tol: Newton iterations and the relative change of the objective
-            at which they stop.
+        max_newton: Newton iterations (at most).
+        newton_tol: relative change of the objective at which the Newton iterations stop.
         num_classes: number of classes for ``"classification"`` (default ``max(y) + 1``).
         sigma_noise: Gaussian observation noise.
         progress: show a tqdm bar over the solver's products.

@@ -79,8 +79,7 @@ class GaussianGLM:
         for x, y in batches.iterate(data, device=params.device, dtype=params.dtype,
                                     x_key=x_key, y_key=y_key):
             with torch.enable_grad():
-                f = params.model(**x) if isinstance(x, dict) else params.model(x)
-                f, y = lik.check(f, y)
+                f, y = lik.check(params.forward(x), y)  # read with params.output_key
                 resid = (y - f).reshape(f.shape[0], -1)
                 # J^T (y - f) = the gradient of -1/2 ||y - f||^2
                 gs = torch.autograd.grad(-0.5 * resid.square().sum(), list(params.params),

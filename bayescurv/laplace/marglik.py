@@ -88,7 +88,7 @@ def _start(la: Laplace, granularity: str, log_sigma: Tensor) -> Tensor:
 
 def maximize_lbfgs(
     objective: Callable[[], Tensor], variables: list[Tensor], max_iter: int, *,
-    tol: float = 1e-4, keep_best: bool = False,
+    tol: float = 1e-4, keep_best: bool = False, info: dict | None = None,
 ) -> tuple[float, int, float]:
     r"""Maximize ``objective()`` over ``variables`` (leaf tensors that require grad, updated in
     place; ``objective`` reads them): the inner loop of :func:`optimize`, shared with the
@@ -102,6 +102,8 @@ def maximize_lbfgs(
     With ``keep_best`` the variables end at the best finite iterate evaluated, else where
     L-BFGS stopped. Returns the objective at the result, the iterations taken and the
     max-norm of the gradient there (``-inf`` and ``inf`` when the result is not finite).
+    ``info``, when given, receives ``evaluations`` (objective evaluations L-BFGS made) and
+    ``max_evaluations`` (its budget, ``5/4 max_iter``), to tell why it stopped.
     """
     best: tuple[float, list[Tensor]] = (-math.inf, [v.detach().clone() for v in variables])
     opt = torch.optim.LBFGS(variables, lr=1.0, max_iter=max(max_iter, 1), history_size=20,
@@ -134,7 +136,11 @@ def maximize_lbfgs(
         return -math.inf, 0, math.inf
     grad = max((v.grad.abs().max().item() for v in variables if v.grad is not None),
                default=0.0)
-    steps = int(opt.state[opt.param_groups[0]["params"][0]].get("n_iter", 0))
+    state = opt.state[opt.param_groups[0]["params"][0]]
+    steps = int(state.get("n_iter", 0))
+    if info is not None:
+        info.update(evaluations=int(state.get("func_evals", 0)),
+                    max_evaluations=int(opt.param_groups[0]["max_eval"]))
     return -loss.item(), steps, grad
 
 
@@ -180,17 +186,38 @@ def optimize(
             print(f"log evidence {lml.item():.6f}")
         return lml
 
-    value, steps, grad = maximize_lbfgs(objective, variables, n_steps, tol=tol)
+    info: dict = {}
+    value, steps, grad = maximize_lbfgs(objective, variables, n_steps, tol=tol, info=info)
     report = TuningReport(grad <= tol, steps, grad, value, start)
     if not report.converged:
-        warnings.warn(
-            f"prior-precision optimization did not converge in {steps} L-BFGS steps "
-            f"(gradient max-norm {grad:.3g} > tol={tol:g}); raise n_steps, or check "
-            "la.tuning", ConvergenceWarning, stacklevel=3)
+        warnings.warn(_not_converged(steps, n_steps, grad, tol, info), ConvergenceWarning,
+                      stacklevel=3)
     la.prior_precision = log_prior.detach().exp()
     if tune_sigma:
         la.sigma_noise = log_sigma.detach().exp()
     return la.prior_precision, report
+
+
+def _not_converged(steps: int, n_steps: int, grad: float, tol: float, info: dict) -> str:
+    """The :class:`ConvergenceWarning` of :func:`optimize`: the steps taken out of
+    ``n_steps``, why L-BFGS stopped and the knob that helps."""
+    head = (f"prior-precision optimization did not reach tol={tol:g} (gradient max-norm "
+            f"{grad:.3g} w.r.t. the log hyperparameters) in {steps} L-BFGS steps of at most "
+            f"n_steps={n_steps}")
+    if steps >= n_steps:
+        return f"{head}: it used every step; raise n_steps, or check la.tuning"
+    evals, budget = info.get("evaluations", 0), info.get("max_evaluations", 0)
+    if budget and evals >= budget:
+        return (f"{head}: the line searches used L-BFGS's whole budget of {budget} evidence "
+                f"evaluations (5/4 of n_steps); raise n_steps (it raises that budget), or "
+                "check la.tuning")
+    if not math.isfinite(grad):
+        return (f"{head}: the log evidence is not finite at the result; check the curvature "
+                "and the data (la.tuning has the report)")
+    return (f"{head}: it stopped early because its steps no longer changed the log "
+            "evidence or the hyperparameters (by more than 1e-12), so more steps would not "
+            "help: the gradient is most likely at the rounding level of the evidence. Raise "
+            f"tol (e.g. tol={2 * grad:.1g}) to accept this point, or check la.tuning")
 
 
 def _metric_fn(la: Laplace, metric):

@@ -47,8 +47,7 @@ def sum_of_squares(params: ParamSet, data: Iterable, x_key: str, y_key: str,
     sse = None
     for x, y in batches.iterate(data, device=params.device, dtype=params.dtype, x_key=x_key,
                                 y_key=y_key, batch_dim=batch_dim):  # inputs' batch dim
-        f = params.model(**x) if isinstance(x, dict) else params.model(x)
-        f, y = lik.check(f, y)
+        f, y = lik.check(params.forward(x), y)  # read with the set's output_key
         part = (f - y).to(internal_dtype(f.dtype)).square().sum(0)
         sse = part if sse is None else sse + part
     batches.all_reduce_([sse])

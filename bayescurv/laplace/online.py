@@ -27,6 +27,7 @@ from torch import nn
 from bayescurv import batches
 from bayescurv.errors import InvalidArgumentError
 from bayescurv.laplace.posterior import Laplace
+from bayescurv.params import OutputKey
 
 
 @dataclass
@@ -66,11 +67,14 @@ def marglik_training(
     n_hypersteps: int = 50,
     tune_sigma_noise: bool | None = None,
     progress: bool = False,
+    output_key: OutputKey = None,
 ) -> MarglikResult:
     """Train ``model`` and its prior precision (and noise, for regression) by the online
     Laplace evidence. Uses Adam (cosine-decayed to ``lr_min``) for the weights and
     :meth:`Laplace.optimize_prior_precision` for the hyperparameters (``lr_hyp`` is
-    deprecated and ignored: that tuner is L-BFGS with a line search)."""
+    deprecated and ignored: that tuner is L-BFGS with a line search). ``output_key``: how to
+    read the network output of a model returning a tuple, dict or HuggingFace-style output
+    (as in :class:`~bayescurv.laplace.Laplace`), used by the training steps and the fits."""
     if lr_hyp is not None:
         warnings.warn("marglik_training(lr_hyp=...) is deprecated and ignored",
                       FutureWarning, stacklevel=2)
@@ -79,7 +83,8 @@ def marglik_training(
             "n_epochs, marglik_frequency and n_hypersteps must be >= 1, n_epochs_burnin >= 0"
         )
     la = Laplace(model, likelihood, subset=subset, structure=structure,
-                 prior_precision=prior_precision, sigma_noise=sigma_noise)
+                 prior_precision=prior_precision, sigma_noise=sigma_noise,
+                 output_key=output_key)
     if tune_sigma_noise is None:
         tune_sigma_noise = la.likelihood.name == "regression"
     n = sum(batches.batch_size(x) for x, _ in batches.iterate(train_loader))
@@ -95,7 +100,7 @@ def marglik_training(
         for x, y in batches.iterate(train_loader, device=la.params.device,
                                     dtype=la.params.dtype):
             opt.zero_grad()
-            f = la.likelihood.check_outputs(model(**x) if isinstance(x, dict) else model(x))
+            f = la.likelihood.check_outputs(la.params.forward(x))  # read with output_key
             nll = la.likelihood.nll(*la.likelihood.check(f, y))
             theta = torch.cat([p.reshape(-1) for p in la.params.params])
             delta = (la.prior_diagonal() if la.prior_precision.dim() else

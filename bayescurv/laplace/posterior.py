@@ -17,6 +17,7 @@ variances, samples, hyperparameters) is returned in the model's dtype.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable, Iterable
@@ -37,9 +38,47 @@ from bayescurv.laplace import confidence, marglik, noise, subnetwork
 from bayescurv.laplace import prior as priors  # module; `prior` is a common local name
 from bayescurv.laplace.predictions import PredictionsMixin
 from bayescurv.laplace.state import StateDictMixin
-from bayescurv.likelihoods import Gaussian, get_likelihood
+from bayescurv.likelihoods import (
+    LIKELIHOODS,
+    Bernoulli,
+    Categorical,
+    Gaussian,
+    Likelihood,
+    get_likelihood,
+    unimplemented,
+)
 from bayescurv.linalg import PSDOperator, internal_dtype
 from bayescurv.params import OutputKey, check_output_key, find_last_layer, select
+
+#: likelihood names ``Laplace`` accepts (canonical names and aliases)
+LIKELIHOOD_NAMES = tuple(n for n, cls in LIKELIHOODS.items()
+                         if cls in (Categorical, Gaussian, Bernoulli))
+
+
+def _likelihood(likelihood: str | Likelihood, kind: str) -> Likelihood:
+    """The posterior's likelihood: one of :data:`LIKELIHOOD_NAMES`, or a copy of a
+    :class:`Likelihood` instance that implements what the posterior uses (refused with the
+    missing methods named)."""
+    lik = get_likelihood(likelihood, accepted=LIKELIHOOD_NAMES, caller="Laplace")
+    if not isinstance(likelihood, Likelihood):
+        return lik
+    needs: list[str | tuple[str, ...]] = ["check", ("log_prob", "nll"), "inverse_link",
+                                          "predictive"]
+    needs += {"ggn": ["hessian_sqrt"], "ef": ["gradient"],
+              "mc": [("sampled_hessian_sqrt", "sample"), ("sampled_hessian_sqrt", "gradient")]
+              }.get(kind, [])
+    missing = unimplemented(lik, needs)
+    if missing:
+        raise InvalidArgumentError(
+            f"the likelihood {type(lik).__name__} does not implement {', '.join(missing)}, "
+            f"which Laplace (kind={kind!r}) needs; implement them in the subclass (see "
+            "bayescurv.likelihoods.Likelihood)")
+    if lik.name == "regression" and not isinstance(lik, Gaussian):
+        raise InvalidArgumentError(
+            f"a likelihood named 'regression' must subclass bayescurv.likelihoods.Gaussian "
+            f"(Laplace scales its curvature by the observation noise); {type(lik).__name__} "
+            "does not. Give it another name")
+    return copy.copy(lik)  # sigma_noise is set on it: never change the caller's object
 
 
 class Laplace(PredictionsMixin, StateDictMixin):
@@ -47,22 +86,35 @@ class Laplace(PredictionsMixin, StateDictMixin):
 
     Args:
         model: the trained network (its current parameters are the MAP ``θ*``).
-        likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
+        likelihood: ``"classification"``, ``"regression"`` or ``"binary"`` (or an alias:
+            ``"categorical"``, ``"softmax"``, ``"gaussian"``, ``"bernoulli"``), or a
+            :class:`~bayescurv.likelihoods.Likelihood` instance (copied) implementing
+            ``check``, ``log_prob`` (or ``nll``), ``inverse_link``, ``predictive`` and what
+            ``kind`` needs (``hessian_sqrt`` for ``"ggn"``, ``gradient`` for ``"ef"``,
+            ``sample`` and ``gradient`` — or ``sampled_hessian_sqrt`` — for ``"mc"``),
+            e.g. ``Poisson()`` or a subclass of one of the library's likelihoods. An instance
+            named ``"regression"`` must be a :class:`~bayescurv.likelihoods.Gaussian`.
         subset: ``"all"`` / ``"trainable"`` (every parameter with ``requires_grad``),
             ``"last_layer"``, or a list of parameter / module names and name patterns
             (``"*lora_*"``); see :func:`bayescurv.params.select`.
-        structure: ``"full"``, ``"diag"``, ``"kfac"``, ``"kfac-reduce"`` or ``"ekfac"``.
+        structure: ``"full"``, ``"diag"``, ``"kfac"``, ``"kfac-reduce"``, ``"ekfac"``,
+            ``"lowrank"`` or ``"diag+lowrank"`` (docs/guide.md: which one when).
         prior_precision: scalar, one value per layer, or one per parameter.
-        sigma_noise: observation noise (regression), scalar or one per output.
+        sigma_noise: observation noise (regression), scalar or one per output; default
+            that of a :class:`~bayescurv.likelihoods.Gaussian` instance passed as
+            ``likelihood``, else 1.
         kind: curvature kind, ``"ggn"`` (default), ``"mc"`` or ``"ef"``.
-        rank, lowrank_method: for ``"lowrank"`` / ``"diag+lowrank"``: number of eigenpairs and
-            how they are found (``"sqrt"``, ``"lanczos"``, ``"randomized"``; see
-            :func:`bayescurv.compute`).
+        rank: for ``"lowrank"`` / ``"diag+lowrank"``: the number of eigenpairs kept.
+        lowrank_method: for ``"lowrank"`` / ``"diag+lowrank"``: how the eigenpairs are found,
+            ``"sqrt"``, ``"lanczos"`` or ``"randomized"`` (see :func:`bayescurv.compute`).
         batch_dim: the dimension of the model's inputs that indexes data points (0, or 1 for
             sequence-first ``(T, B, ...)`` inputs); used by :meth:`fit` and the predictive.
             See :func:`bayescurv.compute` for how each layer's batch dimension follows.
         output_key: how to read the network output when the model returns a tuple, a dict
             or a HuggingFace-style output: a key / index, or a callable ``out -> f``.
+        unknown_layers: modules no structured extractor knows that own posterior parameters
+            (loose parameters): ``"auto"`` (default, exact), ``"per_sample"`` or
+            ``"error"``; see :func:`bayescurv.compute`.
 
     ``subset="last_layer"`` (without ``last_layer_name``) is resolved at :meth:`fit` from a
     forward pass on the first batch: the module with parameters called last; the choice is
@@ -70,12 +122,14 @@ class Laplace(PredictionsMixin, StateDictMixin):
     (:attr:`mean`): predictions refuse to run when the live weights differ (refit, or
     :meth:`restore_map`).
 
-    Usage::
+    Usage:
 
-        la = Laplace(model, "classification", subset="last_layer", structure="kfac")
-        la.fit(train_loader)
-        la.optimize_prior_precision()
-        probs = la.predict(x_test)
+    ```python
+    la = Laplace(model, "classification", subset="last_layer", structure="kfac")
+    la.fit(train_loader)
+    la.optimize_prior_precision()
+    probs = la.predict(x_test)
+    ```
     """
 
     def __init__(
@@ -85,13 +139,13 @@ class Laplace(PredictionsMixin, StateDictMixin):
         subset: str | Iterable[str] = "all",
         structure: str = "kfac",
         prior_precision: float | Tensor = 1.0,
-        sigma_noise: float | Tensor = 1.0,
+        sigma_noise: float | Tensor | None = None,
         *,
         last_layer_name: str | None = None,
         kind: str = "ggn",
         num_samples: int = 1,
         generator: torch.Generator | None = None,
-        unknown_layers: str = "error",
+        unknown_layers: str = "auto",
         rank: int = 10,
         lowrank_method: str = "sqrt",
         batch_dim: int = 0,
@@ -100,12 +154,10 @@ class Laplace(PredictionsMixin, StateDictMixin):
         if not isinstance(model, nn.Module):
             raise InvalidArgumentError(f"model must be an nn.Module, got {type(model).__name__}")
         check_options(structure, kind, num_samples, rank, lowrank_method, unknown_layers)
-        self.likelihood = get_likelihood(likelihood, sigma_noise)
-        if self.likelihood.name not in ("classification", "regression", "binary"):
-            raise InvalidArgumentError(
-                f"Laplace supports likelihood 'classification', 'regression' or 'binary', "
-                f"got {likelihood!r}"
-            )
+        self.likelihood = _likelihood(likelihood, kind)
+        if sigma_noise is None:
+            sigma_noise = self.likelihood.sigma_noise if isinstance(
+                self.likelihood, Gaussian) else 1.0
         self.model = model
         self.structure = structure
         self.kind = kind
@@ -440,7 +492,7 @@ class Laplace(PredictionsMixin, StateDictMixin):
         val_loader: Iterable | None = None,
         metric: str | Callable = "nll",
         grid: Tensor | None = None,
-        link: str = "probit",
+        link: str | None = None,
         tol: float = 1e-4,
         x_key: str = "x",
         y_key: str = "y",
@@ -507,13 +559,13 @@ class Laplace(PredictionsMixin, StateDictMixin):
         training inputs is far less confident than the MAP (:mod:`~bayescurv.laplace.
         confidence`)."""
         x = getattr(self, "_kept_inputs", None)
-        if x is None or self.likelihood.name == "regression":
-            return
+        if x is None or not isinstance(self.likelihood, (Categorical, Bernoulli)):
+            return  # a confidence (largest class probability) exists for classifiers only
         x = self._inputs(x)
         with torch.no_grad():
             f = self.likelihood.check_outputs(self.params.forward(x))
             map_probs = self.likelihood.inverse_link(f)
-            if self.likelihood.name == "binary":
+            if isinstance(self.likelihood, Bernoulli):
                 map_probs = map_probs.squeeze(-1)
             confidence.warn_if_underconfident(map_probs, self.predict(x))
 

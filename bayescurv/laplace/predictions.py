@@ -19,8 +19,38 @@ from bayescurv.curvature.engine import HookCapture
 from bayescurv.deprecation import UNSET, renamed
 from bayescurv.errors import EmptyDataError, InvalidArgumentError, ShapeError
 from bayescurv.laplace.predictive import glm_covariance
+from bayescurv.likelihoods import Bernoulli
 
 PRED_TYPES = ("glm", "nn")
+
+CHUNK_SIZE = 64
+"""Inputs per chunk when :meth:`~bayescurv.laplace.Laplace.functional` and
+:meth:`~bayescurv.laplace.Laplace.predict` get one batch (the default of their
+``chunk_size``). The Jacobian pass of the GLM predictive holds every layer's inputs and its
+``C`` output gradients for all inputs it sees, so one large batch would cost memory linear in
+its size; cut into chunks the peak is that of ``CHUNK_SIZE`` inputs, flat in the number of
+inputs per call (issue 26: unchunked, 512 BERT sequences in one call peaked at 4.0 GB, 64 at
+0.8 GB). Smaller chunks lower the peak, larger ones amortise per-pass overhead on small
+networks."""
+
+
+def _check_chunk_size(chunk_size: int | None) -> int:
+    """``chunk_size`` validated (``None``: :data:`CHUNK_SIZE`, read at call time)."""
+    if chunk_size is None:
+        return CHUNK_SIZE
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise InvalidArgumentError(
+            f"chunk_size must be a positive int (inputs per Jacobian pass) or None for the "
+            f"default {CHUNK_SIZE}, got {chunk_size!r}")
+    return chunk_size
+
+
+def _cat(outs: list):
+    """Concatenate per-chunk results along the (batch-first) output dimension: tensors, or
+    tuples of tensors (regression's mean and variance)."""
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outs))
+    return torch.cat(outs)
 
 
 class PredictionsMixin:
@@ -50,8 +80,8 @@ class PredictionsMixin:
 
     def _over_batches(self, data: Iterable, fn: Callable, progress: bool, x_key: str,
                       what: str):
-        """Apply ``fn`` to the inputs of every batch of ``data`` and concatenate along the
-        batch dimension (a tensor, or a tuple of tensors)."""
+        """Apply ``fn`` to the inputs of every batch of ``data`` and concatenate the results
+        along their first dimension (outputs are batch-first whatever ``batch_dim``)."""
         it: Iterable = (batches.inputs_of(b, x_key) for b in data)
         if progress:
             from tqdm.auto import tqdm
@@ -60,24 +90,15 @@ class PredictionsMixin:
         outs = [fn(x) for x in it]
         if not outs:
             raise EmptyDataError(f"{what}: the loader yielded no batches")
-        if isinstance(outs[0], tuple):
-            return tuple(torch.cat(parts, dim=self.batch_dim) for parts in zip(*outs))
-        return torch.cat(outs, dim=self.batch_dim)
+        return _cat(outs)
 
-    def functional(self, x: Tensor | Iterable, joint: bool = False, *, progress: bool = False,
-                   x_key: str = "x") -> tuple[Tensor, Tensor]:
-        """Linearized network at ``x``: mean ``f(x; θ*)`` ``(B, C)`` and covariance
-        ``J Σ Jᵀ`` ``(B, C, C)`` (or ``(B*C, B*C)`` across inputs with ``joint=True``),
-        from the posterior's structure without whole-net Jacobians. ``x`` may be a loader
-        (any iterable of batches: inputs, ``(x, y)`` or ``(x,)`` tuples, dicts read with
-        ``x_key``): evaluated batch by batch (``progress``: a progress bar) and
-        concatenated; ``joint=True`` needs one batch."""
-        if batches.is_batch_iterable(x):
-            if joint:
-                raise InvalidArgumentError("joint=True needs the inputs as one batch, not a "
-                                           "loader (the covariance couples every pair)")
-            return self._over_batches(x, self.functional, progress, x_key, "functional")
-        x = self._inputs(x)
+    def _chunks(self, x, chunk_size: int | None) -> list:
+        """Validated inputs cut into chunks of at most ``chunk_size`` inputs along
+        :attr:`batch_dim` (:func:`bayescurv.batches.split_inputs`)."""
+        return batches.split_inputs(x, _check_chunk_size(chunk_size), self.batch_dim)
+
+    def _functional(self, x, joint: bool = False) -> tuple[Tensor, Tensor]:
+        """:meth:`functional` of validated inputs, in one Jacobian pass."""
         needs_grad = torch.is_grad_enabled() and any(
             t.requires_grad for t in (x.values() if isinstance(x, dict) else [x])
         )
@@ -86,49 +107,98 @@ class PredictionsMixin:
         return glm_covariance(capture, self.posterior_precision, x, joint=joint,
                               index=self.index)
 
+    def functional(self, x: Tensor | Iterable, joint: bool = False, *, progress: bool = False,
+                   x_key: str = "x", chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+        """Linearized network at ``x``: mean ``f(x; θ*)`` ``(B, C)`` and covariance
+        ``J Σ Jᵀ`` ``(B, C, C)`` (or ``(B*C, B*C)`` across inputs with ``joint=True``),
+        from the posterior's structure without whole-net Jacobians. ``x`` may be a loader
+        (any iterable of batches: inputs, ``(x, y)`` or ``(x,)`` tuples, dicts read with
+        ``x_key``): evaluated batch by batch (``progress``: a progress bar) and
+        concatenated; ``joint=True`` needs one batch.
+
+        A batch is evaluated in chunks of at most ``chunk_size`` inputs (default
+        :data:`CHUNK_SIZE`; dict inputs are cut entry by entry along :attr:`batch_dim`), so
+        memory is bounded by the chunk, not by the number of inputs; the results are those
+        of one pass. ``joint=True`` couples every pair of inputs and runs in one pass over
+        the whole batch (its ``(B*C, B*C)`` result is quadratic in ``B`` anyway)."""
+        if batches.is_batch_iterable(x):
+            if joint:
+                raise InvalidArgumentError("joint=True needs the inputs as one batch, not a "
+                                           "loader (the covariance couples every pair)")
+            return self._over_batches(
+                x, lambda b: self.functional(b, chunk_size=chunk_size), progress, x_key,
+                "functional")
+        x = self._inputs(x)
+        if joint:
+            return self._functional(x, joint=True)
+        return _cat([self._functional(part) for part in self._chunks(x, chunk_size)])
+
+    def _link(self, link: str | None) -> str:
+        """``link`` validated for the likelihood; ``None``: ``"probit"`` when the likelihood
+        offers it, else its first link."""
+        if link is None:
+            links = self.likelihood.links
+            link = "probit" if "probit" in links else links[0]
+        self.likelihood.check_link(link)
+        return link
+
     def predict(
         self,
         x: Tensor,
-        link: str = "probit",
+        link: str | None = None,
         pred_type: str = "glm",
         num_samples: int = 100,
         generator: torch.Generator | None = None,
         *,
         progress: bool = False,
         x_key: str = "x",
+        chunk_size: int | None = None,
     ):
         """Predictive distribution at ``x`` (a batch, or a loader as in :meth:`functional`,
         evaluated batch by batch).
 
-        Classification: class probabilities ``(B, C)`` (``link`` in ``"probit"``,
-        ``"bridge"``, ``"mc"``). Binary: ``p(y=1)`` ``(B,)``. Regression: predictive mean
-        and variance (observation noise included), each ``(B, C)``.
-        ``pred_type="nn"`` averages the network over ``num_samples`` posterior samples
-        instead of linearizing.
+        Classification: class probabilities ``(B, C)`` (``link`` in ``"probit"`` — the
+        default —, ``"bridge"``, ``"mc"``). Binary: ``p(y=1)`` ``(B,)``. Regression: predictive
+        mean and variance (observation noise included), each ``(B, C)``. Another
+        :class:`~bayescurv.likelihoods.Likelihood`: its ``predictive`` (default link
+        ``"probit"`` when it offers one, else its first). ``pred_type="nn"`` averages the
+        network over ``num_samples`` posterior samples instead of linearizing.
+
+        A batch is evaluated in chunks of at most ``chunk_size`` inputs (default
+        :data:`CHUNK_SIZE`), so memory is bounded by the chunk; the result does not depend
+        on the chunking (``link="mc"`` draws once for the whole batch, ``pred_type="nn"``
+        uses the same parameter samples for every chunk).
         """
         if pred_type not in PRED_TYPES:
             raise InvalidArgumentError(f"unknown pred_type {pred_type!r}; use one of {PRED_TYPES}")
-        self.likelihood.check_link(link)
+        link = self._link(link)
         if batches.is_batch_iterable(x):
             return self._over_batches(
-                x, lambda b: self.predict(b, link, pred_type, num_samples, generator),
+                x, lambda b: self.predict(b, link, pred_type, num_samples, generator,
+                                          chunk_size=chunk_size),
                 progress, x_key, "predict")
+        x = self._inputs(x)
+        parts = self._chunks(x, chunk_size)
         if pred_type == "nn":
-            return self._predict_nn(x, num_samples, generator)
-        mean, cov = self.functional(x)
-        return self.likelihood.predictive(mean, cov, link, num_samples, generator)
+            return self._predict_nn(parts, num_samples, generator)
+        if link == "mc" or len(parts) == 1:  # one draw for all inputs: chunking-independent
+            mean, cov = _cat([self._functional(part) for part in parts])
+            return self.likelihood.predictive(mean, cov, link, num_samples, generator)
+        return _cat([self.likelihood.predictive(*self._functional(part), link, num_samples,
+                                                generator) for part in parts])
 
     @torch.no_grad()
-    def _predict_nn(self, x, num_samples, generator):
-        x = self._inputs(x)
+    def _predict_nn(self, parts: list, num_samples: int, generator):
+        """Sampled-network predictive over validated input chunks: the same ``num_samples``
+        parameter draws for every chunk."""
         thetas = self.sample(num_samples, generator)
         outs = []
         try:
             full = self.params.vector()
             for theta in thetas:
                 self.params.assign(self.with_posterior_entries(theta, full))
-                f = self.params.forward(x)
-                outs.append(self.likelihood.check_outputs(f))
+                outs.append(torch.cat([self.likelihood.check_outputs(self.params.forward(p))
+                                       for p in parts]))
         finally:
             self.params.assign(full)  # exactly the weights found (== θ*, checked above)
         f = torch.stack(outs)
@@ -136,7 +206,7 @@ class PredictionsMixin:
             var = f.var(0, unbiased=False) + self.sigma_noise**2
             return f.mean(0), var
         probs = self.likelihood.inverse_link(f).mean(0)
-        return probs.squeeze(-1) if self.likelihood.name == "binary" else probs
+        return probs.squeeze(-1) if isinstance(self.likelihood, Bernoulli) else probs
 
     def functional_samples(
         self, x: Tensor, num_samples: int = 100, generator: torch.Generator | None = None,
@@ -169,4 +239,4 @@ class PredictionsMixin:
         return draws.to(self.params.dtype)
 
 
-__all__ = ["PredictionsMixin", "PRED_TYPES"]
+__all__ = ["PredictionsMixin", "PRED_TYPES", "CHUNK_SIZE"]

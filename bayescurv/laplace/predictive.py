@@ -35,6 +35,7 @@ from bayescurv.curvature.engine import HookCapture, ModuleRecord, jacobian_pass
 from bayescurv.linalg import (
     BlockDiagonal,
     Diagonal,
+    KroneckerBatch,
     KroneckerEigen,
     LowRankPlusDiagonal,
     PSDOperator,
@@ -52,15 +53,19 @@ def _linear_term(g: Tensor, a: Tensor, w: Tensor, joint: bool) -> Tensor:
     Without sharing (``T = 1``) the Jacobian row is rank one, :math:`g_{cb} \otimes a_b`,
     and two small matmuls suffice; with sharing the per-input layer Jacobian
     :math:`\sum_t g_{cbt} a_{bt}^\top` is formed in chunks of inputs (never the Jacobian
-    of the whole net, never a solve)."""
-    if a.shape[1] == 1:
-        g1, a1 = g[:, :, 0, :], a[:, 0, :]
+    of the whole net, never a solve). A grouped convolution's factors carry a leading group
+    dimension (``g (G, C, B, T, O)``, ``a (G, B, T, I)``, ``w (G, O, I)``); the groups'
+    independent terms are summed."""
+    if a.shape[-2] == 1:
+        g1, a1 = g[..., 0, :], a[..., 0, :]
         if not joint:
-            t = a1.square() @ w.T  # (B, O)
-            return torch.einsum("cbo,kbo,bo->bck", g1, g1, t)
-        m = torch.einsum("bi,di,oi->bdo", a1, a1, w)  # (B, B, O)
-        return torch.einsum("cbo,kdo,bdo->bcdk", g1, g1, m)
-    c, b = g.shape[:2]
+            t = a1.square() @ w.mT  # (..., B, O)
+            out = torch.einsum("...cbo,...kbo,...bo->...bck", g1, g1, t)
+        else:
+            m = torch.einsum("...bi,...di,...oi->...bdo", a1, a1, w)  # (..., B, B, O)
+            out = torch.einsum("...cbo,...kdo,...bdo->...bcdk", g1, g1, m)
+        return out if a.dim() == 3 else out.sum(0)
+    c, b = g.shape[-4:-2]
     if not joint:
         out = g.new_empty(b, c, c)
         root = w.reshape(-1).sqrt()
@@ -68,7 +73,7 @@ def _linear_term(g: Tensor, a: Tensor, w: Tensor, joint: bool) -> Tensor:
             jac.mul_(root)
             out[sl] = torch.bmm(jac, jac.transpose(1, 2))
         return out
-    jac = torch.einsum("cbto,bti->bcoi", g, a).reshape(b * c, -1)
+    jac = layers.linear_per_sample(layers.LinearView(a, g)).transpose(0, 1).reshape(b * c, -1)
     return ((jac * w.reshape(-1)) @ jac.T).reshape(b, c, b, c)
 
 
@@ -138,9 +143,9 @@ def _diag_term(capture: HookCapture, var: Tensor, joint: bool) -> Tensor:
         lin = _linear_factors(rec)
         idx = _record_index(rec, capture.params, lin is not None)
         if lin is not None:
-            g, a = lin
-            w = var[idx].reshape(g.shape[-1], a.shape[-1])
-            work = _work_dtype(capture.params.dtype, g.shape[2], w)
+            g, a = lin  # grouped: w (G, O, I)
+            w = var[idx].reshape(*a.shape[:-3], g.shape[-1], a.shape[-1])
+            work = _work_dtype(capture.params.dtype, g.shape[-2], w)
             term = _linear_term(g.to(work), a.to(work), w.to(work), joint)
             cov = cov + term.to(var.dtype)
         else:
@@ -159,9 +164,10 @@ def _jacobian_times(capture: HookCapture, z: Tensor) -> Tensor:
         zi = z[_record_index(rec, capture.params, lin is not None)]
         if lin is not None:  # float64 kept: Woodbury subtracts these products
             g, a = lin[0].to(z.dtype), lin[1].to(z.dtype)
-            zi = zi.reshape(g.shape[-1], a.shape[-1], -1)
-            az = torch.einsum("bti,oik->btok", a, zi)
-            out = out + torch.einsum("cbto,btok->cbk", g, az)
+            zi = zi.reshape(*a.shape[:-3], g.shape[-1], a.shape[-1], -1)  # grouped: G first
+            az = torch.einsum("...bti,...oik->...btok", a, zi)
+            jz = torch.einsum("...cbto,...btok->...cbk", g, az)
+            out = out + (jz if a.dim() == 3 else jz.sum(0))
         else:
             out = out + _record_jacobian(rec, ref).to(z.dtype) @ zi
     return out
@@ -214,12 +220,17 @@ def _blocks_term(capture: HookCapture, pairs: list, dtype: torch.dtype, joint: b
     cov, ref = 0, _ref(capture)
     for rec, block, kron in pairs:
         lin = _linear_factors(rec) if kron else None
-        if isinstance(block, KroneckerEigen) and lin is not None:
+        if isinstance(block, (KroneckerEigen, KroneckerBatch)) and lin is not None:
             g, a = lin
             w = block.eigenvalues.reciprocal()
-            work = _work_dtype(capture.params.dtype, g.shape[2], w)
+            work = _work_dtype(capture.params.dtype, g.shape[-2], w)
             g, a = g.to(work), a.to(work)
-            term = _linear_term(g @ block.QA.to(work), a @ block.QB.to(work), w.to(work), joint)
+            if isinstance(block, KroneckerEigen):  # (a diagonal factor: identity formed)
+                qa, qb = block.QA.to(work), block.QB.to(work)
+            else:  # grouped convolution: bases (G, n, n), None for a factor of size one
+                qa, qb = (None if q is None else q.to(work) for q in block.eigenbases)
+            term = _linear_term(layers.group_matmul(g, qa), layers.group_matmul(a, qb),
+                                w.to(work), joint)
             cov = cov + term.to(dtype)
             continue
         if kron and rec.called:

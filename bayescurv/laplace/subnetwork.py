@@ -75,7 +75,7 @@ def masked_curvature(
         curv = compute(pset.model, likelihood, data, structure="diag", subset=pset, **options)
         curv.matrix = Diagonal(curv.matrix.diagonal()[index])
         return curv
-    unknown = options.pop("unknown_layers", "error")
+    unknown = options.pop("unknown_layers", "auto")
     capture = HookCapture(pset, "full", unknown)
     s = index.numel()
     dt = internal_dtype(pset.dtype)  # float64 sums for float32/bf16/fp16 models

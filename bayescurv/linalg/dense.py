@@ -9,6 +9,7 @@ from torch import Tensor
 
 from bayescurv.errors import NumericalError, ShapeError
 from bayescurv.linalg.base import PSDOperator, affine, finish, jittered_cholesky, shift_times
+from bayescurv.linalg.eigh import robust_eigh
 
 __all__ = ["Dense"]
 
@@ -25,7 +26,7 @@ class _EighCache:
     def get(self) -> tuple[Tensor, Tensor]:
         if self._eig is None:
             with torch.no_grad():
-                lam, Q = torch.linalg.eigh(self.matrix.detach())
+                lam, Q = robust_eigh(self.matrix.detach(), "dense curvature block")
             self._eig = (lam, Q)
         return self._eig
 

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from bayescurv.errors import InvalidArgumentError, ShapeError
 from bayescurv.linalg.base import PSDOperator, Scalar, affine, finish
+from bayescurv.linalg.eigh import robust_eigh
 
 __all__ = ["KroneckerEigen", "Kronecker", "kronecker"]
 
@@ -43,10 +44,12 @@ class _Eig:
 
 
 def _eigh(F: Tensor) -> tuple[Tensor, Tensor | None]:
-    """``(λ, Q)`` of a symmetric factor; ``(F, None)`` for a diagonal one given as ``(p,)``."""
+    """``(λ, Q)`` of a symmetric factor (:func:`~bayescurv.linalg.eigh.robust_eigh`: a
+    rank-deficient factor never ends in a LAPACK error); ``(F, None)`` for a diagonal one
+    given as ``(p,)``."""
     if F.ndim == 1:
         return F, None
-    return torch.linalg.eigh(F)
+    return robust_eigh(F, "Kronecker factor")
 
 
 def _left(Q: Tensor | None, X: Tensor) -> Tensor:

@@ -19,6 +19,7 @@ from bayescurv.linalg.block import BlockDiagonal
 from bayescurv.linalg.dense import Dense
 from bayescurv.linalg.diagonal import Diagonal
 from bayescurv.linalg.kronecker import KroneckerEigen
+from bayescurv.linalg.kronecker_batch import KroneckerBatch
 from bayescurv.linalg.lowrank import LowRank, LowRankPlusDiagonal
 
 
@@ -42,6 +43,13 @@ def to_state(op: PSDOperator) -> dict[str, Any]:
         # a diagonal factor's identity basis is stored as None
         qa, qb = op.eigenbases
         state = {"type": "kronecker", "QA": qa, "QB": qb, "eigenvalues": op.base_eigenvalues}
+        if op.factor_eigenvalues is not None:
+            state["factor_eigenvalues"] = list(op.factor_eigenvalues)
+        return state
+    if isinstance(op, KroneckerBatch):  # a grouped convolution: one block per group
+        qa, qb = op.eigenbases
+        state = {"type": "kronecker-batch", "QA": qa, "QB": qb,
+                 "eigenvalues": op.base_eigenvalues}
         if op.factor_eigenvalues is not None:
             state["factor_eigenvalues"] = list(op.factor_eigenvalues)
         return state
@@ -70,6 +78,10 @@ def from_state(state: dict[str, Any], device: torch.device | str | None = None) 
     if kind == "kronecker":
         factor_eigs = state.get("factor_eigenvalues")
         return KroneckerEigen(t(state["QA"]), t(state["QB"]), t(state["eigenvalues"]),
+                              None if factor_eigs is None else tuple(t(e) for e in factor_eigs))
+    if kind == "kronecker-batch":
+        factor_eigs = state.get("factor_eigenvalues")
+        return KroneckerBatch(t(state["QA"]), t(state["QB"]), t(state["eigenvalues"]),
                               None if factor_eigs is None else tuple(t(e) for e in factor_eigs))
     if kind == "lowrank":
         return LowRank(t(state["U"]), t(state["s"]))

@@ -94,7 +94,8 @@ class SpectralConv(nn.Module):
     r"""Spectral convolution in ``dim`` = 1 or 2 spatial dimensions (see the module docstring).
 
     Args:
-        in_channels, out_channels: channels of the input and output functions.
+        in_channels: channels of the input function.
+        out_channels: channels of the output function.
         modes: kept modes per dimension (int or tuple); in 2D ``m_1`` positive and ``m_1``
             negative frequencies of the first axis, ``m_2`` of the (rfft) last axis.
         dim: 1 or 2.
