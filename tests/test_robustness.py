@@ -77,7 +77,28 @@ def check_decomposition(F, lam, Q, atol):
     assert bool((lam[1:] >= lam[:-1]).all())  # ascending, as torch.linalg.eigh
 
 
+def test_robust_eigh_deflates_zero_rows_before_decomposing(monkeypatch):
+    # a large factor with zero rows never goes to LAPACK whole: only its nonzero block does
+    F = rank_deficient()
+    ref = torch.linalg.eigvalsh(F)
+    sizes = []
+    real = torch.linalg.eigh
+
+    def spy(M, *args, **kwargs):
+        sizes.append(M.shape[-1])
+        return real(M, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", spy)
+    lam, Q = robust_eigh(F)
+    assert sizes == [50]
+    check_decomposition(F, lam, Q, 1e-12)
+    torch.testing.assert_close(lam, ref, atol=1e-12, rtol=0)
+
+
 def test_robust_eigh_deflates_exactly_after_a_lapack_failure(monkeypatch):
+    from bayescurv.linalg import eigh as eigh_module
+
+    monkeypatch.setattr(eigh_module, "DEFLATE_MIN", 10**9)  # the path after a failure
     F = rank_deficient()
     ref = torch.linalg.eigvalsh(F)
     seen = fail_first(monkeypatch)
@@ -88,6 +109,18 @@ def test_robust_eigh_deflates_exactly_after_a_lapack_failure(monkeypatch):
     check_decomposition(F, lam, Q, 1e-12)
     torch.testing.assert_close(lam, ref, atol=1e-12, rtol=0)
     assert int((lam == 0).sum()) >= 250
+
+
+def test_robust_eigh_batched_factors(monkeypatch):
+    # grouped factors come as a batch: a failing batched call is retried member by member
+    F = torch.stack([rank_deficient(n=40, zero=z, seed=z) for z in (0, 30, 39)])
+    fail_first(monkeypatch)
+    lam, Q = robust_eigh(F)
+    assert lam.shape == (3, 40) and Q.shape == (3, 40, 40)
+    for i in range(3):
+        check_decomposition(F[i], lam[i], Q[i], 1e-12)
+    with pytest.raises(errors.ShapeError, match="square matrices"):
+        robust_eigh(torch.zeros(3, 4, dtype=DT))
 
 
 def test_robust_eigh_falls_back_to_scipy_with_a_warning(monkeypatch):

@@ -37,7 +37,13 @@ from bayescurv.curvature.eigen import lanczos_topk, randomized_eigh
 from bayescurv.curvature.matfree import CurvatureLinearOperator
 from bayescurv.errors import InvalidArgumentError, NotFittedError, ShapeError
 from bayescurv.likelihoods import Likelihood, get_likelihood
-from bayescurv.linalg import BlockDiagonal, KroneckerEigen, LowRankPlusDiagonal, robust_eigh
+from bayescurv.linalg import (
+    BlockDiagonal,
+    KroneckerBatch,
+    KroneckerEigen,
+    LowRankPlusDiagonal,
+    robust_eigh,
+)
 from bayescurv.params import OutputKey, ParamSet, check_output_key, select
 
 EIGENSOLVERS = ("randomized", "lanczos", "dense")
@@ -452,7 +458,7 @@ class KFACFilter(_TaskSequence):
         total = self.mean.numel() * self.mean.element_size()
         for K in self.terms:
             for b in K.blocks:
-                if not isinstance(b, KroneckerEigen):
+                if not isinstance(b, (KroneckerEigen, KroneckerBatch)):
                     total += b.size * b.size * b.to_dense().element_size()
                     continue
                 # a diagonal factor (embedding counts) stores no eigenbasis

@@ -29,6 +29,7 @@ from bayescurv.linalg import (
     PSDOperator,
     internal_dtype,
     product_dtype,
+    robust_eigh,
 )
 from bayescurv.params import ParamSet
 
@@ -337,7 +338,8 @@ class KFACAccumulator:
             if rec.route in ("linear", "embedding"):
                 f1, f2 = self.factors(rec)
                 blocks.append(KroneckerBatch.from_factors(f1, f2) if f1.dim() == 3
-                              else KroneckerEigen.from_factors(f1, f2))
+                              else KroneckerEigen.from_factors(f1, f2,
+                                                               name=f"module {rec.name!r}"))
             else:
                 blocks.append(self.other_block(rec))
             indices.append(self.index(rec))
@@ -366,8 +368,9 @@ class EKFACCorrection:
         for rec in records:
             if rec.route in ("linear", "embedding") and kfac.called(rec):
                 f1, f2 = kfac.factors(rec)
-                q1 = None if f1.ndim == 1 else torch.linalg.eigh(f1)[1]  # diagonal: identity
-                q2 = torch.linalg.eigh(f2)[1]  # grouped: batched over the groups
+                what = f"K-FAC factor of module {rec.name!r}"
+                q1 = None if f1.ndim == 1 else robust_eigh(f1, what)[1]  # diagonal: identity
+                q2 = robust_eigh(f2, what)[1]  # grouped: batched over the groups
                 self.bases[rec.name] = (q1, q2)
                 self.scales[rec.name] = torch.zeros(*f2.shape[:-2], f1.shape[-1], f2.shape[-1],
                                                     dtype=f1.dtype, device=f1.device)

@@ -25,7 +25,13 @@ from torch import Tensor
 
 from bayescurv.errors import NonFiniteError, NumericalError, ShapeError
 
-__all__ = ["robust_eigh"]
+__all__ = ["robust_eigh", "DEFLATE_MIN"]
+
+DEFLATE_MIN = 256
+"""Matrices of at least this size are checked for exactly-zero rows before any
+decomposition and deflated when they have some (exact; measured on the 4608 x 4608 factor
+with 4096 zero rows of a ResNet-18's ``layer4.1.conv1`` on 32x32 inputs: torch's ``eigh``
+of the whole matrix took 69 s on one core, the deflated 512 x 512 block well under one)."""
 
 
 def _torch_eigh(F: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -72,7 +78,8 @@ def _scipy_eigh(F: Tensor, what: str, n: int) -> tuple[Tensor, Tensor]:
 
 def robust_eigh(F: Tensor, what: str = "matrix") -> tuple[Tensor, Tensor]:
     r"""``(λ, Q)`` with :math:`F = Q\,\mathrm{diag}(\lambda)\,Q^\top`, ``λ`` ascending, for a
-    symmetric (Hermitian) ``(n, n)`` matrix ``F``, like ``torch.linalg.eigh`` but robust
+    symmetric (Hermitian) ``(n, n)`` matrix ``F`` (or a batch ``(..., n, n)``, members
+    decomposed one by one when the batched call fails), like ``torch.linalg.eigh`` but robust
     (module docstring): torch first; on a LAPACK failure or non-finite output the exactly-zero
     rows/columns are deflated (exact: zero eigenvalues with unit eigenvectors) and the rest
     decomposed by torch again, then by scipy's ``eigh(driver="evr")`` (with a warning).
@@ -83,29 +90,48 @@ def robust_eigh(F: Tensor, what: str = "matrix") -> tuple[Tensor, Tensor]:
             layer 'conv1'"``).
 
     Raises:
-        ShapeError: ``F`` is not a square 2-D tensor.
+        ShapeError: ``F`` is not a (batch of) square matrices.
         NonFiniteError: ``F`` holds NaN or Inf.
         NumericalError: every route failed.
     """
-    if F.ndim != 2 or F.shape[0] != F.shape[1]:
-        raise ShapeError(f"robust_eigh needs a square 2-D matrix, got {tuple(F.shape)} for "
-                         f"the {what}")
+    if F.ndim < 2 or F.shape[-1] != F.shape[-2]:
+        raise ShapeError(f"robust_eigh needs square matrices (..., n, n), got "
+                         f"{tuple(F.shape)} for the {what}")
+    n = F.shape[-1]
+    if F.ndim == 2 and n >= DEFLATE_MIN:  # zero rows first: exact, and far cheaper
+        keep = (F != 0).any(0) | (F != 0).any(1)
+        if not bool(keep.all()):
+            return _deflated(F, keep, what)
     out = _torch_eigh(F)
     if out is not None:
         return out
-    n = F.shape[0]
+    if F.ndim > 2:  # a batch (grouped factors): the failing members one by one
+        flat = F.reshape(-1, n, n)
+        parts = [robust_eigh(f, f"{what} [{i}]") for i, f in enumerate(flat)]
+        return (torch.stack([lam for lam, _ in parts]).reshape(F.shape[:-1]),
+                torch.stack([Q for _, Q in parts]).reshape(F.shape))
     if not bool(torch.isfinite(F).all()):
         raise NonFiniteError(
             f"the {what} ({n} x {n}) holds NaN or Inf, so it has no eigendecomposition; check "
             "the data and the network outputs for non-finite values")
     keep = (F != 0).any(0) | (F != 0).any(1)
-    k = int(keep.sum())
-    if k == n:  # nothing to deflate
+    if bool(keep.all()):  # nothing to deflate
         return _scipy_eigh(F, what, n)
+    return _deflated(F, keep, what)
+
+
+def _deflated(F: Tensor, keep: Tensor, what: str) -> tuple[Tensor, Tensor]:
+    """Step 1 of the module docstring: decompose the principal submatrix of the rows in
+    ``keep`` (torch, then scipy), zero eigenvalues with unit vectors for the others."""
+    n, k = F.shape[-1], int(keep.sum())
     idx = keep.nonzero().squeeze(-1)
     sub = F[idx][:, idx]
     out = _torch_eigh(sub) if k else None
     if out is None and k:
+        if not bool(torch.isfinite(sub).all()):
+            raise NonFiniteError(
+                f"the {what} ({n} x {n}) holds NaN or Inf, so it has no eigendecomposition; "
+                "check the data and the network outputs for non-finite values")
         out = _scipy_eigh(sub, what, n)
     real = F.real.dtype if F.is_complex() else F.dtype
     lam = torch.zeros(n, dtype=real, device=F.device)

@@ -28,28 +28,30 @@ class _Eig:
     given as a 1-D tensor is diagonal: its eigenbasis is the identity, stored as ``None``
     (never materialised, so an embedding's ``V x V`` factor costs ``O(V)``)."""
 
-    def __init__(self, A: Tensor | None, B: Tensor | None) -> None:
+    def __init__(self, A: Tensor | None, B: Tensor | None, name: str = "") -> None:
         self.A, self.B = A, B
+        self.name = name  # for error messages: which layer the factors belong to
         self.value: tuple | None = None
 
     def get(self) -> tuple:
         if self.value is None:
             with torch.no_grad():
-                lam_a, qa = _eigh(self.A)
-                lam_b, qb = _eigh(self.B)
+                what = "Kronecker factor" + (f" of {self.name}" if self.name else "")
+                lam_a, qa = _eigh(self.A, f"first {what}")
+                lam_b, qb = _eigh(self.B, f"second {what}")
             lam_a, lam_b = lam_a.clamp_min(0), lam_b.clamp_min(0)
             self.value = (qa, qb, torch.outer(lam_a, lam_b), (lam_a, lam_b))
             self.A = self.B = None
         return self.value
 
 
-def _eigh(F: Tensor) -> tuple[Tensor, Tensor | None]:
+def _eigh(F: Tensor, what: str = "Kronecker factor") -> tuple[Tensor, Tensor | None]:
     """``(λ, Q)`` of a symmetric factor (:func:`~bayescurv.linalg.eigh.robust_eigh`: a
     rank-deficient factor never ends in a LAPACK error); ``(F, None)`` for a diagonal one
     given as ``(p,)``."""
     if F.ndim == 1:
         return F, None
-    return robust_eigh(F, "Kronecker factor")
+    return robust_eigh(F, what)
 
 
 def _left(Q: Tensor | None, X: Tensor) -> Tensor:
@@ -95,7 +97,7 @@ class KroneckerEigen(PSDOperator):
         self._meta = eigenvalues
 
     @classmethod
-    def from_factors(cls, A: Tensor, B: Tensor) -> KroneckerEigen:
+    def from_factors(cls, A: Tensor, B: Tensor, name: str = "") -> KroneckerEigen:
         """``kron(A, B)`` for PSD ``A`` ``(p, p)``, ``B`` ``(q, q)``; a factor given as a 1-D
         tensor is the diagonal of a diagonal factor (kept diagonal: no ``eigh``, no dense
         matrix). The eigh (no grad) run lazily, on the first operation that needs them, and
@@ -113,7 +115,7 @@ class KroneckerEigen(PSDOperator):
                 f"{B.dtype}/{B.device}."
             )
         op = cls.__new__(cls)
-        op._eig = _Eig(A.detach(), B.detach())
+        op._eig = _Eig(A.detach(), B.detach(), name)
         op._sizes = (A.shape[0], B.shape[0])
         op._meta = A
         return op

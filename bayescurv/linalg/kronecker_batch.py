@@ -150,6 +150,12 @@ class KroneckerBatch(PSDOperator):
         return v[0], v[1]
 
     @property
+    def diagonal_factors(self) -> tuple[bool, bool]:
+        """Whether each factor's basis is the identity (size one; never stored)."""
+        QA, QB = self.eigenbases
+        return (QA is None, QB is None)
+
+    @property
     def QA(self) -> Tensor:
         """``Q_A`` ``(G, p, p)`` (an identity formed on access when stored as ``None``)."""
         return self._basis(0)
