@@ -70,9 +70,13 @@ class Likelihood:
         if f.dim() == 1:
             f = f.unsqueeze(-1)
         if f.dim() != 2:
+            seq = (" A sequence output (batch, positions, classes) needs one vector per data "
+                   "point: pass output_key= a callable that selects it (e.g. the last "
+                   "position, lambda out: out.logits[:, -1]); per-token likelihoods are not "
+                   "supported.") if f.dim() == 3 else ""
             raise ShapeError(
                 f"the {self.name} likelihood needs network outputs of shape (batch, outputs); "
-                f"got {tuple(f.shape)}. Flatten extra output dimensions in the model."
+                f"got {tuple(f.shape)}.{seq or ' Flatten extra output dimensions in the model.'}"
             )
         return f
 

@@ -359,9 +359,12 @@ class EKFACCorrection:
     :math:`Q_G, Q_A` and replace the eigenvalues by the exact second moments of the
     per-sample gradients in that basis, :math:`s_{ij} = \sum_{k,n} (Q_G^\top V_{kn} Q_A)_{ij}^2`
     with :math:`V_{kn} = \sum_t g_{knt} a_{nt}^\top`. Exact on the diagonal of the eigenbasis;
-    equal to the GGN block whenever K-FAC's eigenbasis diagonalises it."""
+    equal to the GGN block whenever K-FAC's eigenbasis diagonalises it. ``factor_rank``:
+    each (ungrouped, non-diagonal) basis keeps only its top-``factor_rank`` eigenvectors,
+    the second moments are taken on the kept basis only (``compute(factor_rank=)``)."""
 
-    def __init__(self, kfac: KFACAccumulator, records: list[ModuleRecord]) -> None:
+    def __init__(self, kfac: KFACAccumulator, records: list[ModuleRecord],
+                 factor_rank: int | None = None) -> None:
         self.kfac = kfac
         self.bases: dict[str, tuple[Tensor, Tensor]] = {}
         self.scales: dict[str, Tensor] = {}
@@ -371,9 +374,13 @@ class EKFACCorrection:
                 what = f"K-FAC factor of module {rec.name!r}"
                 q1 = None if f1.ndim == 1 else robust_eigh(f1, what)[1]  # diagonal: identity
                 q2 = robust_eigh(f2, what)[1]  # grouped: batched over the groups
+                if factor_rank is not None and q2.dim() == 2:  # eigh ascending: top = last
+                    q1, q2 = (q if q is None or q.shape[1] <= factor_rank
+                              else q[:, -factor_rank:].clone() for q in (q1, q2))
                 self.bases[rec.name] = (q1, q2)
-                self.scales[rec.name] = torch.zeros(*f2.shape[:-2], f1.shape[-1], f2.shape[-1],
-                                                    dtype=f1.dtype, device=f1.device)
+                self.scales[rec.name] = torch.zeros(
+                    *f2.shape[:-2], f1.shape[-1] if q1 is None else q1.shape[-1], q2.shape[-1],
+                    dtype=f1.dtype, device=f1.device)
 
     def update(self, records: list[ModuleRecord], first: bool = True) -> None:
         for rec in records:

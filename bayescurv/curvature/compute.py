@@ -17,19 +17,23 @@ from bayescurv.deprecation import UNSET, renamed
 from bayescurv.errors import InvalidArgumentError, NonFiniteError
 from bayescurv.likelihoods import Likelihood, get_likelihood
 from bayescurv.linalg import (
+    BlockDiagonal,
     Dense,
     Diagonal,
+    KroneckerEigen,
     LowRank,
     LowRankPlusDiagonal,
     PSDOperator,
     internal_dtype,
 )
+from bayescurv.linalg.kronecker import check_factor_rank
 from bayescurv.params import OutputKey, ParamSet, check_output_key, select
 
 STRUCTURES = ("full", "diag", "kfac", "kfac-reduce", "ekfac", "lowrank", "diag+lowrank",
               "diag-hesscale")
 ALL_KINDS = (*KINDS, "hessian")
 LOWRANK = ("lowrank", "diag+lowrank")
+KRONECKER = ("kfac", "kfac-reduce", "ekfac")
 
 
 @dataclass
@@ -57,10 +61,16 @@ class Curvature:
 
 def check_options(
     structure: str, kind: str, num_samples: int, rank: int, lowrank_method: str,
-    unknown_layers: str = "auto",
+    unknown_layers: str = "auto", factor_rank: int | None = None,
 ) -> None:
     """Validate the options of :func:`compute` (also called by ``Laplace`` at construction,
     so a bad option is refused before any data are read)."""
+    check_factor_rank(factor_rank)
+    if factor_rank is not None and structure not in KRONECKER:
+        raise InvalidArgumentError(
+            f"factor_rank truncates Kronecker factors, so it applies to structure in "
+            f"{KRONECKER}, not {structure!r}; drop factor_rank (for a low-rank curvature of "
+            "the whole net use structure='lowrank' with rank=)")
     if unknown_layers not in UNKNOWN_LAYERS:
         raise InvalidArgumentError(
             f"unknown_layers must be one of {UNKNOWN_LAYERS}, got {unknown_layers!r}")
@@ -125,6 +135,7 @@ def compute(
     unknown_layers: str = "auto",
     rank: int = 10,
     lowrank_method: str = "sqrt",
+    factor_rank: int | None = None,
     x_key: str = "x",
     y_key: str = "y",
     progress: bool = False,
@@ -171,6 +182,16 @@ def compute(
         lowrank_method: ``"sqrt"`` (exact low-rank root from the hooks, ViViT-style; exact
             when ``N * K <= rank``), ``"lanczos"`` or ``"randomized"`` (matrix-free GGN /
             EF / Hessian products); see :mod:`bayescurv.curvature.lowrank`.
+        factor_rank: ``"kfac"``, ``"kfac-reduce"``, ``"ekfac"`` only: every Kronecker factor
+            with more than ``factor_rank`` rows keeps only its top-``factor_rank`` eigenpairs
+            (:meth:`~bayescurv.linalg.KroneckerEigen.truncate`; EKFAC corrects the
+            eigenvalues on the kept basis only). The discarded part of a factor is zero, so
+            in the posterior precision ``c K + δ I`` those directions revert to the prior
+            (larger variance: conservative), as in ``bayesian-lora``. Storage per factor is
+            ``n r + r`` instead of ``n²``; the pass itself still accumulates the full
+            factors (:func:`~bayescurv.curvature.preflight.estimate_bytes`). Diagonal
+            factors (embedding row counts) and grouped convolutions are kept whole.
+            docs/laplace.md ("Wide layers") measures the error it introduces.
         progress: show a progress bar.
         batch_dim: the dimension of the model's inputs that indexes data points: 0, or 1
             for sequence-first ``(T, B, ...)`` inputs (PyTorch's ``batch_first=False``).
@@ -202,7 +223,8 @@ def compute(
             "parameters in an nn.Module that owns them"
         )
     subset = renamed(subset, params, "subset", "params", "compute")
-    check_options(structure, kind, num_samples, rank, lowrank_method, unknown_layers)
+    check_options(structure, kind, num_samples, rank, lowrank_method, unknown_layers,
+                  factor_rank)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise InvalidArgumentError(
             f"generator must be a torch.Generator or None, got {type(generator).__name__}; "
@@ -232,7 +254,7 @@ def compute(
     else:
         pset = select(model, subset, example_input=example, output_key=output_key)
     _check_params(pset)
-    preflight.check_size(pset, structure, rank)
+    preflight.check_size(pset, structure, rank, factor_rank)
     if kind == "hessian" and structure not in LOWRANK:
         return _dense_hessian(pset, lik, data, structure, reduction, x_key, y_key)
     if structure == "diag-hesscale":
@@ -269,9 +291,10 @@ def compute(
     _check_finite(reduced)
     matrix: PSDOperator
     if structure in ("kfac", "kfac-reduce"):
-        matrix = accs["kfac"].finalize_blocks(capture.records)
+        matrix = truncate_factors(accs["kfac"].finalize_blocks(capture.records), factor_rank)
     elif structure == "ekfac":
-        corr = accumulate.EKFACCorrection(accs["kfac"], capture.records)
+        corr = accumulate.EKFACCorrection(accs["kfac"], capture.records,
+                                          factor_rank=factor_rank)
         for res in stream(capture, lik, data, **opts):
             corr.update(res.records)
         batches.all_reduce_(corr.tensors())
@@ -298,6 +321,17 @@ def compute(
         matrix = matrix.scale(1.0 / n)
         loss = loss / n
     return Curvature(matrix, loss, n, pset, structure, kind)
+
+
+def truncate_factors(matrix: BlockDiagonal, factor_rank: int | None) -> BlockDiagonal:
+    """``matrix`` with each :class:`~bayescurv.linalg.KroneckerEigen` block cut to its top
+    ``factor_rank`` eigenpairs per factor (:meth:`~bayescurv.linalg.KroneckerEigen.truncate`,
+    block by block: one layer's full eigenbases alive at a time); unchanged for ``None``."""
+    if factor_rank is None:
+        return matrix
+    blocks = [b.truncate(factor_rank) if isinstance(b, KroneckerEigen) else b
+              for b in matrix.blocks]
+    return BlockDiagonal(blocks, matrix.indices)
 
 
 def _hesscale(

@@ -41,16 +41,26 @@ def _human(n: float) -> str:
     return f"{n:.3g} PB"
 
 
-def _kfac_entries(pset: ParamSet) -> int:
+def _factor_entries(n: int, factor_rank: int | None) -> int:
+    """Stored entries of one ``n x n`` Kronecker factor: ``n²``, or ``n r + r`` (basis and
+    eigenvalues) once truncated to ``r = factor_rank < n`` eigenpairs."""
+    if factor_rank is None or n <= factor_rank:
+        return n * n
+    return n * factor_rank + factor_rank
+
+
+def _kfac_entries(pset: ParamSet, factor_rank: int | None = None) -> int:
     """Entries of the K-FAC factors: ``O² + I²`` per linear-like weight
     (:func:`~bayescurv.curvature.layers.linear_layout`; ``I`` with the bias column), exactly
     ``G (O_g² + I_g²)`` for a grouped convolution (one pair per group); the diagonal row
-    counts plus ``D²`` for an embedding; other tensors a dense block."""
+    counts plus ``D²`` for an embedding; other tensors a dense block. With ``factor_rank``
+    each ungrouped factor counts :func:`_factor_entries` (grouped ones are kept whole)."""
+    f = _factor_entries
     total = 0
     for _, module, owned in pset.modules():
         names = dict(owned)
         if isinstance(module, nn.Embedding):  # diagonal row-count factor and D x D
-            total += module.num_embeddings + module.embedding_dim**2
+            total += module.num_embeddings + f(module.embedding_dim, factor_rank)
             continue
         if isinstance(module, nn.MultiheadAttention):  # in_proj: (3D, D + 1) factors
             names = {"weight": 0, **({"bias": 1} if "in_proj_bias" in names else {})}
@@ -59,40 +69,73 @@ def _kfac_entries(pset: ParamSet) -> int:
             lay = layers.linear_layout(module)
         if "weight" in names and lay is not None:
             o, i = lay.out_per_group, lay.inp + ("bias" in names)
-            total += lay.groups * (o * o + i * i)
+            r = factor_rank if lay.groups == 1 else None
+            total += lay.groups * (f(o, r) + f(i, r))
             continue
         p = sum(pset.params[j].numel() for j in names.values())
         total += p * p
     return total
 
 
-def check_size(pset: ParamSet, structure: str, rank: int = 10) -> None:
-    """Raise :class:`InvalidArgumentError` when the stored curvature of ``structure`` over
-    ``pset`` needs more than :data:`FRACTION` of the available memory. Sizes in the internal
-    dtype (float64 for float32 models). ``BAYESCURV_SKIP_PREFLIGHT=1`` disables the check."""
+KRONECKER = ("kfac", "kfac-reduce", "ekfac")
+
+
+def estimate_bytes(pset: ParamSet, structure: str, rank: int = 10,
+                   factor_rank: int | None = None, *, peak: bool = False) -> int:
+    """Bytes of the curvature of ``structure`` over ``pset`` as stored once computed, in the
+    internal dtype (float64 for float32 models), before any data is read: ``P²`` entries for
+    ``"full"``, ``P`` for ``"diag"``, ``P (rank + 1)`` / ``P (rank + 2)`` for the low-rank
+    structures, the Kronecker factors (:func:`_kfac_entries`; each truncated factor
+    ``n min(n, r) + r`` with ``r = factor_rank``) for K-FAC, plus ``P`` eigenvalues for
+    EKFAC.
+
+    ``peak=True``: the most the pass itself holds at once instead. It accumulates every
+    layer's full factors before any truncation, so for K-FAC/EKFAC ``factor_rank`` does not
+    lower it (the stored posterior shrinks, the pass does not).
+    """
+    itemsize = torch.empty((), dtype=internal_dtype(pset.dtype)).element_size()
+    p = pset.numel
+    if structure in KRONECKER:
+        entries = _kfac_entries(pset, None if peak else factor_rank)
+        entries += p if structure == "ekfac" else 0
+    else:
+        entries = {"full": p * p, "diag": p, "lowrank": p * (rank + 1),
+                   "diag+lowrank": p * (rank + 2)}.get(structure, p)
+    return entries * itemsize
+
+
+def check_size(pset: ParamSet, structure: str, rank: int = 10,
+               factor_rank: int | None = None) -> None:
+    """Raise :class:`InvalidArgumentError` when computing the curvature of ``structure`` over
+    ``pset`` needs more than :data:`FRACTION` of the available memory: the larger of the
+    stored size and the pass's peak (:func:`estimate_bytes`). When K-FAC factors dominate,
+    the message gives the size ``factor_rank=`` would store.
+    ``BAYESCURV_SKIP_PREFLIGHT=1`` disables the check."""
     if os.environ.get("BAYESCURV_SKIP_PREFLIGHT"):
         return
     itemsize = torch.empty((), dtype=internal_dtype(pset.dtype)).element_size()
     p = pset.numel
-    entries = {
-        "full": p * p,
-        "diag": p,
-        "lowrank": p * (rank + 1),
-        "diag+lowrank": p * (rank + 2),
-    }
-    kfac = None
-    if structure in ("kfac", "kfac-reduce", "ekfac"):
-        kfac = _kfac_entries(pset) + (p if structure == "ekfac" else 0)
-    need = (kfac if kfac is not None else entries.get(structure, p)) * itemsize
+    need = max(estimate_bytes(pset, structure, rank, factor_rank),
+               estimate_bytes(pset, structure, rank, factor_rank, peak=True))
     free = available_bytes(pset.device)
     if free is None or need <= FRACTION * free:
         return
     options = [f"'diag' ({_human(p * itemsize)})"]
     if structure == "full":
         options.insert(0, f"'kfac' ({_human(_kfac_entries(pset) * itemsize)})")
+    hint = ""
+    factors = _kfac_entries(pset) * itemsize
+    if structure in KRONECKER or (structure == "full" and factors > FRACTION * free):
+        r = factor_rank or 128
+        small = estimate_bytes(pset, structure if structure in KRONECKER else "kfac", rank, r)
+        hint = (f" The K-FAC factors take {_human(factors)}: factor_rank={r} would store "
+                f"{_human(small)}, but the pass accumulates the full factors before "
+                "truncating them, so this limit also needs fewer or narrower layers in the "
+                "subset.")
     raise InvalidArgumentError(
         f"structure={structure!r} over {p:,} parameters needs {_human(need)} "
         f"({pset.dtype} model, stored in {internal_dtype(pset.dtype)}), more than "
         f"{FRACTION:.0%} of the {_human(free)} available on {pset.device}. Use "
-        f"structure={' or '.join(options)}, or a smaller subset (subset='last_layer' or names)"
+        f"structure={' or '.join(options)}, or a smaller subset (subset='last_layer' or "
+        f"names).{hint}"
     )

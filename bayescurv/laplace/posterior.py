@@ -107,6 +107,10 @@ class Laplace(PredictionsMixin, StateDictMixin):
         rank: for ``"lowrank"`` / ``"diag+lowrank"``: the number of eigenpairs kept.
         lowrank_method: for ``"lowrank"`` / ``"diag+lowrank"``: how the eigenpairs are found,
             ``"sqrt"``, ``"lanczos"`` or ``"randomized"`` (see :func:`bayescurv.compute`).
+        factor_rank: for ``"kfac"`` / ``"kfac-reduce"`` / ``"ekfac"``: keep only the top
+            ``factor_rank`` eigenpairs of every larger Kronecker factor (wide layers; the
+            discarded directions revert to the prior). See :func:`bayescurv.compute` and
+            docs/laplace.md ("Wide layers").
         batch_dim: the dimension of the model's inputs that indexes data points (0, or 1 for
             sequence-first ``(T, B, ...)`` inputs); used by :meth:`fit` and the predictive.
             See :func:`bayescurv.compute` for how each layer's batch dimension follows.
@@ -150,10 +154,12 @@ class Laplace(PredictionsMixin, StateDictMixin):
         lowrank_method: str = "sqrt",
         batch_dim: int = 0,
         output_key: OutputKey = None,
+        factor_rank: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InvalidArgumentError(f"model must be an nn.Module, got {type(model).__name__}")
-        check_options(structure, kind, num_samples, rank, lowrank_method, unknown_layers)
+        check_options(structure, kind, num_samples, rank, lowrank_method, unknown_layers,
+                      factor_rank)
         self.likelihood = _likelihood(likelihood, kind)
         if sigma_noise is None:
             sigma_noise = self.likelihood.sigma_noise if isinstance(
@@ -167,6 +173,8 @@ class Laplace(PredictionsMixin, StateDictMixin):
         self.batch_dim = batches.check_batch_dim(batch_dim)
         self.curvature_options = {"rank": rank, "lowrank_method": lowrank_method} \
             if structure in ("lowrank", "diag+lowrank") else {}
+        if factor_rank is not None:
+            self.curvature_options["factor_rank"] = factor_rank
         self.output_key = check_output_key(output_key)
         self.index: Tensor | None = None  # masked subnetwork: flat positions in self.params
         #: the output layer's module name for ``subset="last_layer"`` (else ``None``)

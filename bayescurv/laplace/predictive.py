@@ -8,6 +8,11 @@ layer by layer, never from a (batch x outputs x parameters) Jacobian of the whol
   Jacobian row of output ``c`` is :math:`g_c \otimes a`, so
   :math:`(J\Sigma J^\top)_{cc'} = \sum_{o,i} \tilde g_{co} \tilde g_{c'o} w_{oi} \tilde a_i^2`
   with :math:`\tilde g = Q_G^\top g`, :math:`\tilde a = Q_A^\top a` — two small matmuls;
+  a truncated block (``factor_rank``: bases ``(O, r_G)``, ``(I, r_A)``, prior precision
+  :math:`\delta` on the rest) adds :math:`J (I - P) J^\top / \delta`,
+  :math:`P = Q_G Q_G^\top \otimes Q_A Q_A^\top`, from the explicit residual
+  :math:`(I - P)(g \otimes a) = (g - P_G g) \otimes a + P_G g \otimes (a - P_A a)` (no
+  cancellation of two large terms; per-input residual Jacobians with weight sharing);
 - low rank plus diagonal, :math:`\Lambda = U S U^\top + D`: by Woodbury
   :math:`J\Sigma J^\top = J D^{-1} J^\top - (JZ) C^{-1} (JZ)^\top` with
   :math:`Z = D^{-1} U S^{1/2}`, :math:`C = I + S^{1/2} U^\top D^{-1} U S^{1/2}`; ``JZ`` is
@@ -75,6 +80,38 @@ def _linear_term(g: Tensor, a: Tensor, w: Tensor, joint: bool) -> Tensor:
         return out
     jac = layers.linear_per_sample(layers.LinearView(a, g)).transpose(0, 1).reshape(b * c, -1)
     return ((jac * w.reshape(-1)) @ jac.T).reshape(b, c, b, c)
+
+
+def _complement_term(g: Tensor, a: Tensor, qg: Tensor, qa: Tensor, joint: bool) -> Tensor:
+    r""":math:`J (I - P) J^\top` for a linear-like layer's factors ``g (C, B, T, O)``,
+    ``a (B, T, I)`` and the kept bases ``qg (O, r_G)``, ``qa (I, r_A)`` of a truncated
+    Kronecker block, :math:`P = Q_G Q_G^\top \otimes Q_A Q_A^\top` (module docstring).
+    Returns ``(B, C, C)`` or, joint, ``(B, C, B, C)``."""
+    if a.shape[-2] == 1:  # J rows g ⊗ a: residual (g - P g) ⊗ a + P g ⊗ (a - P a)
+        g1, a1 = g[..., 0, :], a[..., 0, :]
+        gk, ak = g1 @ qg, a1 @ qa
+        gr, ar = g1 - gk @ qg.mT, a1 - ak @ qa.mT
+        if not joint:
+            return (torch.einsum("cbo,kbo->bck", gr, gr) * a1.square().sum(-1)[:, None, None]
+                    + torch.einsum("cbo,kbo->bck", gk, gk) * ar.square().sum(-1)[:, None, None])
+        return (torch.einsum("cbo,kdo,bd->bcdk", gr, gr, a1 @ a1.mT)
+                + torch.einsum("cbo,kdo,bd->bcdk", gk, gk, ar @ ar.mT))
+    o, i = g.shape[-1], a.shape[-1]
+
+    def residual(jac: Tensor) -> Tensor:  # (b, C, O·I) -> (b, C, O·I), (I - P) per row
+        m = jac.reshape(*jac.shape[:2], o, i)
+        return (m - qg @ (qg.mT @ m @ qa) @ qa.mT).flatten(2)
+
+    c, b = g.shape[-4:-2]
+    if not joint:
+        out = g.new_empty(b, c, c)
+        for sl, jac in layers.linear_jacobian_chunks(g, a):
+            r = residual(jac)
+            out[sl] = torch.bmm(r, r.transpose(1, 2))
+        return out
+    jac = layers.linear_per_sample(layers.LinearView(a, g)).transpose(0, 1).flatten(2)
+    r = residual(jac).reshape(b * c, -1)
+    return (r @ r.T).reshape(b, c, b, c)
 
 
 def _explicit_term(jac: Tensor, cov_block: PSDOperator | Tensor, joint: bool) -> Tensor:
@@ -231,6 +268,9 @@ def _blocks_term(capture: HookCapture, pairs: list, dtype: torch.dtype, joint: b
                 qa, qb = (None if q is None else q.to(work) for q in block.eigenbases)
             term = _linear_term(layers.group_matmul(g, qa), layers.group_matmul(a, qb),
                                 w.to(work), joint)
+            if isinstance(block, KroneckerEigen) and block.truncated:  # δ⁻¹ J (I - P) Jᵀ
+                rest = block.shift.reciprocal()
+                term = term + rest.to(work) * _complement_term(g, a, qa, qb, joint)
             cov = cov + term.to(dtype)
             continue
         if kron and rec.called:

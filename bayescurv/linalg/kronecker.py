@@ -1,7 +1,21 @@
-"""Kronecker-factored PSD matrix kept in its eigenbasis (K-FAC, EKFAC).
+r"""Kronecker-factored PSD matrix kept in its eigenbasis (K-FAC, EKFAC).
 
 Vectors of length ``n = p q`` are the row-major ``vec_r(V)`` of a ``(p, q)`` matrix ``V``,
 so that ``kron(A, B) vec_r(V) = vec_r(A V Bᵀ)`` (``torch.kron`` convention).
+
+Wide layers (:meth:`KroneckerEigen.truncate`): a factor may keep only its top-``r``
+eigenpairs, ``Q_A`` ``(p, r_a)`` with orthonormal columns; the discarded part of the factor is
+zero, so on the complement of ``span(Q_A ⊗ Q_B)`` in ``R^{pq}`` — which holds the mixed
+products ``kept ⊗ discarded`` too — the operator ``c K + δ I`` is ``δ``. With
+:math:`P = Q_A Q_A^\top \otimes Q_B Q_B^\top`,
+
+.. math::
+    cK + \delta I = Q\,diag(c\Lambda + \delta)\,Q^\top + \delta (I - P),\qquad
+    (cK + \delta I)^{-1} = Q\,diag\big(\tfrac{1}{c\Lambda+\delta}\big)\,Q^\top
+      + \tfrac{1}{\delta}(I - P),
+
+:math:`\log\det = \sum \log(c\Lambda + \delta) + (pq - r_a r_b)\log\delta`. Storage is
+``p r_a + q r_b + r_a r_b`` entries instead of ``p² + q² + pq``.
 """
 
 from __future__ import annotations
@@ -16,11 +30,11 @@ from linear_operator.operators import (
 )
 from torch import Tensor
 
-from bayescurv.errors import InvalidArgumentError, ShapeError
+from bayescurv.errors import InvalidArgumentError, NumericalError, ShapeError
 from bayescurv.linalg.base import PSDOperator, Scalar, affine, finish
 from bayescurv.linalg.eigh import robust_eigh
 
-__all__ = ["KroneckerEigen", "Kronecker", "kronecker"]
+__all__ = ["KroneckerEigen", "Kronecker", "kronecker", "check_factor_rank"]
 
 
 class _Eig:
@@ -65,31 +79,38 @@ def _left_t(Q: Tensor | None, X: Tensor) -> Tensor:
 
 
 class KroneckerEigen(PSDOperator):
-    """``A = (Q_A ⊗ Q_B) diag(vec_r(c Λ + δ)) (Q_A ⊗ Q_B)ᵀ``.
+    """``A = (Q_A ⊗ Q_B) diag(vec_r(c Λ + δ)) (Q_A ⊗ Q_B)ᵀ + δ (I - P)``.
 
-    ``Q_A`` ``(p, p)`` and ``Q_B`` ``(q, q)`` are orthogonal, ``Λ`` ``(p, q)`` holds the
-    non-negative base eigenvalues (``outer(λ_A, λ_B)`` for K-FAC, arbitrary for EKFAC), ``c``
-    and ``δ`` are scalars (differentiable). Products go through ``V ↦ Q_Aᵀ V Q_B``; the
-    ``(pq, pq)`` matrix is never formed except by :meth:`to_dense`. ``Q_A = None`` (or
-    ``Q_B = None``) stands for the identity: the factor was diagonal (an embedding's row
-    counts), and its ``p x p`` basis is never formed.
+    ``Q_A`` ``(p, r_a)`` and ``Q_B`` ``(q, r_b)`` have orthonormal columns (orthogonal when
+    ``r_a = p``, ``r_b = q``; then ``P = I``), ``Λ`` ``(r_a, r_b)`` holds the non-negative base
+    eigenvalues (``outer(λ_A, λ_B)`` for K-FAC, arbitrary for EKFAC), ``c`` and ``δ`` are
+    scalars (differentiable). A truncated basis (``r_a < p`` or ``r_b < q``,
+    :meth:`truncate`) leaves the complement of ``span(Q_A ⊗ Q_B)`` at ``δ`` (module
+    docstring). Products go through ``V ↦ Q_Aᵀ V Q_B``; the ``(pq, pq)`` matrix is never
+    formed except by :meth:`to_dense`. ``Q_A = None`` (or ``Q_B = None``) stands for the
+    identity: the factor was diagonal (an embedding's row counts), and its ``p x p`` basis
+    is never formed.
     """
 
     def __init__(self, QA: Tensor | None, QB: Tensor | None, eigenvalues: Tensor,
                  factor_eigenvalues: tuple[Tensor, Tensor] | None = None) -> None:
         if eigenvalues.ndim != 2:
-            raise ShapeError(f"eigenvalues must be 2-D (p, q), got {tuple(eigenvalues.shape)}.")
+            raise ShapeError(f"eigenvalues must be 2-D (r_a, r_b), got "
+                             f"{tuple(eigenvalues.shape)}.")
         for Q in (QA, QB):
-            if Q is not None and (Q.ndim != 2 or Q.shape[0] != Q.shape[1]):
+            if Q is not None and (Q.ndim != 2 or Q.shape[1] > Q.shape[0]):
                 raise ShapeError(
-                    f"QA and QB must be square, got {_shape(QA)} and {_shape(QB)}."
+                    f"QA and QB must be (n, r) with r <= n (orthonormal columns), got "
+                    f"{_shape(QA)} and {_shape(QB)}."
                 )
-        sizes = (eigenvalues.shape[0] if QA is None else QA.shape[0],
-                 eigenvalues.shape[1] if QB is None else QB.shape[0])
-        if eigenvalues.shape != sizes:
+        ranks = (eigenvalues.shape[0] if QA is None else QA.shape[1],
+                 eigenvalues.shape[1] if QB is None else QB.shape[1])
+        if eigenvalues.shape != ranks:
             raise ShapeError(
-                f"eigenvalues must have shape {sizes}, got {tuple(eigenvalues.shape)}."
+                f"eigenvalues must have shape {ranks}, got {tuple(eigenvalues.shape)}."
             )
+        sizes = (ranks[0] if QA is None else QA.shape[0],
+                 ranks[1] if QB is None else QB.shape[0])
         self._eig = _Eig(None, None)
         self._eig.value = (QA, QB, eigenvalues.clamp_min(0),
                            None if factor_eigenvalues is None else tuple(factor_eigenvalues))
@@ -119,6 +140,41 @@ class KroneckerEigen(PSDOperator):
         op._sizes = (A.shape[0], B.shape[0])
         op._meta = A
         return op
+
+    def truncate(self, rank: int) -> KroneckerEigen:
+        r"""The same operator with every factor of more than ``rank`` rows cut to its top
+        ``rank`` eigenpairs (the rest of the factor set to zero): ``Q_A`` ``(p, r_a)``,
+        ``Λ`` ``(r_a, r_b)`` with ``r_a = min(p, rank)``; pending ``scale`` / ``add_diagonal``
+        modifications are kept, so ``δ`` fills the discarded directions (module docstring).
+        The kept eigenpairs are those of the largest factor eigenvalues (K-FAC), else of the
+        largest marginal sums of ``Λ`` (EKFAC or a loaded operator: for ``Λ = λ_A λ_Bᵀ`` the
+        same order). Diagonal factors (:attr:`diagonal_factors`; ``p`` entries already) are
+        kept whole. Decomposes now (no longer lazily) and stores only the kept columns
+        (copies: the full bases are freed with this operator).
+
+        Raises:
+            InvalidArgumentError: ``rank`` is not a positive integer.
+        """
+        check_factor_rank(rank)
+        QA, QB, lam, fe = self._eig.get()
+        keep = []
+        for axis, (Q, n) in enumerate(zip((QA, QB), lam.shape)):
+            if Q is None or n <= rank:
+                keep.append(None)
+                continue
+            score = fe[axis] if fe is not None else lam.sum(1 - axis)
+            keep.append(torch.topk(score, rank).indices.sort().values)
+        if keep == [None, None]:
+            return self
+        ia, ib = keep
+        if ia is not None:
+            QA, lam = QA[:, ia].clone(), lam[ia]
+        if ib is not None:
+            QB, lam = QB[:, ib].clone(), lam[:, ib]
+        if fe is not None:
+            fe = tuple(e if i is None else e[i] for e, i in zip(fe, keep))
+        op = KroneckerEigen(QA, QB, lam.clone(), fe)
+        return op.with_modifications(self._mods) if self._mods else op
 
     # lazily decomposed state ---------------------------------------------------------
     @property
@@ -156,16 +212,30 @@ class KroneckerEigen(PSDOperator):
         return self._sizes
 
     @property
+    def factor_ranks(self) -> tuple[int, int]:
+        """``(r_a, r_b)``: the eigenpairs kept per factor (``(p, q)`` unless
+        :meth:`truncate` cut them)."""
+        if self._eig.value is None:  # lazily decomposed factors are kept whole
+            return self._sizes
+        return tuple(self._lam.shape)
+
+    @property
+    def truncated(self) -> bool:
+        """Whether a factor keeps fewer eigenpairs than its size (:meth:`truncate`)."""
+        return self.factor_ranks != self._sizes
+
+    @property
     def QA(self) -> Tensor:
-        """Orthogonal ``(p, p)`` eigenbasis of the first factor. For a diagonal factor
+        """Eigenbasis ``(p, r_a)`` of the first factor (orthogonal ``(p, p)`` unless
+        truncated). For a diagonal factor
         (:attr:`diagonal_factors`) this is an identity formed on access, ``p x p``: the
         operator itself never stores or uses it; prefer :meth:`to_eigenbasis`."""
         return self._basis(0)
 
     @property
     def QB(self) -> Tensor:
-        """Orthogonal ``(q, q)`` eigenbasis of the second factor (identity formed on access
-        when diagonal, see :attr:`QA`)."""
+        """Eigenbasis ``(q, r_b)`` of the second factor (identity formed on access when
+        diagonal, see :attr:`QA`)."""
         return self._basis(1)
 
     @property
@@ -194,12 +264,12 @@ class KroneckerEigen(PSDOperator):
         return eye.mT.contiguous().mT
 
     def to_eigenbasis(self, X: Tensor) -> Tensor:
-        """``Q_Aᵀ X Q_B`` for ``X`` ``(..., p, q)``."""
+        """``Q_Aᵀ X Q_B`` ``(..., r_a, r_b)`` for ``X`` ``(..., p, q)``."""
         X = _left_t(self._QA, X)
         return X if self._QB is None else X @ self._QB
 
     def from_eigenbasis(self, X: Tensor) -> Tensor:
-        """``Q_A X Q_Bᵀ`` for ``X`` ``(..., p, q)``."""
+        """``Q_A X Q_Bᵀ`` ``(..., p, q)`` for ``X`` ``(..., r_a, r_b)``."""
         X = _left(self._QA, X)
         return X if self._QB is None else X @ self._QB.mT
 
@@ -208,22 +278,50 @@ class KroneckerEigen(PSDOperator):
 
     @property
     def eigenvalues(self) -> Tensor:
-        """Effective eigenvalues ``c Λ + δ``, shape ``(p, q)`` (differentiable in ``c``, ``δ``)."""
+        """Effective eigenvalues ``c Λ + δ`` on the kept basis, shape ``(r_a, r_b)``
+        (differentiable in ``c``, ``δ``); a truncated operator is ``δ`` (:attr:`shift`) on the
+        rest."""
         return affine(self._lam, *self._affine())
 
     @property
     def base_eigenvalues(self) -> Tensor:
-        """Unscaled, unshifted ``Λ``, shape ``(p, q)``."""
+        """Unscaled, unshifted ``Λ``, shape ``(r_a, r_b)``."""
         return self._lam
 
     # ------------------------------------------------------------------ eigenbasis maps
-    def _apply(self, v: Tensor, weights: Tensor, name: str = "v") -> Tensor:
-        """``(Q_A ⊗ Q_B) diag(vec_r(weights)) (Q_A ⊗ Q_B)ᵀ v``."""
+    def _apply(self, v: Tensor, weights: Tensor, name: str = "v",
+               rest: Tensor | None = None) -> Tensor:
+        """``(Q_A ⊗ Q_B) diag(vec_r(weights)) (Q_A ⊗ Q_B)ᵀ v`` (``+ rest · v`` when given)."""
         V, vec = self._as_matrix(v, name)
         p, q = self.factor_sizes
         X = V.mT.reshape(-1, p, q)  # (k, p, q)
-        X = self.from_eigenbasis(self.to_eigenbasis(X) * weights)
-        return finish(X.reshape(-1, p * q).mT, vec)
+        Y = self.from_eigenbasis(self.to_eigenbasis(X) * weights)
+        if rest is not None:
+            Y = Y + rest * X
+        return finish(Y.reshape(-1, p * q).mT, vec)
+
+    def _complement(self, power: float, positive: bool = False) -> Tensor:
+        """``δ^power``, the eigenvalue of a truncated operator's discarded directions
+        (0-dim, differentiable).
+
+        Raises:
+            NumericalError: ``δ <= 0`` where a positive one is needed (negative ``power``,
+                or ``positive``): the discarded directions have no curvature, so a
+                truncated block needs a positive prior precision.
+        """
+        delta = self.shift
+        if (power < 0 or positive) and bool(delta <= 0):
+            raise NumericalError(
+                "a truncated Kronecker block (factor_rank) is singular without a positive "
+                f"diagonal shift (got {float(delta):.3g}): the discarded directions have no "
+                "curvature. Add a positive prior precision (add_diagonal)"
+            )
+        return delta if power == 1 else delta.pow(power)
+
+    def _on_kept(self, f: Tensor, power: float, name: str, v: Tensor) -> Tensor:
+        """``Q diag(f) Qᵀ v + δ^power (I - P) v`` for ``f = e^power`` on the kept basis."""
+        rest = self._complement(power)
+        return self._apply(v, f - rest, name, rest)
 
     def _rotate_back(self, z: Tensor, weights: Tensor) -> Tensor:
         """``(Q_A ⊗ Q_B) diag(vec_r(weights)) z``."""
@@ -240,18 +338,32 @@ class KroneckerEigen(PSDOperator):
 
     # ------------------------------------------------------------------ algebra
     def matvec(self, v: Tensor) -> Tensor:
+        if self.truncated:
+            return self._on_kept(self.eigenvalues, 1, "v", v)
         return self._apply(v, self.eigenvalues)
 
     def solve(self, v: Tensor) -> Tensor:
+        if self.truncated:
+            return self._on_kept(self.eigenvalues.reciprocal(), -1, "v", v)
         return self._apply(v, self.eigenvalues.reciprocal())
 
     def logdet(self) -> Tensor:
-        return self.eigenvalues.log().sum()
+        out = self.eigenvalues.log().sum()
+        if self.truncated:
+            (p, q), (ra, rb) = self._sizes, self.factor_ranks
+            out = out + (p * q - ra * rb) * self._complement(1, positive=True).log()
+        return out
 
     def diagonal(self) -> Tensor:
+        if self.truncated:  # diag(Q diag(e - δ) Qᵀ) + δ
+            rest = self._complement(1)
+            return self._diag_of(self.eigenvalues - rest) + rest
         return self._diag_of(self.eigenvalues)
 
     def inv_diagonal(self) -> Tensor:
+        if self.truncated:
+            rest = self._complement(-1)
+            return self._diag_of(self.eigenvalues.reciprocal() - rest) + rest
         return self._diag_of(self.eigenvalues.reciprocal())
 
     def to_dense(self) -> Tensor:
@@ -259,12 +371,21 @@ class KroneckerEigen(PSDOperator):
         eye = [torch.eye(n, dtype=self.dtype, device=self.device) for n in (p, q)]
         K = torch.kron((eye[0] if self._QA is None else self._QA).contiguous(),
                        (eye[1] if self._QB is None else self._QB).contiguous())
+        if self.truncated:
+            rest = self._complement(1)
+            return ((K * (self.eigenvalues - rest).reshape(-1)) @ K.mT
+                    + rest * torch.eye(p * q, dtype=self.dtype, device=self.device))
         return (K * self.eigenvalues.reshape(-1)) @ K.mT
 
     def inv_sqrt_matvec(self, z: Tensor) -> Tensor:
+        # truncated: the symmetric root Q diag(e^-1/2) Qᵀ + δ^-1/2 (I - P)
+        if self.truncated:
+            return self._on_kept(self.eigenvalues.rsqrt(), -0.5, "z", z)
         return self._rotate_back(z, self.eigenvalues.rsqrt())
 
     def sqrt_matvec(self, z: Tensor) -> Tensor:
+        if self.truncated:
+            return self._on_kept(self.eigenvalues.sqrt(), 0.5, "z", z)
         return self._rotate_back(z, self.eigenvalues.sqrt())
 
     def add_diagonal(self, d: Scalar) -> PSDOperator:
@@ -303,6 +424,11 @@ class KroneckerEigen(PSDOperator):
             return KroneckerProductLinearOperator(A, B).add_diagonal(self.shift)
         K = KroneckerProductLinearOperator(basis(self._QA, self._sizes[0]),
                                            basis(self._QB, self._sizes[1]))
+        if self.truncated:  # Q diag(cΛ) Qᵀ + δ I
+            rest = self._complement(1)
+            lam = (self.eigenvalues - rest).clamp_min(0).reshape(-1).sqrt()
+            return RootLinearOperator(MatmulLinearOperator(K, DiagLinearOperator(lam))
+                                      ).add_diagonal(rest)
         root = MatmulLinearOperator(K, DiagLinearOperator(self.eigenvalues.reshape(-1).sqrt()))
         return RootLinearOperator(root)
 
@@ -312,6 +438,19 @@ Kronecker = KroneckerEigen
 
 def _shape(Q: Tensor | None) -> tuple | None:
     return None if Q is None else tuple(Q.shape)
+
+
+def check_factor_rank(factor_rank: int | None) -> None:
+    """Validate ``factor_rank``: ``None`` or a positive integer.
+
+    Raises:
+        InvalidArgumentError: anything else.
+    """
+    if factor_rank is None:
+        return
+    if isinstance(factor_rank, bool) or not isinstance(factor_rank, int) or factor_rank < 1:
+        raise InvalidArgumentError(
+            f"factor_rank must be a positive integer or None, got {factor_rank!r}")
 
 
 def kronecker(A: Tensor, B: Tensor) -> KroneckerEigen:

@@ -15,6 +15,15 @@ rows with blocks :math:`diag(E_o) + \Delta u u^\top` — a rank-one update of a 
 operation is then closed form in ``O(pq)`` after the rotation (matrix determinant lemma,
 Sherman–Morrison), differentiable in ``Δ`` and in the scale and shift of ``K``; no
 decomposition is recomputed when the priors change.
+
+A truncated ``K`` (:meth:`~bayescurv.linalg.KroneckerEigen.truncate`: ``Q_A`` ``(p, r_a)``,
+``Q_B`` ``(q, r_b)``, ``δ`` on the discarded directions) stays exact: ``A`` commutes with
+:math:`Q_A Q_A^\top \otimes I`, so it splits into the ``p - r_a`` discarded rows, where it is
+:math:`I \otimes D` with the diagonal :math:`D = \delta I + \Delta e_j e_j^\top`, and the
+``r_a`` kept rows, where row ``o`` is :math:`M_o + \Delta e_j e_j^\top` with
+:math:`M_o = Q_B\,diag(E_o)\,Q_B^\top + \delta (I - Q_B Q_B^\top)`; Sherman–Morrison on
+:math:`M_o` with :math:`m_o = M_o^{-1} e_j`, :math:`s_o = e_j^\top m_o
+= \sum_i u_i^2 / E_{oi} + (1 - \lVert u \rVert^2)/\delta` as above.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from linear_operator.operators import DenseLinearOperator
 from torch import Tensor
 
 from bayescurv.errors import InvalidArgumentError, NumericalError, ShapeError
-from bayescurv.linalg.base import PSDOperator, Scalar, finish
+from bayescurv.linalg.base import PSDOperator, Scalar, _Layout, finish
 from bayescurv.linalg.kronecker import KroneckerEigen
 
 __all__ = ["KroneckerColumnShift"]
@@ -83,6 +92,91 @@ class KroneckerColumnShift(PSDOperator):
         Y = self.base.from_eigenbasis(X)
         return finish(Y.reshape(-1, p * q).mT, vec)
 
+    # ------------------------------------------------------------------ truncated base
+    def _kept_rows(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Truncated base (module docstring): ``E`` ``(r_a, r_b)``, ``δ``, ``m``
+        ``(r_a, q)`` (rows :math:`M_o^{-1} e_j`), ``s`` ``(r_a,)`` and ``d`` ``(q,)``, the
+        diagonal of ``D``."""
+        e, delta = self.base.eigenvalues, self.base._complement(1, positive=True)
+        QB = self.base.eigenbases[1]
+        q = self.factor_sizes[1]
+        ej = torch.zeros(q, dtype=e.dtype, device=e.device)
+        ej[self.column] = 1
+        if QB is None:
+            m = ej / e
+        else:
+            m = (QB[self.column] * (e.reciprocal() - 1 / delta)) @ QB.mT + ej / delta
+        return e, delta, m, m[:, self.column], delta + self.delta * ej
+
+    def _m_power(self, X: Tensor, e: Tensor, delta: Tensor, power: float) -> Tensor:
+        """``M_o^power x_o`` for the rows ``X`` ``(k, r_a, q)``."""
+        QB = self.base.eigenbases[1]
+        if QB is None:
+            return X * e.pow(power)
+        return ((X @ QB) * (e.pow(power) - delta.pow(power))) @ QB.mT + delta.pow(power) * X
+
+    def _split_rows(self, v: Tensor) -> tuple[Tensor, Tensor, _Layout]:
+        """``(Q_Aᵀ V, (I - Q_A Q_Aᵀ) V)`` of ``v`` as ``(k, ·, q)`` matrices."""
+        V, vec = self._as_matrix(v)
+        p, q = self.factor_sizes
+        X = V.mT.reshape(-1, p, q)
+        QA = self.base.eigenbases[0]
+        if QA is None:
+            return X, torch.zeros_like(X), vec
+        kept = QA.mT @ X
+        return kept, X - QA @ kept, vec
+
+    def _join_rows(self, kept: Tensor, rest: Tensor, vec: _Layout) -> Tensor:
+        QA = self.base.eigenbases[0]
+        p, q = self.factor_sizes
+        out = (kept if QA is None else QA @ kept) + rest
+        return finish(out.reshape(-1, p * q).mT, vec)
+
+    def _truncated_solve(self, v: Tensor) -> Tensor:
+        e, delta, m, s, d = self._kept_rows()
+        X, R, vec = self._split_rows(v)
+        beta = self.delta / (1 + self.delta * s)  # (r_a,)
+        Y = self._m_power(X, e, delta, -1)
+        Y = Y - (beta * (m * X).sum(-1)).unsqueeze(-1) * m
+        return self._join_rows(Y, R / d, vec)
+
+    def _truncated_logdet(self) -> Tensor:
+        _, delta, _, s, _ = self._kept_rows()
+        lift = 1 + self.delta * s
+        if bool((lift <= 0).any()) or bool(delta + self.delta <= 0):
+            raise NumericalError("KroneckerColumnShift is not positive definite "
+                                 "(a column shift larger than the block allows).")
+        p, ra = self.factor_sizes[0], self.base.factor_ranks[0]
+        return (self.base.logdet() + lift.log().sum()
+                + (p - ra) * torch.log1p(self.delta / delta))
+
+    def _truncated_inv_diagonal(self) -> Tensor:
+        e, delta, m, s, d = self._kept_rows()
+        beta = self.delta / (1 + self.delta * s)
+        QA, QB = self.base.eigenbases
+        mdiag = ((e.reciprocal() - 1 / delta) @ QB.square().mT + 1 / delta
+                 if QB is not None else e.reciprocal())  # diag(M_o⁻¹), (r_a, q)
+        kept = mdiag - beta[:, None] * m.square()
+        if QA is None:
+            return kept.reshape(-1)
+        out = QA.square() @ kept + (1 - QA.square().sum(1, keepdim=True)) / d
+        return out.reshape(-1)
+
+    def _truncated_root(self, z: Tensor, power: float) -> Tensor:
+        """The symmetric-on-rows root of the module docstring: ``M_o^{power}
+        (I + γ w_o w_oᵀ)`` on the kept rows (``w_o = M_o^{-1/2} e_j``), ``D^{power}`` on the
+        discarded ones; ``power = ±1/2``."""
+        e, delta, _, s, d = self._kept_rows()
+        X, R, vec = self._split_rows(z)
+        q = self.factor_sizes[1]
+        ej = torch.zeros(1, 1, q, dtype=e.dtype, device=e.device)
+        ej[..., self.column] = 1
+        w = self._m_power(ej, e, delta, -0.5)[0]  # (r_a, q), |w_o|² = s_o
+        lift = 1 + self.delta * s
+        gamma = ((lift.rsqrt() if power < 0 else lift.sqrt()) - 1) / s
+        X = X + (gamma * (X * w).sum(-1)).unsqueeze(-1) * w
+        return self._join_rows(self._m_power(X, e, delta, power), R * d.pow(power), vec)
+
     # ------------------------------------------------------------------ algebra
     def matvec(self, v: Tensor) -> Tensor:
         V, vec = self._as_matrix(v)
@@ -93,6 +187,8 @@ class KroneckerColumnShift(PSDOperator):
         return finish(out + extra.reshape(p * q, -1), vec)
 
     def solve(self, v: Tensor) -> Tensor:
+        if self.base.truncated:
+            return self._truncated_solve(v)
         e, u, s = self._pieces()
         X, vec = self._rotate(v)
         Y = X / e  # (k, p, q)
@@ -102,6 +198,8 @@ class KroneckerColumnShift(PSDOperator):
         return self._unrotate(Y, vec)
 
     def logdet(self) -> Tensor:
+        if self.base.truncated:
+            return self._truncated_logdet()
         e, _, s = self._pieces()
         lift = 1 + self.delta * s
         if bool((lift <= 0).any()):
@@ -117,6 +215,8 @@ class KroneckerColumnShift(PSDOperator):
         return (d + self.delta * bump).reshape(-1)
 
     def inv_diagonal(self) -> Tensor:
+        if self.base.truncated:
+            return self._truncated_inv_diagonal()
         e, u, s = self._pieces()
         beta = self.delta / (1 + self.delta * s)
         QA, QB = self.base.eigenbases
@@ -147,9 +247,13 @@ class KroneckerColumnShift(PSDOperator):
         return self._unrotate(X, vec)
 
     def inv_sqrt_matvec(self, z: Tensor) -> Tensor:
+        if self.base.truncated:
+            return self._truncated_root(z, -0.5)
         return self._root_matvec(z, -0.5)
 
     def sqrt_matvec(self, z: Tensor) -> Tensor:
+        if self.base.truncated:
+            return self._truncated_root(z, 0.5)
         return self._root_matvec(z, 0.5)
 
     def scale(self, c: Scalar) -> KroneckerColumnShift:
