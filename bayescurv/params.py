@@ -12,10 +12,10 @@ Frozen parameters (``requires_grad=False``) are never part of a set. Tied parame
 from __future__ import annotations
 
 import inspect
-from fnmatch import fnmatchcase
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import Any
 
 import torch

@@ -169,17 +169,30 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for n, p in model.named_parameters() if "lora_" in n]
 
 
+def state_kb(la: Laplace) -> float:
+    """kB of the tensors of ``la.state_dict()`` (the saved posterior)."""
+    return sum(t.numel() * t.element_size() for t in _tensors(la.state_dict())) / 1e3
+
+
 # ----------------------------------------------------------------------------------------
 # data
 # ----------------------------------------------------------------------------------------
 def batches(tok, pairs, size: int, shuffle_seed: int | None = None) -> list[dict]:
-    """Left-padded dict batches ``{"input_ids", "attention_mask", "y"}``."""
+    """Left-padded dict batches ``{"input_ids", "attention_mask", "y"}``, in order; with
+    ``shuffle_seed``: shuffled, grouped by length within windows of 4 batches (less
+    padding), batch order shuffled."""
     pairs = list(pairs)
+    chunks = [pairs[i:i + size] for i in range(0, len(pairs), size)]
     if shuffle_seed is not None:
-        random.Random(shuffle_seed).shuffle(pairs)
+        rng = random.Random(shuffle_seed)
+        rng.shuffle(pairs)
+        chunks = []
+        for i in range(0, len(pairs), 4 * size):
+            window = sorted(pairs[i:i + 4 * size], key=lambda p: len(p[0]))
+            chunks += [window[j:j + size] for j in range(0, len(window), size)]
+        rng.shuffle(chunks)
     out = []
-    for i in range(0, len(pairs), size):
-        chunk = pairs[i:i + size]
+    for chunk in chunks:
         b = tok.batch([s for s, _ in chunk])
         b["y"] = torch.tensor([y for _, y in chunk])
         out.append(b)
@@ -289,9 +302,10 @@ def run_one(task: text.TextTask, tok, lm, seed: int, args, keep: dict | None = N
     vocab_words = tok.words[len(text.SPECIALS):]
     corrupted = list(zip(text.corrupt([s for s, _ in task.test], 0.3, vocab_words, seed=7),
                          [y for _, y in task.test]))
-    sets = {"val": batches(tok, task.val, 100), "test": batches(tok, task.test, 100),
-            "corrupt": batches(tok, corrupted, 100),
-            "ood": batches(tok, [(s, 0) for s in task.ood], 100)}
+    by_length = lambda pairs: sorted(pairs, key=lambda p: len(p[0]))  # noqa: E731
+    sets = {name: batches(tok, by_length(pairs), 100) for name, pairs in (
+        ("val", task.val), ("test", task.test), ("corrupt", corrupted),
+        ("ood", [(s, 0) for s in task.ood]))}
     ys = {k: labels(v) for k, v in sets.items()}
     evals = {k: v for k, v in sets.items() if k != "val"}
     probs: dict[str, dict[str, torch.Tensor]] = {}
@@ -344,7 +358,8 @@ def run_one(task: text.TextTask, tok, lm, seed: int, args, keep: dict | None = N
     with PeakRSS() as m_pred:
         probs["Last-layer LA"] = laplace_predictions(ll, evals, seed)["probit"]
     cost["Last-layer LA"] = {"fit": m_fit.seconds, "predict": m_pred.seconds / 3,
-                             "fit_mb": m_fit.mb, "predict_mb": m_pred.mb}
+                             "fit_mb": m_fit.mb, "predict_mb": m_pred.mb,
+                             "stored_kb": state_kb(ll)}
     del ll
 
     # Laplace-LoRA: K-FAC over the adapters only, evidence prior
@@ -358,18 +373,19 @@ def run_one(task: text.TextTask, tok, lm, seed: int, args, keep: dict | None = N
     probs["Laplace-LoRA (probit)"] = both["probit"]
     probs["Laplace-LoRA (MC)"] = both["mc"]
     cost["Laplace-LoRA (probit)"] = {"fit": m_fit.seconds, "predict": m_pred.seconds / 3,
-                                     "fit_mb": m_fit.mb, "predict_mb": m_pred.mb}
+                                     "fit_mb": m_fit.mb, "predict_mb": m_pred.mb,
+                                     "stored_kb": state_kb(la)}
     cost["Laplace-LoRA (MC)"] = cost["Laplace-LoRA (probit)"]
     with PeakRSS() as m_grid:
         la.optimize_prior_precision(method="gridsearch", val_loader=sets["val"],
-                                    grid=torch.logspace(-2, 4, args.grid))
+                                    grid=torch.logspace(-2, 2, args.grid))
     prior_val = float(la.prior_precision)
     with PeakRSS() as m_pred:
         probs["Laplace-LoRA, val prior"] = laplace_predictions(la, evals, seed)["probit"]
     cost["Laplace-LoRA, val prior"] = {"fit": m_fit.seconds + m_grid.seconds,
                                        "predict": m_pred.seconds / 3,
                                        "fit_mb": max(m_fit.mb, m_grid.mb),
-                                       "predict_mb": m_pred.mb}
+                                       "predict_mb": m_pred.mb, "stored_kb": state_kb(la)}
     n_lora = la.num_params
     del la
 
@@ -387,12 +403,19 @@ def run_one(task: text.TextTask, tok, lm, seed: int, args, keep: dict | None = N
                                  "predict": cost["MAP"]["predict"] * args.members,
                                  "fit_mb": m.mb, "predict_mb": cost["MAP"]["predict_mb"]}
 
+    adapter_kb = sum(p.numel() * p.element_size() for p in lora_parameters(model)) / 1e3
+    extra = {"MAP": 0.0, "Temperature": 0.008, "MC dropout": 0.0,
+             "Checkpoint ens.": (len(snaps) - 1) * adapter_kb,
+             "LoRA ensemble (3)": (args.members - 1) * adapter_kb}
+    for name, kb in extra.items():
+        cost[name]["stored_kb"] = kb
     rows = {name: scores(probs[name], ys) for name in METHODS}
     for name in METHODS:
         rows[name]["fit_ratio"] = cost[name]["fit"] / epoch_s
         rows[name]["predict_ratio"] = cost[name]["predict"] / epoch_s
         rows[name]["fit_mb"] = cost[name]["fit_mb"]
         rows[name]["predict_mb"] = cost[name]["predict_mb"]
+        rows[name]["stored_kb"] = cost[name]["stored_kb"]
     info = {"epoch_s": epoch_s, "temperature": temp, "prior_evidence": prior_evidence,
             "prior_val": prior_val, "n_lora": n_lora,
             "train_acc": 100 * metrics.accuracy(
@@ -401,6 +424,103 @@ def run_one(task: text.TextTask, tok, lm, seed: int, args, keep: dict | None = N
     if keep is not None:
         keep.update({"probs": probs, "y": ys["test"]})
     return rows, info
+
+
+# ----------------------------------------------------------------------------------------
+# memory model of the K-FAC factors of LoRA adapters
+# ----------------------------------------------------------------------------------------
+def kfac_lora_entries(d_in: int, d_out: int, r: int, factor_rank: int | None = None) -> int:
+    """Entries of the K-FAC factors of one LoRA-adapted ``Linear(d_in, d_out)``: ``lora_A``
+    ``(r, d_in)`` has factors ``r x r`` (output side) and ``d_in x d_in`` (input side),
+    ``lora_B`` ``(d_out, r)`` has ``d_out x d_out`` and ``r x r``. With ``factor_rank`` ``k``
+    a factor of ``n > k`` rows keeps ``n k + k`` numbers (basis and eigenvalues)."""
+    def f(n: int) -> int:
+        return n * n if factor_rank is None or n <= factor_rank else n * factor_rank + factor_rank
+
+    return 2 * f(r) + f(d_in) + f(d_out)
+
+
+def memory_model(sizes: list[tuple[int, int]], r: int, factor_rank: int) -> None:
+    """Predicted vs measured bytes of Laplace-LoRA's K-FAC posterior (q and v adapted) for
+    Llama-shaped models of width ``d`` and ``L`` layers; then LLaMA-2-7B's count."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bayescurv.curvature.preflight import estimate_bytes
+    from bayescurv.params import select
+
+    print(f"\nMemory model: K-FAC over LoRA r = {r} on q and v (float32 model, factors held "
+          f"in float64; 'stored' = the curvature tensors of la.state_dict() after the "
+          f"posterior was used; 'fit peak' = RSS rise during fit)\n")
+    print("| model | LoRA params | predicted MB (formula) | estimate_bytes MB | "
+          "stored MB | fit peak MB | predicted MB, factor_rank "
+          f"{factor_rank} | stored MB, factor_rank {factor_rank} |")
+    print("|---|---|---|---|---|---|---|---|")
+
+    def build(d: int, n_layers: int, device: str = "cpu"):
+        cfg = LlamaConfig(vocab_size=128, hidden_size=d, intermediate_size=2 * d,
+                          num_hidden_layers=n_layers, num_attention_heads=max(1, d // 128),
+                          num_key_value_heads=max(1, d // 128), max_position_embeddings=64)
+        with torch.device(device):
+            lm = LlamaForCausalLM(cfg)
+        lora = get_peft_model(lm, LoraConfig(r=r, lora_alpha=2 * r,
+                                             target_modules=["q_proj", "v_proj"]))
+        return lora, cfg
+
+    class Last(nn.Module):  # class logits of 4 "answer tokens" at the last position
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids):
+            return self.lm(input_ids=input_ids).logits[:, -1, :4]
+
+    for d, n_layers in sizes:
+        torch.manual_seed(0)
+        lora, cfg = build(d, n_layers)
+        for n, p in lora.named_parameters():  # non-zero B: a non-trivial curvature
+            if "lora_B" in n:
+                nn.init.normal_(p, std=0.02)
+        model = Last(lora).eval()
+        data = [{"x": torch.randint(0, 128, (8, 16)), "y": torch.randint(0, 4, (8,))}]
+        formula = 8 * n_layers * 2 * kfac_lora_entries(d, d, r)
+        formula_k = 8 * n_layers * 2 * kfac_lora_entries(d, d, r, factor_rank)
+        stored = []
+        for k in (None, factor_rank):
+            la = Laplace(model, "classification", subset=["*lora_*"], structure="kfac",
+                         factor_rank=k)
+            with PeakRSS() as m:
+                la.fit(data, x_key="x")
+            la.prior_precision = 1.0
+            la.functional(data[0]["x"][:2])  # decomposes (and truncates)
+            curv = la.state_dict()["curvature"]
+            stored.append(sum(t.numel() * t.element_size() for t in _tensors(curv)) / 1e6)
+            if k is None:
+                peak = m.mb
+                est = estimate_bytes(la.params, "kfac") / 1e6
+            del la
+        print(f"| Llama d={d}, {n_layers} layers | {8 * n_layers * 2 * r * d * 2 // 8:,} | "
+              f"{formula / 1e6:.2f} | {est:.2f} | {stored[0]:.2f} | {peak:.0f} | "
+              f"{formula_k / 1e6:.2f} | {stored[1]:.2f} |", flush=True)
+    # LLaMA-2-7B: 32 layers, d = 4096 (q and v are 4096 x 4096), on the meta device
+    lora, _ = build(4096, 32, device="meta")
+    pset = select(lora, ["*lora_*"])
+    est = estimate_bytes(pset, "kfac") / 1e9
+    formula = 8 * 32 * 2 * kfac_lora_entries(4096, 4096, r) / 1e9
+    formula_k = 8 * 32 * 2 * kfac_lora_entries(4096, 4096, r, factor_rank) / 1e9
+    print(f"| LLaMA-2-7B shape (d=4096, 32 layers) | {pset.numel:,} | {formula:.2f} GB | "
+          f"{est:.2f} GB | — | ≥ {formula:.2f} GB (full factors summed first) | "
+          f"{formula_k * 1e3:.1f} MB | — |")
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    if torch.is_tensor(obj):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
 
 
 # ----------------------------------------------------------------------------------------
@@ -431,21 +551,37 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=1000)
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--pretrain-steps", type=int, default=700)
+    ap.add_argument("--pretrain-steps", type=int, default=600)
     ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--epochs", type=int, default=12)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--epochs", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--members", type=int, default=3)
-    ap.add_argument("--grid", type=int, default=13, help="grid points of the val prior search")
+    ap.add_argument("--grid", type=int, default=9, help="grid points of the val prior search")
     ap.add_argument("--cache", type=Path, default=None,
                     help="reuse / store the pretrained LM here (development only)")
     ap.add_argument("--png", type=Path, default=None, help="reliability diagram PNG")
+    ap.add_argument("--sections", nargs="+", default=["calibration", "memory"])
+    ap.add_argument("--memory-sizes", nargs="+", default=["64x2", "512x4", "1024x4"],
+                    help="width x layers of the Llama shapes measured in the memory model")
+    ap.add_argument("--factor-rank", type=int, default=16)
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     warnings.filterwarnings("ignore", category=UserWarning)
     start = time.perf_counter()
+    if "calibration" in args.sections:
+        calibration(args)
+    if "memory" in args.sections:
+        memory_model([tuple(int(v) for v in s.split("x")) for s in args.memory_sizes],
+                     args.rank, args.factor_rank)
+    import resource
 
+    print(f"\n# process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3:.0f} "
+          f"MB; total {time.perf_counter() - start:.0f} s "
+          f"({math.ceil((time.perf_counter() - start) / 60)} min)")
+
+
+def calibration(args) -> None:
     tasks = {t: text.text_task(t, n_train=args.n_train) for t in args.tasks}
     held = set().union(*(t.held_out() for t in tasks.values()))
     corpus = text.corpus(held)
@@ -495,14 +631,16 @@ def main() -> None:
           "Shift: 30% of the words replaced (ECE, NLL); OOD detection against the other "
           "source (AUROC of 1 - max p)")
     print("\nCost (mean over tasks and seeds; ratios to one fine-tuning epoch; peak RSS rise)\n")
-    print("| method | fit / epoch | predict (test) / epoch | fit peak MB | predict peak MB |")
-    print("|---|---|---|---|---|")
+    print("| method | fit / epoch | predict (test) / epoch | fit peak MB | predict peak MB | "
+          "stored beyond the MAP, kB |")
+    print("|---|---|---|---|---|---|")
     for name in METHODS:
         rs = [r[name] for t in names for r in results[t]]
         print(f"| {name} | {mean_std([r['fit_ratio'] for r in rs], 2)} | "
               f"{mean_std([r['predict_ratio'] for r in rs], 2)} | "
               f"{mean_std([r['fit_mb'] for r in rs], 1)} | "
-              f"{mean_std([r['predict_mb'] for r in rs], 1)} |")
+              f"{mean_std([r['predict_mb'] for r in rs], 1)} | "
+              f"{sum(r['stored_kb'] for r in rs) / len(rs):.1f} |")
     # relative ECE reduction and the goal
     print("\nGoal check (paper: ECE 30.8 -> 6.9 on WinoGrande-S, a 78% relative reduction; "
           "NLL below temperature scaling):")
@@ -522,8 +660,6 @@ def main() -> None:
         metrics.plot_reliability(diagrams, args.png,
                                  title=f"{args.tasks[0]} task, test split, seed 0")
         print(f"# reliability diagram: {args.png}")
-    print(f"# total {time.perf_counter() - start:.0f} s "
-          f"({math.ceil((time.perf_counter() - start) / 60)} min)")
 
 
 if __name__ == "__main__":

@@ -50,14 +50,6 @@ def tv_vit(dtype):
         num_classes=CLASSES), 8, dtype)
 
 
-def tv_resnet(dtype):
-    tv = pytest.importorskip("torchvision")
-    from torchvision.models.resnet import BasicBlock, ResNet
-
-    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=CLASSES, width_per_group=64)
-    return _images(model, 16, dtype)
-
-
 def tv_convnext(dtype):
     pytest.importorskip("torchvision")
     from torchvision.models.convnext import CNBlockConfig, ConvNeXt

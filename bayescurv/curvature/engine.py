@@ -69,6 +69,14 @@ class ModuleRecord:
     output_hessian: tuple | None = None
     verify: bool = False
     differentiable: bool = False
+    parent: tuple[str, nn.Module] | None = None
+    via: str | None = None
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The module whose calls were captured: the owner, or its parent when the owner
+        itself was never called (``via``: the owner's name relative to the parent)."""
+        return self.parent[1] if self.via is not None and self.parent else self.module
 
     @property
     def with_bias(self) -> bool:
@@ -87,6 +95,7 @@ class ModuleRecord:
         self.shapes.clear()
         self.returned.clear()
         self.output_hessian = None
+        self.via = None
 
     # views ------------------------------------------------------------------------------
     def linear_inputs(self, augment: bool = True) -> Tensor:
@@ -127,9 +136,11 @@ class ModuleRecord:
                 if self.verify:  # the module must act on each data point separately
                     check_per_sample(self, x, bd)
                     self.verify = False
-                grads = layers.generic_per_sample(self.module, list(self.owned), x, g, bd)
-                if not self.differentiable:  # no autograd history across batches
-                    grads = {n: t.detach() for n, t in grads.items()}
+                prefix = f"{self.via}." if self.via is not None else ""
+                grads = layers.generic_per_sample(self.evaluated,
+                                                  [prefix + n for n in self.owned], x, g, bd)
+                grads = {n[len(prefix):]: t if self.differentiable else t.detach()
+                         for n, t in grads.items()}  # no autograd history across batches
             for lname, t in grads.items():
                 i = self.owned[lname]
                 t = t.reshape(*t.shape[:2], -1)
@@ -148,7 +159,7 @@ def check_per_sample(rec: ModuleRecord, x: Tensor, batch_dim: int) -> None:
     ref = ref.movedim(batch_dim, 0) if batch_dim else ref
 
     def one(xb: Tensor) -> Tensor:
-        return rec.module(xb.unsqueeze(batch_dim)).squeeze(batch_dim)
+        return rec.evaluated(xb.unsqueeze(batch_dim)).squeeze(batch_dim)
 
     try:
         with torch.no_grad():
@@ -219,7 +230,7 @@ class HookCapture:
             layers.check_module(module, mname, structure, unknown_layers != "error")
             owned_d = dict(owned)
             known = isinstance(module, (*layers.SUPPORTED, nn.MultiheadAttention)) or getattr(
-                module, layers.PER_SAMPLE_FLAG, False)
+                module, layers.PER_SAMPLE_FLAG, False) or layers.linear_layout(module) is not None
             if not known and self.batch_dim == 0:  # loose parameters broadcast over the batch
                 loose = {n: i for n, i in owned_d.items() if params.params[i].dim() >= 2
                          and params.params[i].shape[0] == 1}
@@ -245,9 +256,14 @@ class HookCapture:
                 route = "embedding"
             else:
                 route = "generic"
+            loose = route == "generic" and unknown_layers != "error" and not known
+            parent = None
+            if loose and mname:  # an owner never called (read through another method)
+                pname = mname.rpartition(".")[0]
+                parent = (mname.rpartition(".")[2], params.model.get_submodule(pname))
             self.records.append(ModuleRecord(
                 mname, module, route, owned_d, differentiable=differentiable,
-                verify=route == "generic" and unknown_layers == "auto" and not known))
+                verify=loose and unknown_layers == "auto", parent=parent))
             for _, i in owned:
                 seen.setdefault(i, []).append(mname)
         self.tied = {i for i, mods in seen.items() if len(mods) > 1}
@@ -276,6 +292,9 @@ class HookCapture:
             bd = 0 if id(rec.module) in out_projs else self.batch_dim
             self._handles.append(
                 rec.module.register_forward_hook(self._hook(self, rec, bd)))
+            if rec.parent is not None:
+                self._handles.append(
+                    rec.parent[1].register_forward_hook(self._parent_hook(self, rec, bd)))
         for module, (mname, rec) in self.attention.items():
             self._handles.append(module.register_forward_hook(
                 self._attention_hook(self, mname, rec), with_kwargs=True))
@@ -401,6 +420,24 @@ class HookCapture:
             rec.inputs.append(x.movedim(bd, 0))
             rec.outputs.append(front)
             return front.movedim(0, bd).clone()
+
+        return hook
+
+    @staticmethod
+    def _parent_hook(capture: HookCapture, rec: ModuleRecord, batch_dim: int):
+        """Capture the parent's call for a module of unknown type that owns posterior
+        parameters but was not called itself in this forward pass (timm's relative-position
+        bias, read through ``rel_pos.get_bias()``): its per-sample gradients then come from
+        the parent applied to one data point at a time (``via``), checked like the owner's
+        would be. The parent's hook fires after its forward, when the owner's own call would
+        already have been recorded."""
+        inner = HookCapture._hook(capture, rec, batch_dim)
+
+        def hook(module, inputs, output):
+            if not capture.recording or rec.inputs or not isinstance(output, Tensor):
+                return None
+            rec.via = rec.parent[0]
+            return inner(module, inputs, output)
 
         return hook
 

@@ -430,8 +430,8 @@ def generic_per_sample(
     Exact for any module that acts on each data point separately (LayerNorm, GroupNorm,
     BatchNorm in eval mode, ...). ``x`` ``(B, ...)`` and ``g`` ``(K, B, ...)`` hold the batch
     in front; the module is called with it back in dimension ``batch_dim`` (its own
-    layout)."""
-    params = {n: getattr(module, n).detach() for n in names}
+    layout). ``names`` may be dotted (parameters of a submodule that ``module`` uses)."""
+    params = {n: module.get_parameter(n).detach() for n in names}
 
     def one(xb: Tensor, gb: Tensor) -> dict[str, Tensor]:
         def fwd(p):

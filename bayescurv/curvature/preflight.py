@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from bayescurv.curvature import layers
+from bayescurv.curvature.accumulate import LOOSE_DENSE_MAX
 from bayescurv.errors import InvalidArgumentError
 from bayescurv.linalg.base import internal_dtype
 from bayescurv.params import ParamSet
@@ -73,7 +74,7 @@ def _kfac_entries(pset: ParamSet, factor_rank: int | None = None) -> int:
             total += lay.groups * (f(o, r) + f(i, r))
             continue
         p = sum(pset.params[j].numel() for j in names.values())
-        total += p * p
+        total += p * p if p <= LOOSE_DENSE_MAX else p  # dense block, or its diagonal
     return total
 
 

@@ -104,8 +104,8 @@ def stdlib_docstrings(root: str | None = None) -> tuple[tuple[str, str, str], ..
     """Every docstring of the standard library's ``.py`` sources under ``root`` (default
     ``sysconfig.get_paths()["stdlib"]``), parsed with :mod:`ast` (nothing is imported):
     ``(package, kind, docstring)`` with ``package`` the top-level module or package name and
-    ``kind`` ``"module"``, ``"class"`` or ``"function"``. Test packages, ``idlelib``, ``lib2to3`` and ``site-packages``
-    are skipped. Cached per ``root``."""
+    ``kind`` ``"module"``, ``"class"`` or ``"function"``. Test packages, ``idlelib``,
+    ``lib2to3`` and ``site-packages`` are skipped. Cached per ``root``."""
     root = root or sysconfig.get_paths()["stdlib"]
     if not os.path.isdir(root):
         raise InvalidArgumentError(f"no standard-library sources under {root!r}")
