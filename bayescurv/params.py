@@ -26,10 +26,54 @@ from bayescurv.errors import InvalidArgumentError
 
 SUBSETS = ("all", "trainable", "last_layer")
 
-OutputKey = str | int | Callable[[Any], Tensor] | None
+OutputKey = str | int | Callable[..., Tensor] | None
 """How to read the network output from what the model returns: ``None`` (the model
 returns a tensor), a key / index (``out[key]`` of a dict, tuple or HuggingFace-style
-output), or a callable ``out -> Tensor``."""
+output), or a callable ``out -> Tensor`` or ``(out, inputs) -> Tensor`` (a callable of two
+positional parameters also receives the inputs the model was called with, e.g. to read the
+attention mask: :func:`last_token`)."""
+
+
+def _takes_inputs(fn: Callable) -> bool:
+    """Whether an ``output_key`` callable takes ``(out, inputs)`` rather than ``out``."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
+
+
+def last_token(key: str | int = "logits", mask: str = "attention_mask",
+               tokens: Sequence[int] | Tensor | None = None) -> Callable[[Any, Any], Tensor]:
+    """An ``output_key`` for sequence outputs ``(B, T, C)`` (a causal LM's next-token logits):
+    the output at each sequence's last real position — the last position where
+    ``inputs[mask]`` is nonzero, for right or left padding alike (the last position when the
+    inputs carry no mask) — restricted to the columns ``tokens`` (e.g. the answer tokens of a
+    multiple-choice task) when given. The padding mask is thereby respected in the curvature,
+    the evidence and the predictive: padded positions never enter the likelihood.
+
+    Usage: ``Laplace(lm, "classification", output_key=last_token(tokens=answer_ids))``."""
+    cols = None if tokens is None else torch.as_tensor(list(tokens) if not torch.is_tensor(
+        tokens) else tokens, dtype=torch.long)
+
+    def select(out: Any, inputs: Any) -> Tensor:
+        f = out[key]
+        if not torch.is_tensor(f) or f.dim() != 3:
+            raise InvalidArgumentError(
+                f"last_token expects a sequence output (batch, positions, classes) under "
+                f"{key!r}; got {getattr(f, 'shape', type(f).__name__)}")
+        t = f.shape[1]
+        m = inputs.get(mask) if isinstance(inputs, dict) else None
+        if m is None:
+            last = f[:, -1]
+        else:
+            pos = torch.arange(t, device=f.device)
+            idx = (m.to(f.device) != 0).long().mul(pos + 1).argmax(1)  # last nonzero
+            last = f.gather(1, idx[:, None, None].expand(-1, 1, f.shape[-1])).squeeze(1)
+        return last if cols is None else last[:, cols.to(f.device)]
+
+    return select
 
 
 def check_output_key(output_key: OutputKey) -> OutputKey:
@@ -43,11 +87,15 @@ def check_output_key(output_key: OutputKey) -> OutputKey:
     )
 
 
-def select_output(out: Any, output_key: OutputKey) -> Tensor:
-    """The network output tensor of ``out`` (what the model returned), per ``output_key``."""
+def select_output(out: Any, output_key: OutputKey, inputs: Any = None) -> Tensor:
+    """The network output tensor of ``out`` (what the model returned on ``inputs``), per
+    ``output_key``."""
     if output_key is not None:
         try:
-            out = output_key(out) if callable(output_key) else out[output_key]
+            if not callable(output_key):
+                out = out[output_key]
+            else:
+                out = output_key(out, inputs) if _takes_inputs(output_key) else output_key(out)
         except (KeyError, IndexError, TypeError) as err:
             keys = f" (keys: {sorted(out)})" if isinstance(out, dict) else ""
             raise InvalidArgumentError(
@@ -190,7 +238,7 @@ class ParamSet:
         if kwargs and not args:
             check_keyword_inputs(self.model, kwargs)
         out = torch.func.functional_call(self.model, self.as_dict(vector), args, kwargs)
-        return select_output(out, self.output_key)
+        return select_output(out, self.output_key, args[0] if args else kwargs)
 
     def forward(self, x: Tensor | dict[str, Tensor],
                 replace: dict[str, Tensor] | None = None) -> Tensor:
@@ -205,7 +253,7 @@ class ParamSet:
             out = torch.func.functional_call(self.model, replace, args, kwargs, strict=False)
         else:
             out = self.model(*args, **kwargs)
-        return select_output(out, self.output_key)
+        return select_output(out, self.output_key, x)
 
     # per-module view -----------------------------------------------------------------
     def modules(self) -> list[tuple[str, nn.Module, list[tuple[str, int]]]]:
@@ -287,7 +335,7 @@ def find_last_layer(model: nn.Module, example_input: Any = None,
         with torch.no_grad():
             out = model(**example_input) if isinstance(example_input, dict) else model(
                 example_input)
-            out = select_output(out, output_key)
+            out = select_output(out, output_key, example_input)
     finally:
         for h in handles:
             h.remove()
@@ -400,4 +448,5 @@ def select(
 
 
 __all__ = ["ParamSet", "select", "find_last_layer", "select_output", "check_output_key",
+           "last_token",
            "check_keyword_inputs", "OutputKey", "SUBSETS"]

@@ -188,3 +188,33 @@ def test_torchvision_resnet18_all_weights_kfac_tunes_without_lapack_error():
     la = Laplace(model, "classification", structure="kfac").fit([(x, y)], progress=False)
     la.optimize_prior_precision(n_steps=5)
     assert torch.isfinite(la.log_marginal_likelihood())
+
+
+def test_last_token_reads_the_attention_mask_for_right_and_left_padding():
+    from bayescurv.params import last_token
+
+    logits = torch.arange(2 * 4 * 5, dtype=torch.float64).reshape(2, 4, 5)
+
+    class Out(dict):
+        pass
+
+    right = {"attention_mask": torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])}
+    left = {"attention_mask": torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])}
+    sel = last_token(tokens=[4, 1])
+    assert torch.equal(sel(Out(logits=logits), right), logits[[0, 1], [1, 3]][:, [4, 1]])
+    assert torch.equal(sel(Out(logits=logits), left), logits[[0, 1], [3, 3]][:, [4, 1]])
+    assert torch.equal(last_token()(Out(logits=logits), logits), logits[:, -1])
+
+
+def test_causal_lm_predictive_ignores_right_padding():
+    """The posterior over a causal LM read at the last real token: a right-padded sequence
+    has exactly the predictive of the same sequence without padding (the padded positions
+    never enter the curvature, the evidence or the predictive)."""
+    la, x, _, _ = _fit("hf_llama_lm", "kfac")
+    padded = {k: v[:1] for k, v in x.items()}  # zoo_models pads the first two on the right
+    assert int(padded["attention_mask"].sum()) == 3
+    short = {k: v[:, :3] for k, v in padded.items()}
+    m1, v1 = la.functional(padded)
+    m2, v2 = la.functional(short)
+    torch.testing.assert_close(m1, m2, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(v1, v2, rtol=1e-6, atol=1e-9)

@@ -110,19 +110,17 @@ def hf_llama(dtype):
 
 
 def hf_llama_lm(dtype):
-    """A causal LM head: the next-token logits at the last position over the first
-    ``CLASSES`` tokens (answer tokens), inputs left-padded so that the last position is the
-    last token (the documented choice for causal LMs)."""
+    """A causal LM head: the next-token logits at each sequence's last real token
+    (right-padded inputs, read through the attention mask) over the first ``CLASSES`` tokens
+    (the answer tokens): ``output_key=bayescurv.params.last_token(tokens=...)``."""
     tf = pytest.importorskip("transformers")
+    from bayescurv.params import last_token
+
     cfg = tf.LlamaConfig(vocab_size=20, hidden_size=8, intermediate_size=12,
                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                          max_position_embeddings=8, pad_token_id=0)
-    model, x, loader, opts = _texts(tf.LlamaForCausalLM(cfg), dtype)
-    return model, x, loader, {**opts, "output_key": last_token_answers}
-
-
-def last_token_answers(out) -> torch.Tensor:
-    return out.logits[:, -1, :CLASSES]
+    model, x, loader, opts = _texts(tf.LlamaForCausalLM(cfg), dtype, pad=0)
+    return model, x, loader, {**opts, "output_key": last_token(tokens=range(CLASSES))}
 
 
 def peft_bert(dtype):

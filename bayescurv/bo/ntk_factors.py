@@ -159,7 +159,7 @@ class FactoredJacobian:
             finally:
                 for h in handles:
                     h.remove()
-            out = select_output(out, ps.output_key).reshape(-1)
+            out = select_output(out, ps.output_key, xi.unsqueeze(0)).reshape(-1)
             return out, (out, [acts[k] for k in range(len(mods))])
 
         jac = torch.func.vmap(torch.func.jacrev(single, argnums=(0, 1), has_aux=True),

@@ -398,7 +398,7 @@ class CurvatureLinearOperator:
                      zip(self.params.names, self.params.params, tangents)}
             args, kwargs = ((), x) if isinstance(x, dict) else ((x,), {})
             out = torch.func.functional_call(self.params.model, duals, args, kwargs)
-            out = select_output(out, self.params.output_key)
+            out = select_output(out, self.params.output_key, x)
             f, jv = fwad.unpack_dual(_likelihood_outputs(out))
         return f, jv.detach()
 

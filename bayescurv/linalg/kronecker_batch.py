@@ -23,6 +23,7 @@ from torch import Tensor
 
 from bayescurv.errors import InvalidArgumentError, NumericalError, ShapeError
 from bayescurv.linalg.base import PSDOperator, Scalar, affine, finish
+from bayescurv.linalg.kronecker_column import ColumnShift
 
 __all__ = ["KroneckerBatch"]
 
@@ -281,36 +282,14 @@ class KroneckerBatch(PSDOperator):
         return BlockDiagLinearOperator(DenseLinearOperator(self.dense_blocks()))
 
 
-class KroneckerBatchColumnShift(PSDOperator):
+class KroneckerBatchColumnShift(ColumnShift):
     r""":math:`A = K + \Delta\,(I_{G p} \otimes e_j e_j^\top)` for a :class:`KroneckerBatch`
     ``K``: the batched form of :class:`~bayescurv.linalg.kronecker_column.KroneckerColumnShift`
     (see its docstring for the algebra). In the eigenbasis every row ``(g, o)`` is
     :math:`\mathrm{diag}(E_{go}) + \Delta u_g u_g^\top` with :math:`u_g = Q_B^{g\top} e_j`,
     so every operation is closed form (Sherman–Morrison, the determinant lemma)."""
 
-    def __init__(self, base: KroneckerBatch, column: int, delta: Tensor) -> None:
-        p, q = base.factor_sizes
-        if not 0 <= column < q:
-            raise ShapeError(f"column must lie in [0, {q}), got {column}.")
-        self.base = base
-        self.column = int(column)
-        self.delta = torch.as_tensor(delta, dtype=base.dtype, device=base.device).reshape(())
-
-    @property
-    def size(self) -> int:
-        return self.base.size
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.base.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.base.device
-
-    @property
-    def factor_sizes(self) -> tuple[int, int]:
-        return self.base.factor_sizes
+    base: KroneckerBatch
 
     def _dims(self) -> tuple[int, int, int]:
         return (self.base.num_groups, *self.base.factor_sizes)

@@ -37,14 +37,15 @@ from bayescurv.errors import InvalidArgumentError, NumericalError, ShapeError
 from bayescurv.linalg.base import PSDOperator, Scalar, _Layout, finish
 from bayescurv.linalg.kronecker import KroneckerEigen
 
-__all__ = ["KroneckerColumnShift"]
+__all__ = ["KroneckerColumnShift", "ColumnShift"]
 
 
-class KroneckerColumnShift(PSDOperator):
-    """``A = K + Δ (I ⊗ e_j e_jᵀ)`` for a :class:`KroneckerEigen` ``K`` (module docstring);
-    ``A`` must be positive definite (``E > 0`` and ``E + Δ uuᵀ`` positive rowwise)."""
+class ColumnShift(PSDOperator):
+    """What every ``K + Δ (I ⊗ e_j e_jᵀ)`` operator holds: the Kronecker ``base`` (one block,
+    or a batch of groups), the ``column`` ``j`` of the second factor (the bias column of
+    ``[W | b]``) and the shift ``Δ``; metadata is the base's."""
 
-    def __init__(self, base: KroneckerEigen, column: int, delta: Tensor) -> None:
+    def __init__(self, base: PSDOperator, column: int, delta: Tensor) -> None:
         p, q = base.factor_sizes
         if not 0 <= column < q:
             raise ShapeError(f"column must lie in [0, {q}), got {column}.")
@@ -52,7 +53,6 @@ class KroneckerColumnShift(PSDOperator):
         self.column = int(column)
         self.delta = torch.as_tensor(delta, dtype=base.dtype, device=base.device).reshape(())
 
-    # ------------------------------------------------------------------ metadata
     @property
     def size(self) -> int:
         return self.base.size
@@ -68,6 +68,13 @@ class KroneckerColumnShift(PSDOperator):
     @property
     def factor_sizes(self) -> tuple[int, int]:
         return self.base.factor_sizes
+
+
+class KroneckerColumnShift(ColumnShift):
+    """``A = K + Δ (I ⊗ e_j e_jᵀ)`` for a :class:`KroneckerEigen` ``K`` (module docstring);
+    ``A`` must be positive definite (``E > 0`` and ``E + Δ uuᵀ`` positive rowwise)."""
+
+    base: KroneckerEigen
 
     # ------------------------------------------------------------------ eigenbasis pieces
     def _pieces(self) -> tuple[Tensor, Tensor, Tensor]:
