@@ -20,20 +20,29 @@ Protocol, scaled down:
    an ensemble of 3 LoRA fine-tunes (different seeds); last-layer Laplace (K-FAC over the
    answer head, evidence prior: the paper's LLLA); Laplace-LoRA (K-FAC over the LoRA
    adapters only, scalar prior by the evidence, linearized predictive with the probit link
-   and by Monte Carlo); Laplace-LoRA with the prior chosen on the validation NLL (grid).
+   and by Monte Carlo, 1,000 draws of the logits); Laplace-LoRA with the prior chosen on the
+   validation NLL (``optimize_prior_precision(method="gridsearch")``, 13 points on
+   ``logspace(-4, 2)``).
 4. *Metrics.* Accuracy, NLL and ECE (15 bins) on the test split; the same on the test split
    with 30% of its words replaced by random vocabulary words (covariate shift); OOD AUROC
    (score ``1 - max p``) against sentences of the other source and the mean max-probability
    on them. Fit (curvature + prior tuning) and predict (test split) times as ratios to one
-   fine-tuning epoch measured in the same run, and the peak rise of the resident memory
-   (RSS, sampled every 5 ms) during each. Seeds vary the fine-tuning (LoRA init, data
-   order, dropout); the pretrained model and the splits are shared, as in the paper.
+   fine-tuning epoch measured in the same run, the peak rise of the resident memory (RSS,
+   sampled every 5 ms) during each, and what each method stores beyond the MAP adapters
+   (for the Laplace methods: the tensors of ``la.state_dict()``). Seeds vary the
+   fine-tuning (LoRA init, data order, dropout); the pretrained model and the splits are
+   shared, as in the paper.
+5. *Memory model* (section ``memory``): the K-FAC factor count of LoRA adapters on q and v
+   (:func:`kfac_lora_entries`) against ``preflight.estimate_bytes`` and the curvature
+   actually stored, for Llama shapes of width 64 to 1024, and the count for LLaMA-2-7B
+   (built on the meta device), with and without ``factor_rank``.
 
 Curvature for K-FAC is computed on length-bucketed training batches (no padding): the A
 factor of K-FAC-expand averages the layer inputs over all positions, padding included (see
 docs/lora.md); predictions use ordinary left-padded batches (their Jacobians are exact).
 
     OMP_NUM_THREADS=1 python benchmarks/lora.py [--seeds 3] [--png docs/lora_reliability.png]
+        [--sections calibration memory] [--cache PATH (reuse the pretrained LM; development)]
 """
 
 from __future__ import annotations
@@ -378,7 +387,7 @@ def run_one(task: text.TextTask, tok, lm, seed: int, args, keep: dict | None = N
     cost["Laplace-LoRA (MC)"] = cost["Laplace-LoRA (probit)"]
     with PeakRSS() as m_grid:
         la.optimize_prior_precision(method="gridsearch", val_loader=sets["val"],
-                                    grid=torch.logspace(-2, 2, args.grid))
+                                    grid=torch.logspace(-4, 2, args.grid))
     prior_val = float(la.prior_precision)
     with PeakRSS() as m_pred:
         probs["Laplace-LoRA, val prior"] = laplace_predictions(la, evals, seed)["probit"]
@@ -543,44 +552,6 @@ def table(results, tasks, columns, title):
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--tasks", nargs="+", default=["topic", "module", "kind"])
-    ap.add_argument("--n-train", type=int, default=600)
-    ap.add_argument("--vocab", type=int, default=1000)
-    ap.add_argument("--width", type=int, default=64)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--pretrain-steps", type=int, default=600)
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--epochs", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=5e-3)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--members", type=int, default=3)
-    ap.add_argument("--grid", type=int, default=9, help="grid points of the val prior search")
-    ap.add_argument("--cache", type=Path, default=None,
-                    help="reuse / store the pretrained LM here (development only)")
-    ap.add_argument("--png", type=Path, default=None, help="reliability diagram PNG")
-    ap.add_argument("--sections", nargs="+", default=["calibration", "memory"])
-    ap.add_argument("--memory-sizes", nargs="+", default=["64x2", "512x4", "1024x4"],
-                    help="width x layers of the Llama shapes measured in the memory model")
-    ap.add_argument("--factor-rank", type=int, default=16)
-    args = ap.parse_args()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    warnings.filterwarnings("ignore", category=UserWarning)
-    start = time.perf_counter()
-    if "calibration" in args.sections:
-        calibration(args)
-    if "memory" in args.sections:
-        memory_model([tuple(int(v) for v in s.split("x")) for s in args.memory_sizes],
-                     args.rank, args.factor_rank)
-    import resource
-
-    print(f"\n# process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3:.0f} "
-          f"MB; total {time.perf_counter() - start:.0f} s "
-          f"({math.ceil((time.perf_counter() - start) / 60)} min)")
-
-
 def calibration(args) -> None:
     tasks = {t: text.text_task(t, n_train=args.n_train) for t in args.tasks}
     held = set().union(*(t.held_out() for t in tasks.values()))
@@ -660,6 +631,45 @@ def calibration(args) -> None:
         metrics.plot_reliability(diagrams, args.png,
                                  title=f"{args.tasks[0]} task, test split, seed 0")
         print(f"# reliability diagram: {args.png}")
+
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--tasks", nargs="+", default=["topic", "module", "kind"])
+    ap.add_argument("--n-train", type=int, default=600)
+    ap.add_argument("--vocab", type=int, default=1000)
+    ap.add_argument("--width", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--pretrain-steps", type=int, default=600)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=5e-3)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--members", type=int, default=3)
+    ap.add_argument("--grid", type=int, default=13, help="grid points of the val prior search")
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="reuse / store the pretrained LM here (development only)")
+    ap.add_argument("--png", type=Path, default=None, help="reliability diagram PNG")
+    ap.add_argument("--sections", nargs="+", default=["calibration", "memory"])
+    ap.add_argument("--memory-sizes", nargs="+", default=["64x2", "512x4", "1024x4"],
+                    help="width x layers of the Llama shapes measured in the memory model")
+    ap.add_argument("--factor-rank", type=int, default=16)
+    args = ap.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    warnings.filterwarnings("ignore", category=UserWarning)
+    start = time.perf_counter()
+    if "calibration" in args.sections:
+        calibration(args)
+    if "memory" in args.sections:
+        memory_model([tuple(int(v) for v in s.split("x")) for s in args.memory_sizes],
+                     args.rank, args.factor_rank)
+    import resource
+
+    print(f"\n# process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3:.0f} "
+          f"MB; total {time.perf_counter() - start:.0f} s "
+          f"({math.ceil((time.perf_counter() - start) / 60)} min)")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from bayescurv.curvature import layers
-from bayescurv.curvature.engine import HookCapture, ModuleRecord
+from bayescurv.curvature.engine import HookCapture
+from bayescurv.curvature.records import ModuleRecord
 from bayescurv.errors import UnsupportedLayerError
 from bayescurv.linalg import (
     BlockDiagonal,

@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 from bayescurv.curvature.accumulate import per_sample_matrix
-from bayescurv.curvature.engine import HookCapture, ModuleRecord
+from bayescurv.curvature.engine import HookCapture
+from bayescurv.curvature.records import ModuleRecord
 from bayescurv.linalg import internal_dtype
 
 METHODS = ("sqrt", "lanczos", "randomized")

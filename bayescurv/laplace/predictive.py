@@ -36,7 +36,8 @@ from torch import Tensor
 
 from bayescurv.curvature import layers
 from bayescurv.curvature.accumulate import kron_index, per_sample_matrix
-from bayescurv.curvature.engine import HookCapture, ModuleRecord, jacobian_pass
+from bayescurv.curvature.engine import HookCapture, jacobian_pass
+from bayescurv.curvature.records import ModuleRecord
 from bayescurv.linalg import (
     BlockDiagonal,
     Diagonal,

@@ -45,7 +45,7 @@ def product_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _WIDENED else dtype
 
 
-class _Layout(NamedTuple):
+class Layout(NamedTuple):
     """How :meth:`PSDOperator._as_matrix` reshaped and cast a right-hand side."""
 
     vector: bool
@@ -234,7 +234,7 @@ class PSDOperator(ABC):
     def _has_vector_shift(self) -> bool:
         return any(kind == "shift" and x.ndim == 1 for kind, x in self._mods)
 
-    def _as_matrix(self, v: Tensor, name: str = "v") -> tuple[Tensor, _Layout]:
+    def _as_matrix(self, v: Tensor, name: str = "v") -> tuple[Tensor, Layout]:
         """Return ``(V, layout)`` with ``V`` of shape ``(n, k)`` in the operator's dtype;
         :func:`finish` undoes both (a right-hand side of another floating dtype, e.g. a
         float32 vector against a float64 posterior, is solved in the operator's precision and
@@ -245,9 +245,9 @@ class PSDOperator(ABC):
         if v.dtype != self.dtype and (v.is_floating_point() or v.is_complex()):
             cast, v = v.dtype, v.to(self.dtype)
         if v.ndim == 1 and v.shape[0] == self.size:
-            return v.unsqueeze(-1), _Layout(True, cast)
+            return v.unsqueeze(-1), Layout(True, cast)
         if v.ndim == 2 and v.shape[0] == self.size:
-            return v, _Layout(False, cast)
+            return v, Layout(False, cast)
         raise ShapeError(
             f"{name} must have shape ({self.size},) or ({self.size}, k), got {tuple(v.shape)}."
         )
@@ -292,9 +292,9 @@ def shift_times(shift: Tensor, V: Tensor) -> Tensor:
     return shift * V if shift.ndim == 0 else shift.unsqueeze(-1) * V
 
 
-def finish(out: Tensor, layout: _Layout | bool) -> Tensor:
+def finish(out: Tensor, layout: Layout | bool) -> Tensor:
     """Undo :meth:`PSDOperator._as_matrix` (shape and, where it cast, dtype)."""
-    if isinstance(layout, _Layout):
+    if isinstance(layout, Layout):
         out = out.squeeze(-1) if layout.vector else out
         return out if layout.dtype is None else out.to(layout.dtype)
     return out.squeeze(-1) if layout else out

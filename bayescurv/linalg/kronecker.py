@@ -300,7 +300,7 @@ class KroneckerEigen(PSDOperator):
             Y = Y + rest * X
         return finish(Y.reshape(-1, p * q).mT, vec)
 
-    def _complement(self, power: float, positive: bool = False) -> Tensor:
+    def complement_power(self, power: float, positive: bool = False) -> Tensor:
         """``δ^power``, the eigenvalue of a truncated operator's discarded directions
         (0-dim, differentiable).
 
@@ -320,7 +320,7 @@ class KroneckerEigen(PSDOperator):
 
     def _on_kept(self, f: Tensor, power: float, name: str, v: Tensor) -> Tensor:
         """``Q diag(f) Qᵀ v + δ^power (I - P) v`` for ``f = e^power`` on the kept basis."""
-        rest = self._complement(power)
+        rest = self.complement_power(power)
         return self._apply(v, f - rest, name, rest)
 
     def _rotate_back(self, z: Tensor, weights: Tensor) -> Tensor:
@@ -351,18 +351,18 @@ class KroneckerEigen(PSDOperator):
         out = self.eigenvalues.log().sum()
         if self.truncated:
             (p, q), (ra, rb) = self._sizes, self.factor_ranks
-            out = out + (p * q - ra * rb) * self._complement(1, positive=True).log()
+            out = out + (p * q - ra * rb) * self.complement_power(1, positive=True).log()
         return out
 
     def diagonal(self) -> Tensor:
         if self.truncated:  # diag(Q diag(e - δ) Qᵀ) + δ
-            rest = self._complement(1)
+            rest = self.complement_power(1)
             return self._diag_of(self.eigenvalues - rest) + rest
         return self._diag_of(self.eigenvalues)
 
     def inv_diagonal(self) -> Tensor:
         if self.truncated:
-            rest = self._complement(-1)
+            rest = self.complement_power(-1)
             return self._diag_of(self.eigenvalues.reciprocal() - rest) + rest
         return self._diag_of(self.eigenvalues.reciprocal())
 
@@ -372,7 +372,7 @@ class KroneckerEigen(PSDOperator):
         K = torch.kron((eye[0] if self._QA is None else self._QA).contiguous(),
                        (eye[1] if self._QB is None else self._QB).contiguous())
         if self.truncated:
-            rest = self._complement(1)
+            rest = self.complement_power(1)
             return ((K * (self.eigenvalues - rest).reshape(-1)) @ K.mT
                     + rest * torch.eye(p * q, dtype=self.dtype, device=self.device))
         return (K * self.eigenvalues.reshape(-1)) @ K.mT
@@ -425,7 +425,7 @@ class KroneckerEigen(PSDOperator):
         K = KroneckerProductLinearOperator(basis(self._QA, self._sizes[0]),
                                            basis(self._QB, self._sizes[1]))
         if self.truncated:  # Q diag(cΛ) Qᵀ + δ I
-            rest = self._complement(1)
+            rest = self.complement_power(1)
             lam = (self.eigenvalues - rest).clamp_min(0).reshape(-1).sqrt()
             return RootLinearOperator(MatmulLinearOperator(K, DiagLinearOperator(lam))
                                       ).add_diagonal(rest)

@@ -34,7 +34,7 @@ from linear_operator.operators import DenseLinearOperator
 from torch import Tensor
 
 from bayescurv.errors import InvalidArgumentError, NumericalError, ShapeError
-from bayescurv.linalg.base import PSDOperator, Scalar, _Layout, finish
+from bayescurv.linalg.base import Layout, PSDOperator, Scalar, finish
 from bayescurv.linalg.kronecker import KroneckerEigen
 
 __all__ = ["KroneckerColumnShift", "ColumnShift"]
@@ -104,7 +104,7 @@ class KroneckerColumnShift(ColumnShift):
         """Truncated base (module docstring): ``E`` ``(r_a, r_b)``, ``δ``, ``m``
         ``(r_a, q)`` (rows :math:`M_o^{-1} e_j`), ``s`` ``(r_a,)`` and ``d`` ``(q,)``, the
         diagonal of ``D``."""
-        e, delta = self.base.eigenvalues, self.base._complement(1, positive=True)
+        e, delta = self.base.eigenvalues, self.base.complement_power(1, positive=True)
         QB = self.base.eigenbases[1]
         q = self.factor_sizes[1]
         ej = torch.zeros(q, dtype=e.dtype, device=e.device)
@@ -122,7 +122,7 @@ class KroneckerColumnShift(ColumnShift):
             return X * e.pow(power)
         return ((X @ QB) * (e.pow(power) - delta.pow(power))) @ QB.mT + delta.pow(power) * X
 
-    def _split_rows(self, v: Tensor) -> tuple[Tensor, Tensor, _Layout]:
+    def _split_rows(self, v: Tensor) -> tuple[Tensor, Tensor, Layout]:
         """``(Q_Aᵀ V, (I - Q_A Q_Aᵀ) V)`` of ``v`` as ``(k, ·, q)`` matrices."""
         V, vec = self._as_matrix(v)
         p, q = self.factor_sizes
@@ -133,7 +133,7 @@ class KroneckerColumnShift(ColumnShift):
         kept = QA.mT @ X
         return kept, X - QA @ kept, vec
 
-    def _join_rows(self, kept: Tensor, rest: Tensor, vec: _Layout) -> Tensor:
+    def _join_rows(self, kept: Tensor, rest: Tensor, vec: Layout) -> Tensor:
         QA = self.base.eigenbases[0]
         p, q = self.factor_sizes
         out = (kept if QA is None else QA @ kept) + rest
