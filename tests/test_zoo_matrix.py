@@ -78,6 +78,9 @@ def test_zoo_against_dense_truth(name, structure):
     xs = {k: v[:3] for k, v in x.items()} if isinstance(x, dict) else x[:3]
     _, joint = la.functional(xs, joint=True)
     assert (joint - ref).abs().max() <= 10 * _rtol(name) * ref.abs().max()
+    _, var = la.functional(xs)  # the per-input blocks (a separate code path)
+    blocks = torch.stack([ref.reshape(3, -1, 3, ref.shape[-1] // 3)[i, :, i] for i in range(3)])
+    assert (var - blocks).abs().max() <= 10 * _rtol(name) * ref.abs().max()
 
 
 @pytest.mark.parametrize("name", ["timm_vit", "hf_gpt2", "peft_bert"])
