@@ -112,8 +112,9 @@ def test_predictive_evidence_prior_and_padding_masks():
 
 def test_diag_curvature_ignores_padding_kfac_input_factor_does_not():
     """Exact structures are padding-invariant. K-FAC-expand's input factor A averages the
-    layer inputs over all positions, padded ones included, so padded batches change it
-    (docs/lora.md: fit on unpadded or length-bucketed batches)."""
+    layer inputs over all positions, padded ones included (the engine takes no padding
+    mask yet), so padded batches change it: this documents the current behaviour (docs/lora.md:
+    fit on unpadded or length-bucketed batches); make it an equality once A is masked."""
     model = _llama(dtype=torch.float64)
     padded, single, _ = _batches()
     curv = {}
