@@ -221,3 +221,24 @@ def test_causal_lm_predictive_ignores_right_padding():
     m2, v2 = la.functional(short)
     torch.testing.assert_close(m1, m2, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(v1, v2, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("structure", ["kfac", "kfac-reduce", "diag"])
+@pytest.mark.parametrize("name", ["hf_bert", "hf_gpt2", "hf_llama"])
+def test_padding_changes_no_structure(name, structure):
+    """A padded batch and the same sequences one at a time, unpadded, give the same
+    curvature: padded positions never reach the output (attention mask, last-token pooling),
+    and K-FAC leaves them out of its input factor and count."""
+    model, x, loader, opts = zoo_models.build(name)
+    y_key = opts.pop("y_key")
+    single = []
+    for batch in loader:
+        for i in range(batch["labels"].shape[0]):
+            keep = int(batch["attention_mask"][i].sum())
+            single.append({k: v[i:i + 1, :keep] if v.dim() == 2 else v[i:i + 1]
+                           for k, v in batch.items()})
+    curv = []
+    for data in (loader, single):
+        la = Laplace(model, "classification", structure=structure, **opts)
+        curv.append(la.fit(data, y_key=y_key, progress=False).curvature.to_dense())
+    torch.testing.assert_close(curv[0], curv[1], rtol=_rtol(name) * 10, atol=1e-10)

@@ -186,6 +186,23 @@ def kron_index(params: ParamSet, rec: ModuleRecord) -> Tensor:
     return idx.reshape(-1)
 
 
+def live_positions(g: Tensor) -> Tensor | None:
+    """Which weight-sharing positions reach the network output: ``(B, T)``, ``False`` where
+    the output gradients ``g`` (``(K, B, T, O)``, grouped ``(G, K, B, T, O)``) vanish for
+    every column — padding tokens behind an attention mask, positions after the one a
+    causal LM is read at. ``None`` when every position is live or there is no sharing
+    (``T = 1``: a datum is never dropped). K-FAC leaves these positions out of the input
+    factor and its count, so that padding a batch does not change the curvature (the exact
+    GGN gets nothing from them anyway)."""
+    if g.shape[-2] == 1:
+        return None
+    dims = [0, -1] if g.dim() == 4 else [0, 1, -1]
+    live = g.ne(0).any(dim=dims[-1])
+    for d in sorted(dims[:-1], reverse=True):
+        live = live.any(dim=d)
+    return None if bool(live.all()) else live
+
+
 class KFACAccumulator:
     r"""K-FAC, flavours ``expand`` and ``reduce`` (Eschenhagen et al., 2023), for linear-like
     layers with ``T`` weight-sharing positions:
@@ -194,6 +211,9 @@ class KFACAccumulator:
       :math:`G = \sum_{k,n,t} g_{knt} g_{knt}^\top`;
     - reduce: :math:`A = \frac{1}{N}\sum_n \bar a_n \bar a_n^\top` with
       :math:`\bar a_n = \frac1T\sum_t a_{nt}`, :math:`G = \sum_{k,n} (\sum_t g_{knt})(\cdot)^\top`;
+
+    where positions that do not reach the output (:func:`live_positions`: padding) are left
+    out of ``A``, its count ``NT`` and the mean :math:`\bar a_n`;
 
     and the block is :math:`G \otimes A` on row-major ``vec(W̃)``. Both are exact for one
     data point without sharing. A grouped convolution gets one pair per group, summed as
@@ -269,9 +289,15 @@ class KFACAccumulator:
                 reduce = self.flavour == "reduce" and not closed
                 if first:  # later chunks of the batch's loss columns see the same inputs
                     a = rec.linear_inputs(augment=False)  # unfolded once per batch
+                    live = None if closed else live_positions(rec.linear_grads())
                     if reduce:
-                        a = a.mean(-2, keepdim=True)
+                        a = (a.mean(-2, keepdim=True) if live is None else
+                             (a * live[..., None]).sum(-2, keepdim=True)
+                             / live.sum(-1).clamp_min(1)[..., None, None])
+                        live = None
                     a2 = a.reshape(*a.shape[:-3], -1, a.shape[-1])  # grouped: (G, B T, I)
+                    if live is not None:  # positions the output does not see: left out
+                        a2 = a2[..., live.reshape(-1), :]
                     self._acc_gram(rec, "A", a2)
                     if rec.with_bias:  # the bias column of ones: Σ a and the count
                         self._acc(rec, "a_sum", a2.sum(-2, dtype=self.dtype))
@@ -287,9 +313,11 @@ class KFACAccumulator:
             elif rec.route == "embedding":
                 for x, g in zip(rec.inputs, rec.grads):
                     if first:
-                        self._acc(rec, "A", layers.embedding_counts(rec.module, x).to(
+                        live = live_positions(g.reshape(*g.shape[:2], -1, g.shape[-1]))
+                        xs = x if live is None else x.reshape(x.shape[0], -1)[live]
+                        self._acc(rec, "A", layers.embedding_counts(rec.module, xs).to(
                             self.dtype))
-                        self._acc(rec, "count", x.numel())
+                        self._acc(rec, "count", xs.numel())
                     self._acc_gram(rec, "G", g.reshape(-1, g.shape[-1]).to(self.dtype))
             else:
                 ps = _per_sample(rec, self.dtype)
