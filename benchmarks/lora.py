@@ -37,9 +37,9 @@ Protocol, scaled down:
    actually stored, for Llama shapes of width 64 to 1024, and the count for LLaMA-2-7B
    (built on the meta device), with and without ``factor_rank``.
 
-Curvature for K-FAC is computed on length-bucketed training batches (no padding): the A
-factor of K-FAC-expand averages the layer inputs over all positions, padding included (see
-docs/lora.md); predictions use ordinary left-padded batches (their Jacobians are exact).
+Curvature for K-FAC is computed on length-bucketed training batches (no padding; the run in
+docs/lora.md predates K-FAC's padding-aware input factor, with which padded batches give the
+same curvature); predictions use ordinary left-padded batches.
 
     OMP_NUM_THREADS=1 python benchmarks/lora.py [--seeds 3] [--png docs/lora_reliability.png]
         [--sections calibration memory] [--cache PATH (reuse the pretrained LM; development)]
