@@ -218,7 +218,10 @@ def main() -> None:
                                   text=True)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
             if not lines:
-                print(f"{name:18s} {row:14s} crashed: {proc.stderr.strip()[-200:]}")
+                why = ("killed (exit -9: the kernel's out-of-memory killer)"
+                       if proc.returncode == -9 else
+                       f"exit {proc.returncode}: {proc.stderr.strip()[-200:]}")
+                print(f"{name:18s} {row:14s} crashed: {why}")
                 continue
             r = json.loads(lines[-1])
             if "error" in r:
