@@ -11,7 +11,9 @@ three lines from one process: ``fit`` (all-weights K-FAC, or the adapters' for `
 ``marglik`` (``optimize_prior_precision``, 100 evidence steps, on the fitted posterior; the
 tuning alone, including the factors' eigendecompositions) and ``predict`` (GLM predictive,
 probit, on ``--n`` test inputs; ratio to a gradient pass over them). Row ``laplace-torch``: its
-``Laplace(..., 'all', 'kron')`` fit where it runs (its refusals are reported).
+``Laplace(..., 'all', 'kron')`` fit where it runs (its refusals are reported);
+``laplace-torch-asdl`` the same with its ASDL backend (``AsdlGGN``, its route for Hugging Face
+models).
 
     OMP_NUM_THREADS=2 python benchmarks/zoo.py [--models resnet50,vit-s16] [--rows kfac]
         [--n 16] [--seq 64] [--device cpu|cuda] [--quick]
@@ -38,7 +40,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 MODELS = ("resnet50", "vit-s16", "bert-base", "bert-base+lora", "gpt2-small",
           "gpt2-small+lora")
-ROWS = ("kfac", "laplace-torch")
+ROWS = ("kfac", "laplace-torch", "laplace-torch-asdl")
 CLASSES = 10
 
 
@@ -144,8 +146,11 @@ def run_row(name: str, row: str, args) -> dict:
     subset = options.pop("subset", "all")
     out = {"model": name, "row": row,
            "params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    if row == "laplace-torch":
+    if row.startswith("laplace-torch"):  # "-asdl": its ASDL backend (its route for HF)
         from laplace import Laplace as PeerLaplace
+        from laplace.curvature import AsdlGGN
+
+        extra = {"backend": AsdlGGN} if row.endswith("-asdl") else {}
         from torch.utils.data import DataLoader, TensorDataset
 
         if isinstance(data[0], dict):  # its documented HF route: a dict batch, a wrapper
@@ -154,13 +159,13 @@ def run_row(name: str, row: str, args) -> dict:
             net = _DictLogits(model)
             la = PeerLaplace(net, "classification", subset_of_weights="all",
                              hessian_structure="kron", dict_key_x="input_ids",
-                             dict_key_y="labels")
+                             dict_key_y="labels", **extra)
         else:
             x = torch.cat([b[0] for b in data])
             y = torch.cat([b[1] for b in data])
             loader = DataLoader(TensorDataset(x, y), batch_size=8)
             la = PeerLaplace(model, "classification", subset_of_weights="all",
-                             hessian_structure="kron")
+                             hessian_structure="kron", **extra)
         seconds = timed(lambda: la.fit(loader, progress_bar=False))
     else:  # fit, then the evidence tuning and the predictive on that posterior
         la = Laplace(model, "classification", subset=subset, structure="kfac", **options)
@@ -228,7 +233,7 @@ def main() -> None:
                 print(f"{name:18s} {row:14s} {'':>11s} {'':>9s} {'':>8s} {'':>8s}  "
                       f"refused: {r['error']}")
                 continue
-            if row == "laplace-torch":
+            if row.startswith("laplace-torch"):
                 print(f"{name:18s} {row:14s} {r['params']:11,d} {r['seconds']:9.2f} "
                       f"{r['ratio']:8.1f} {r['peak_mb']:8.0f}  x grad pass (its kron fit)",
                       flush=True)
