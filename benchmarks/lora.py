@@ -64,6 +64,7 @@ from torch import nn
 
 from bayescurv import Laplace, metrics
 from bayescurv.data import text
+from bayescurv.laplace.state import state_tensors
 
 METHODS = ("MAP", "Temperature", "MC dropout", "Checkpoint ens.", "LoRA ensemble (3)",
            "Last-layer LA", "Laplace-LoRA (probit)", "Laplace-LoRA (MC)",
@@ -180,7 +181,7 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def state_kb(la: Laplace) -> float:
     """kB of the tensors of ``la.state_dict()`` (the saved posterior)."""
-    return sum(t.numel() * t.element_size() for t in _tensors(la.state_dict())) / 1e3
+    return sum(t.numel() * t.element_size() for t in state_tensors(la.state_dict())) / 1e3
 
 
 # ----------------------------------------------------------------------------------------
@@ -503,7 +504,7 @@ def memory_model(sizes: list[tuple[int, int]], r: int, factor_rank: int) -> None
             la.prior_precision = 1.0
             la.functional(data[0]["x"][:2])  # decomposes (and truncates)
             curv = la.state_dict()["curvature"]
-            stored.append(sum(t.numel() * t.element_size() for t in _tensors(curv)) / 1e6)
+            stored.append(sum(t.numel() * t.element_size() for t in state_tensors(curv)) / 1e6)
             if k is None:
                 peak = m.mb
                 est = estimate_bytes(la.params, "kfac") / 1e6
@@ -520,16 +521,6 @@ def memory_model(sizes: list[tuple[int, int]], r: int, factor_rank: int) -> None
     print(f"| LLaMA-2-7B shape (d=4096, 32 layers) | {pset.numel:,} | {formula:.2f} GB | "
           f"{est:.2f} GB | — | ≥ {formula:.2f} GB (full factors summed first) | "
           f"{formula_k * 1e3:.1f} MB | — |")
-
-
-def _tensors(obj) -> list[torch.Tensor]:
-    if torch.is_tensor(obj):
-        return [obj]
-    if isinstance(obj, dict):
-        return [t for v in obj.values() for t in _tensors(v)]
-    if isinstance(obj, (list, tuple)):
-        return [t for v in obj for t in _tensors(v)]
-    return []
 
 
 # ----------------------------------------------------------------------------------------

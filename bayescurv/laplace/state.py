@@ -24,14 +24,14 @@ REQUIRED_KEYS = ("version", "likelihood", "structure", "kind", "param_names", "i
                  "num_data", "num_outputs")
 
 
-def _tensors(obj: Any) -> list[Tensor]:
+def state_tensors(obj: Any) -> list[Tensor]:
     """Every tensor inside a nested dict / list state."""
     if torch.is_tensor(obj):
         return [obj]
     if isinstance(obj, dict):
-        return [t for v in obj.values() for t in _tensors(v)]
+        return [t for v in obj.values() for t in state_tensors(v)]
     if isinstance(obj, (list, tuple)):
-        return [t for v in obj for t in _tensors(v)]
+        return [t for v in obj for t in state_tensors(v)]
     return []
 
 
@@ -127,7 +127,7 @@ class StateDictMixin:
             got = tuple(mean.shape) if torch.is_tensor(mean) else type(mean).__name__
             raise ShapeError(f"the state's mean has shape {got} but this posterior has "
                              f"{self.num_params} parameters")
-        for t in _tensors(state):
+        for t in state_tensors(state):
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise NonFiniteError("the state holds NaN or infinite values (a diverged fit?); "
                                      "it would predict NaN")
@@ -161,4 +161,4 @@ class StateDictMixin:
         return self
 
 
-__all__ = ["StateDictMixin", "STATE_VERSION"]
+__all__ = ["StateDictMixin", "STATE_VERSION", "state_tensors"]
