@@ -190,17 +190,17 @@ def live_positions(g: Tensor) -> Tensor | None:
     """Which weight-sharing positions reach the network output: ``(B, T)``, ``False`` where
     the output gradients ``g`` (``(K, B, T, O)``, grouped ``(G, K, B, T, O)``) vanish for
     every column — padding tokens behind an attention mask, positions after the one a
-    causal LM is read at. ``None`` when every position is live or there is no sharing
-    (``T = 1``: a datum is never dropped). K-FAC leaves these positions out of the input
-    factor and its count, so that padding a batch does not change the curvature (the exact
-    GGN gets nothing from them anyway)."""
+    causal LM is read at. ``None`` without sharing (``T = 1``: a datum is never dropped).
+    K-FAC leaves these positions out of the input factor and its count, so that padding a
+    batch does not change the curvature (the exact GGN gets nothing from them anyway); the
+    mask weights the rows instead of selecting them (no host synchronisation)."""
     if g.shape[-2] == 1:
         return None
     dims = [0, -1] if g.dim() == 4 else [0, 1, -1]
     live = g.ne(0).any(dim=dims[-1])
     for d in sorted(dims[:-1], reverse=True):
         live = live.any(dim=d)
-    return None if bool(live.all()) else live
+    return live
 
 
 class KFACAccumulator:
@@ -290,18 +290,20 @@ class KFACAccumulator:
                 if first:  # later chunks of the batch's loss columns see the same inputs
                     a = rec.linear_inputs(augment=False)  # unfolded once per batch
                     live = None if closed else live_positions(rec.linear_grads())
+                    if live is not None:  # positions the output does not see: weight 0
+                        live = live.to(a.dtype)[..., None]  # (B, T, 1)
                     if reduce:
                         a = (a.mean(-2, keepdim=True) if live is None else
-                             (a * live[..., None]).sum(-2, keepdim=True)
-                             / live.sum(-1).clamp_min(1)[..., None, None])
+                             (a * live).sum(-2, keepdim=True) / live.sum(-2, keepdim=True)
+                             .clamp_min(1))
                         live = None
+                    elif live is not None:
+                        a = a * live
                     a2 = a.reshape(*a.shape[:-3], -1, a.shape[-1])  # grouped: (G, B T, I)
-                    if live is not None:  # positions the output does not see: left out
-                        a2 = a2[..., live.reshape(-1), :]
                     self._acc_gram(rec, "A", a2)
                     if rec.with_bias:  # the bias column of ones: Σ a and the count
                         self._acc(rec, "a_sum", a2.sum(-2, dtype=self.dtype))
-                    self._acc(rec, "count", a2.shape[-2])
+                    self._acc(rec, "count", a2.shape[-2] if live is None else live.sum())
                 if closed:  # Σ_k g gᵀ summed over the batch is Σ_b H_b: O(B C²), no roots
                     lik, f = rec.output_hessian
                     self._acc(rec, "G", lik.hessian_sum(f).to(self.dtype))
@@ -314,10 +316,9 @@ class KFACAccumulator:
                 for x, g in zip(rec.inputs, rec.grads):
                     if first:
                         live = live_positions(g.reshape(*g.shape[:2], -1, g.shape[-1]))
-                        xs = x if live is None else x.reshape(x.shape[0], -1)[live]
-                        self._acc(rec, "A", layers.embedding_counts(rec.module, xs).to(
-                            self.dtype))
-                        self._acc(rec, "count", xs.numel())
+                        self._acc(rec, "A", layers.embedding_counts(
+                            rec.module, x, None if live is None else live.to(self.dtype)))
+                        self._acc(rec, "count", x.numel() if live is None else live.sum())
                     self._acc_gram(rec, "G", g.reshape(-1, g.shape[-1]).to(self.dtype))
             else:
                 ps = _per_sample(rec, self.dtype)

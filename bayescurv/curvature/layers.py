@@ -354,9 +354,12 @@ def embedding_per_sample(module: nn.Embedding, idx: Tensor, g: Tensor) -> Tensor
     return torch.einsum("btv,kbtd->kbvd", onehot, g)
 
 
-def embedding_counts(module: nn.Embedding, idx: Tensor) -> Tensor:
-    """How often each row of the table is used in the batch ``(V,)`` (padding row: 0)."""
-    counts = torch.bincount(idx.reshape(-1), minlength=module.num_embeddings)
+def embedding_counts(module: nn.Embedding, idx: Tensor, weights: Tensor | None = None
+                     ) -> Tensor:
+    """How often each row of the table is used in the batch ``(V,)`` (padding row: 0);
+    ``weights`` (one per entry of ``idx``) weigh the uses (0 for positions left out)."""
+    counts = torch.bincount(idx.reshape(-1), None if weights is None else weights.reshape(-1),
+                            minlength=module.num_embeddings)
     if module.padding_idx is not None:
         counts[module.padding_idx] = 0
     return counts
