@@ -45,8 +45,11 @@ $(ZOOSTAMP): $(REFSTAMP)
 		transformers==5.25.0 peft==0.22.0 accelerate==1.16.0
 	$(PIP) install -c constraints.txt huggingface-hub safetensors tokenizers regex pyyaml \
 		packaging psutil
+	# influence functions' peer (benchmarks/influence.py, notebooks/influence_mislabeled.ipynb):
+	# its dependencies (accelerate, einops, einconv, opt-einsum, safetensors, tqdm) are above
+	$(PIP) install -c constraints.txt --no-deps kronfluence==1.0.1
 	$(BIN)/python tools/patch_torchvision.py
-	$(BIN)/python -c "import torchvision, timm, transformers, peft"
+	$(BIN)/python -c "import torchvision, timm, transformers, peft, kronfluence.analyzer"
 	touch $(ZOOSTAMP)
 
 venv: $(ZOOSTAMP)
