@@ -8,9 +8,11 @@ types kronfluence supports), trained in float64 to convergence (L-BFGS) on the s
 cross-entropy plus weight decay ``δ/2 ‖θ‖²`` with ``δ = 1``; every method uses damping ``δ``
 (kronfluence, whose curvature is the *mean* Fisher, ``δ / N``; scores are compared by rank).
 
-- ``spearman vs full``: the mean over 20 test queries of the Spearman correlation between a
-  method's scores of the 1,347 training images and the exact inverse-GGN influence
-  (``structure="full"``, dense Cholesky); ``self``: the same for self-influence;
+- ``spearman`` / ``pearson``: the mean over 20 test queries of the Spearman / Pearson
+  correlation between a method's scores of the 1,347 training images and the exact
+  inverse-GGN influence (``structure="full"``, dense Cholesky); ``top-50``: the fraction of
+  the exact 50 most helpful examples among the method's 50 most helpful; ``self``: Spearman
+  of the self-influences;
 - ``time``: seconds of the whole call (fit of the factors included) divided by one plain
   forward + backward pass over the training set in the same process;
 - ``memory``: peak resident memory above the process's state before the call (MiB), each
@@ -171,6 +173,17 @@ def spearman_rows(a, b) -> float:
     return sum(spearmanr(r.numpy(), s.numpy())[0] for r, s in zip(a, b)) / len(a)
 
 
+def pearson_rows(a, b) -> float:
+    return float(sum(torch.corrcoef(torch.stack([r, s]))[0, 1] for r, s in zip(a, b)) / len(a))
+
+
+def top_overlap(a, b, k: int = 50) -> float:
+    """Mean over queries of the fraction of the reference's k most helpful training
+    examples among the method's k most helpful."""
+    return sum(len(set(r.topk(k).indices.tolist()) & set(s.topk(k).indices.tolist())) / k
+               for r, s in zip(a, b)) / len(a)
+
+
 def retraining(model, x, y, xq, yq, scores: dict[str, torch.Tensor]):
     """Actual vs predicted change of the first query's loss under leave-one-out (30) and
     leave-40-out (15 groups) retraining."""
@@ -218,17 +231,20 @@ def main() -> None:
         except ImportError as err:
             print(f"{name}: skipped ({err})")
     ref_pair, ref_self = results["full (exact GGN)"][2:]
-    print(f"\n{'method':24s} {'spearman vs full':>17s} {'self':>6s} {'time':>7s} "
-          f"{'memory MiB':>11s}")
+    print(f"\n{'method':24s} {'spearman':>9s} {'pearson':>8s} {'top-50':>7s} {'self':>6s} "
+          f"{'time':>7s} {'memory MiB':>11s}")
     for name, (sec, mib, pair, self_) in results.items():
-        print(f"{name:24s} {spearman_rows(pair, ref_pair):17.3f} "
+        print(f"{name:24s} {spearman_rows(pair, ref_pair):9.3f} "
+              f"{pearson_rows(pair, ref_pair):8.3f} {top_overlap(pair, ref_pair):7.2f} "
               f"{spearmanr(self_.numpy(), ref_self.numpy())[0]:6.3f} {sec / unit:6.0f}x "
               f"{mib:11.1f}")
     if "kronfluence ekfac" in results:
         ours_pair, ours_self = results["ekfac"][2:]
         kf_pair, kf_self = results["kronfluence ekfac"][2:]
         print(f"\nbayescurv ekfac vs kronfluence ekfac: Spearman pairwise "
-              f"{spearman_rows(ours_pair, kf_pair):.3f}, self "
+              f"{spearman_rows(ours_pair, kf_pair):.3f}, Pearson "
+              f"{pearson_rows(ours_pair, kf_pair):.3f}, top-50 overlap "
+              f"{top_overlap(ours_pair, kf_pair):.2f}, self "
               f"{spearmanr(ours_self.numpy(), kf_self.numpy())[0]:.3f}")
     scores = {name: r[2] for name, r in results.items()}
     print("\nretraining: Spearman of predicted vs actual change of the query loss")

@@ -83,6 +83,18 @@ def test_per_parameter_damping_and_subset():
     assert rel_err(got, ref.detach()) < 1e-10
 
 
+def test_regression_noise():
+    """Regression with σ = 0.7: gradients (f - y)/σ² against the precision H/σ² + δ."""
+    c = case("mlp-reg")
+    la = Laplace(c.model, "regression", structure="full", prior_precision=DAMPING,
+                 sigma_noise=0.7).fit(c.batches)
+    got = Influence(la).scores([(c.x[:6], c.y[:6])], c.batches)
+    g = dense_gradients(la.params, "regression", c.x, c.y) / 0.49
+    ggn = dense_curvature(c.model, "regression", c.batches, la.params) / 0.49
+    ref = g[:6] @ torch.linalg.solve(ggn + DAMPING * torch.eye(len(ggn), dtype=ggn.dtype), g.T)
+    assert rel_err(got, ref) < 1e-10
+
+
 def test_masked_subnetwork():
     """A masked Laplace: gradients restricted to the posterior's entries."""
     c = case("mlp")
