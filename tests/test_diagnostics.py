@@ -73,7 +73,8 @@ def reverse_hessian(c, x, y) -> torch.Tensor:
     return torch.func.jacrev(torch.func.grad(loss))(pset.vector())
 
 
-@pytest.mark.parametrize("arch", [pytest.param("cnn", marks=pytest.mark.slow), "attention",
+@pytest.mark.parametrize("arch", [pytest.param("cnn", marks=pytest.mark.slow),
+                                  pytest.param("attention", marks=pytest.mark.slow),
                                   "embedding"])
 def test_top_eigenvalue(arch):
     """Lanczos top eigenvalue of the mean-loss Hessian and GGN vs dense eigvalsh: exact with
@@ -187,8 +188,8 @@ def test_monitor_logs_restores_mode_and_plots(tmp_path):
     c = case("cnn")
     model = copy.deepcopy(c.model).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    monitor = TrainingMonitor(model, "classification", every=2, lanczos_iter=5,
-                              generator=torch.Generator().manual_seed(0))
+    monitor = TrainingMonitor(model, "classification", every=2, lanczos_iter=3,
+                              hutchinson_samples=2, generator=torch.Generator().manual_seed(0))
     for step, (x, y) in enumerate(c.batches):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
