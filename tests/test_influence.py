@@ -68,6 +68,8 @@ def test_structures_use_their_own_inverse(arch, structure):
     assert rel_err(got, ref) < 1e-10
     full = inf.scores(c.batches, c.batches)
     assert rel_err(inf.self_influence(c.batches), torch.diagonal(full)) < 1e-12
+    # queries in chunks of whole batches (10 + 8, then 6): the same scores
+    assert rel_err(inf.scores(c.batches, c.batches, query_chunk=12), full) < 1e-14
 
 
 def test_per_parameter_damping_and_subset():
@@ -310,3 +312,5 @@ def test_bad_input():
         inf.scores(c.x, c.batches)
     with pytest.raises(ShapeError):
         inf.precondition(torch.zeros(2, 3))
+    with pytest.raises(InvalidArgumentError, match="query_chunk"):
+        inf.scores(c.batches, c.batches, query_chunk=0)

@@ -106,9 +106,10 @@ class Influence:
             queries); ``None`` keeps them exact.
         unknown_layers, batch_dim: as :func:`bayescurv.compute`.
 
-    Memory: the preconditioned query gradients ``(Q, P)`` (or their low-rank factors) and one
-    training batch of gradients ``(B, P)`` at a time; the training set is streamed once per
-    call, in the batches the loader gives.
+    Memory: the preconditioned query gradients ``(Q, P)`` (or their low-rank factors; or a
+    chunk of them, ``scores(query_chunk=)``) and one training batch of gradients ``(B, P)`` at
+    a time; the training set is streamed once per call (per query chunk), in the batches the
+    loader gives.
 
     Usage:
 
@@ -229,9 +230,7 @@ class Influence:
 
     def queries(self, data: Iterable, *, x_key: str = "x", y_key: str = "y") -> QueryGradients:
         """The preconditioned query gradients of ``data`` (low rank with ``query_rank``)."""
-        pre = self.precondition(self.gradients(data, x_key=x_key, y_key=y_key))
-        return QueryGradients(pre, self.params if self.index is None else None,
-                              self.query_rank)
+        return self._as_queries(self.gradients(data, x_key=x_key, y_key=y_key))
 
     # scores ------------------------------------------------------------------------------
     def scores(
@@ -239,17 +238,42 @@ class Influence:
         queries: Iterable | QueryGradients,
         train: Iterable,
         *,
+        query_chunk: int | None = None,
         x_key: str = "x",
         y_key: str = "y",
         progress: bool = False,
     ) -> Tensor:
         """Pairwise scores ``(Q, N)``: queries (a loader, or :meth:`queries`' result to reuse
         them) against every example of ``train`` (streamed batch by batch), in the model's
-        dtype."""
-        q = queries if isinstance(queries, QueryGradients) else self.queries(
-            queries, x_key=x_key, y_key=y_key)
-        out = [q.scores(v) for v in self._gradients(train, x_key, y_key, progress)]
-        return torch.cat(out, 1).to(self.params.dtype)
+        dtype. ``query_chunk``: hold the preconditioned gradients of at most about this many
+        queries at a time (whole query batches; the training set is streamed once per chunk),
+        so memory stays bounded for any number of queries; ``None``: all at once."""
+        if query_chunk is not None and (isinstance(query_chunk, bool) or not isinstance(
+                query_chunk, int) or query_chunk < 1):
+            raise InvalidArgumentError(
+                f"query_chunk must be a positive int or None, got {query_chunk!r}")
+        if isinstance(queries, QueryGradients):
+            chunks: Iterable[QueryGradients] = [queries]
+        else:
+            chunks = self._query_chunks(queries, query_chunk, x_key, y_key)
+        rows = [torch.cat([q.scores(v) for v in self._gradients(train, x_key, y_key, progress)],
+                          1) for q in chunks]
+        return torch.cat(rows, 0).to(self.params.dtype)
+
+    def _query_chunks(self, data: Iterable, size: int | None, x_key: str, y_key: str):
+        """Preconditioned query gradients, ``size`` rows or more (whole batches) at a time."""
+        buf: list[Tensor] = []
+        for g in self._gradients(data, x_key, y_key):
+            buf.append(g)
+            if size is not None and sum(len(b) for b in buf) >= size:
+                yield self._as_queries(torch.cat(buf))
+                buf = []
+        if buf:
+            yield self._as_queries(torch.cat(buf))
+
+    def _as_queries(self, grads: Tensor) -> QueryGradients:
+        return QueryGradients(self.precondition(grads), self.params if self.index is None
+                              else None, self.query_rank)
 
     def self_influence(
         self, train: Iterable, *, x_key: str = "x", y_key: str = "y", progress: bool = False,
@@ -272,7 +296,8 @@ class Influence:
 def pairwise_scores(source: Laplace | Curvature, queries: Iterable, train: Iterable,
                     **options) -> Tensor:
     """``Influence(source, **options).scores(queries, train)``: scores ``(Q, N)``."""
-    split = {k: options.pop(k) for k in ("x_key", "y_key", "progress") if k in options}
+    split = {k: options.pop(k) for k in ("x_key", "y_key", "progress", "query_chunk")
+             if k in options}
     return Influence(source, **options).scores(queries, train, **split)
 
 
