@@ -689,3 +689,30 @@ def test_cuda_matches_cpu(structure, batches_of):
     assert got.matrix.device.type == "cuda"
     torch.testing.assert_close(got.matrix.to_dense().cpu(), ref.matrix.to_dense(), atol=1e-8,
                                rtol=1e-6)
+
+
+def test_dense_hessian_through_layer_norm_equals_finite_differences():
+    """``kind="hessian"`` equals central differences of the gradient on a LayerNorm net.
+
+    ``torch.func.hessian`` (forward-over-reverse) is wrong here in torch 2.13: cross terms
+    between the affine LayerNorm weight and the layer before it are off by O(1).
+    """
+    g = torch.Generator().manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 3)).double()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5, generator=g)
+    x = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,), generator=g)
+    H = compute(model, "classification", [(x, y)], kind="hessian", structure="full").matrix.to_dense()
+    pset = select(model, "all")
+    theta = pset.vector()
+
+    def grad(v: torch.Tensor) -> torch.Tensor:
+        return torch.func.grad(
+            lambda w: nn.functional.cross_entropy(pset.functional_call(w, x), y, reduction="sum")
+        )(v)
+
+    eps = 1e-6
+    fd = torch.stack([(grad(theta + eps * e) - grad(theta - eps * e)) / (2 * eps)
+                      for e in torch.eye(theta.numel(), dtype=torch.float64)], 1)
+    assert torch.allclose(H, 0.5 * (fd + fd.T), atol=1e-7)
