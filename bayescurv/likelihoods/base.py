@@ -145,6 +145,11 @@ class Likelihood:
         """Predictive of ``y`` when ``f ~ N(mean, cov)`` (``(B, C)``, ``(B, C, C)``)."""
         raise NotImplementedError
 
+    def predictive_from_samples(self, f: Tensor):
+        """Predictive from network outputs ``f`` ``(S, B, C)`` at ``S`` posterior samples
+        (``pred_type="nn"``): the average of :meth:`inverse_link`."""
+        return self.inverse_link(f).mean(0)
+
     def check_link(self, link: str) -> None:
         if link not in self.links:
             raise InvalidArgumentError(
@@ -231,6 +236,10 @@ class Gaussian(Likelihood):
         self.check_link(link)
         var = torch.diagonal(cov, dim1=-2, dim2=-1) + self._sigma_like(mean) ** 2
         return mean, var
+
+    def predictive_from_samples(self, f: Tensor):
+        """``(mean, variance)`` of sampled outputs plus ``σ²``."""
+        return f.mean(0), f.var(0, unbiased=False) + self._sigma_like(f) ** 2
 
 
 class Categorical(Likelihood):
@@ -345,6 +354,10 @@ class Bernoulli(Likelihood):
         return links.mc_expectation(mean, cov, self.inverse_link, num_samples, generator).squeeze(
             -1
         )
+
+    def predictive_from_samples(self, f: Tensor):
+        """Probability of class 1 ``(B,)``."""
+        return self.inverse_link(f).mean(0).squeeze(-1)
 
 
 class Poisson(Likelihood):
