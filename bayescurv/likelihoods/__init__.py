@@ -17,6 +17,7 @@ from bayescurv.likelihoods.base import (
     check_finite_outputs,
     class_indices,
     get_likelihood,
+    register,
     unimplemented,
 )
 from bayescurv.likelihoods.binary import MultiLabel, PairwiseReward, Reward, preference_pairs
@@ -52,6 +53,7 @@ __all__ = [
     "DenseMultiLabel",
     "DenseBernoulli",
     "get_likelihood",
+    "register",
     "unimplemented",
     "check_finite_outputs",
     "class_indices",

@@ -406,9 +406,17 @@ class Poisson(Likelihood):
 
 
 LIKELIHOODS: dict[str, type[Likelihood]] = {}
-for _cls in (Gaussian, Categorical, Bernoulli, Poisson):
-    for _n in (_cls.name, *_cls.aliases):
-        LIKELIHOODS[_n] = _cls
+
+
+def register(*classes: type[Likelihood]) -> None:
+    """Make likelihood classes available by their ``name`` and ``aliases``
+    (:func:`get_likelihood`, ``Laplace(model, name)``); each must build without arguments."""
+    for cls in classes:
+        for n in (cls.name, *cls.aliases):
+            LIKELIHOODS[n] = cls
+
+
+register(Gaussian, Categorical, Bernoulli, Poisson)
 
 
 def _listing(names: Iterable[str]) -> str:
@@ -475,6 +483,7 @@ __all__ = [
     "Bernoulli",
     "Poisson",
     "get_likelihood",
+    "register",
     "unimplemented",
     "LIKELIHOODS",
 ]

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from bayescurv.errors import InvalidArgumentError, ShapeError
-from bayescurv.likelihoods.base import LIKELIHOODS, Likelihood, class_indices
+from bayescurv.likelihoods.base import Likelihood, class_indices, register
 
 
 class MultiLabel(Likelihood):
@@ -223,8 +223,6 @@ class preference_pairs(Iterable):  # noqa: N801 - used like a function
             yield {"chosen": a, "rejected": b}, torch.as_tensor(y)
 
 
-for _cls in (MultiLabel, Reward):
-    for _n in (_cls.name, *_cls.aliases):
-        LIKELIHOODS[_n] = _cls
+register(MultiLabel, Reward)
 
 __all__ = ["MultiLabel", "Reward", "PairwiseReward", "preference_pairs"]

@@ -35,11 +35,11 @@ from torch import Tensor
 
 from bayescurv.errors import InvalidArgumentError, ShapeError
 from bayescurv.likelihoods.base import (
-    LIKELIHOODS,
     Bernoulli,
     Categorical,
     Gaussian,
     Likelihood,
+    register,
 )
 from bayescurv.likelihoods.binary import MultiLabel
 
@@ -216,8 +216,7 @@ DenseGaussian = _factory(Gaussian)
 DenseMultiLabel = _factory(MultiLabel)
 DenseBernoulli = _factory(Bernoulli)
 
-for _cls in (DenseCategorical, DenseGaussian, DenseMultiLabel, DenseBernoulli):
-    LIKELIHOODS[_cls.name] = _cls
+register(DenseCategorical, DenseGaussian, DenseMultiLabel, DenseBernoulli)
 
 __all__ = ["PerPosition", "DenseCategorical", "DenseGaussian", "DenseMultiLabel",
            "DenseBernoulli"]

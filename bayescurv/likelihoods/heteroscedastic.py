@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from bayescurv.errors import InvalidArgumentError, ShapeError
-from bayescurv.likelihoods.base import LIKELIHOODS, Likelihood
+from bayescurv.likelihoods.base import Likelihood, register
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -229,8 +229,6 @@ class HeteroscedasticMeanVar(_TwoHeaded):
         return torch.stack([torch.ones_like(mu), torch.zeros_like(mu)], -1)
 
 
-for _cls in (Heteroscedastic, HeteroscedasticMeanVar):
-    for _n in (_cls.name, *_cls.aliases):
-        LIKELIHOODS[_n] = _cls
+register(Heteroscedastic, HeteroscedasticMeanVar)
 
 __all__ = ["Heteroscedastic", "HeteroscedasticMeanVar", "NaturalHead"]
