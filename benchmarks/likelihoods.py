@@ -8,7 +8,7 @@ with known input-dependent noise, ``y = sin(2x) + (0.1 + 0.4|x|)·ε``, ``x ~ U[
 standardized on the training part; figures are on the standardized scale.
 
 Network: MLP d-50-2 (tanh) for the mean-variance models, d-50-1 for the homoscedastic one;
-full-batch Adam (lr 1e-2, 2000 steps) on the summed NLL plus the Gaussian prior's penalty
+full-batch Adam (lr 1e-2, 1000 steps) on the summed NLL plus the Gaussian prior's penalty
 ``½δ‖θ‖²`` with ``δ = 1`` (a MAP estimate).
 
 - ``MAP``: the mean-variance network (natural parameters, :class:`NaturalHead`), predictive
@@ -27,7 +27,7 @@ Metrics on the test part: mean Gaussian log-likelihood per point, coverage of th
 95 % interval, CRPS (closed form for a Gaussian), and fit time (training + posterior, seconds
 of wall clock on a shared 2-core machine, so read them as ratios within a row set).
 
-    OMP_NUM_THREADS=1 python benchmarks/likelihoods.py [--seeds 3] [--steps 2000]
+    OMP_NUM_THREADS=1 python benchmarks/likelihoods.py [--seeds 3] [--steps 1000]
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def run(name, x, y, xt, yt, seed, steps, structure):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--structure", default="full")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -157,6 +157,8 @@ def main() -> None:
             rows = run(name, *split(x, y, seed), seed, args.steps, args.structure)
             for method, vals in rows.items():
                 results.setdefault(name, {}).setdefault(method, []).append(vals)
+                print(f"seed {seed} {name} {method}: LL {vals[0]:.3f} coverage {vals[1]:.3f} "
+                      f"CRPS {vals[2]:.3f} fit {vals[3]:.1f} s", flush=True)
     print(f"| data | method | test LL ↑ | 95% coverage | CRPS ↓ | fit s |  ({args.seeds} seeds,"
           " mean ± std)")
     print("|---|---|---|---|---|---|")

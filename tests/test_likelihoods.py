@@ -233,13 +233,16 @@ def truth(name: str, subset: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
     return 0.5 * (ggn + ggn.T), loglik
 
 
-MATRIX = [pytest.param(n, s, id=f"{n}-{s}") for n in SPECS for s in STRUCTURES]
+MATRIX = [pytest.param(n, s, "all", id=f"{n}-{s}") for n in SPECS for s in STRUCTURES] + [
+    pytest.param(n, s, "last_layer", id=f"{n}-{s}-last_layer")  # the output-layer shortcuts
+    for n in ("meanvar-mlp", "multilabel-mlp", "reward-mlp") for s in STRUCTURES]
 
 
-@pytest.mark.parametrize("name,structure", MATRIX)
-def test_curvature_and_evidence(name, structure):
-    la = fitted(name, structure)
-    ggn, loglik = truth(name)
+@pytest.mark.filterwarnings("ignore:subset='last_layer' chose")  # PairwiseReward's concat
+@pytest.mark.parametrize("name,structure,subset", MATRIX)
+def test_curvature_and_evidence(name, structure, subset):
+    la = fitted(name, structure, subset)
+    ggn, loglik = truth(name, subset)
     h = la.curvature
     if structure in ("full", "lowrank"):  # lowrank at a rank above P is exact
         err = rel_err(h.to_dense(), ggn)
@@ -413,3 +416,30 @@ def test_bad_input():
     la = fitted("seg-cnn", "diag")
     with pytest.raises(InvalidArgumentError, match="joint"):
         la.functional(xs[:2], joint=True)
+
+
+@pytest.mark.parametrize("name", ["heteroscedastic", "heteroscedastic-meanvar", "multilabel",
+                                  "reward", "dense-classification", "dense-regression"])
+def test_sampled_root_is_unbiased(name):
+    """``kind="mc"``'s square root: ``E[S Sᵀ] = H`` over sampled targets (checks ``sample``
+    and ``gradient`` against ``hessian``); for dense outputs the positions' independent
+    samples keep the expectation block diagonal."""
+    from bayescurv.likelihoods import get_likelihood
+
+    lik = get_likelihood(name)
+    g = torch.Generator().manual_seed(0)
+    shape = {"dense-classification": (3, 3, 2, 2), "dense-regression": (3, 2, 3)}.get(
+        name, (3, 2) if name in ("heteroscedastic", "heteroscedastic-meanvar", "reward")
+        else (3, 4))
+    f = torch.randn(shape, dtype=DT, generator=g)
+    if name == "heteroscedastic":
+        f[:, 1] = -0.5 - f[:, 1].abs()
+    f = lik.check_outputs(f)
+    n = 1000
+    s = lik.sampled_hessian_sqrt(f, n, g)  # (B, K, n) / sqrt(n)
+    emp = s @ s.mT
+    h = lik.hessian(f)
+    outer = s * math.sqrt(n)
+    sd = (outer.unsqueeze(-2) * outer.unsqueeze(-3)).std(-1) / math.sqrt(n)  # per entry
+    z = (emp - h) / sd.clamp_min(1e-12)
+    assert z.abs().max() < 6, f"E[S Sᵀ] off by {z.abs().max():.1f} std"
