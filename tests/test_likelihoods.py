@@ -86,10 +86,10 @@ def _seeded(fn):
     return wrapped
 
 
-def _hetero(arch: str, head: bool):
+def _hetero(arch: str, head: bool, positive: str = "softplus"):
     def build():
         c = case(arch)  # two outputs: D = 1
-        model = nn.Sequential(c.model, NaturalHead()) if head else c.model
+        model = nn.Sequential(c.model, NaturalHead(positive=positive)) if head else c.model
         with torch.no_grad():
             f = model(c.x)
         mu = f[:, :1] * 0.3
@@ -162,7 +162,7 @@ def _bce(f, y):
 
 SPECS = {s.name: s for s in (
     Spec("hetero-mlp", "heteroscedastic", _hetero("mlp-reg", True), nll_natural),
-    Spec("hetero-attention", "heteroscedastic", _hetero("attention-reg", True), nll_natural),
+    Spec("hetero-attention", "heteroscedastic", _hetero("attention-reg", True, "exp"), nll_natural),
     Spec("hetero-cnn", "heteroscedastic", _hetero("cnn-reg", True), nll_natural),
     Spec("meanvar-mlp", "heteroscedastic-meanvar", _hetero("mlp-reg", False), nll_meanvar,
          fisher_meanvar),
@@ -402,6 +402,8 @@ def test_bad_input():
     la = Laplace(model[0], "heteroscedastic")  # no NaturalHead: η₂ may be positive
     with pytest.raises((InvalidArgumentError, ShapeError)):
         la.fit(_batches(x, y))
+    with pytest.raises(InvalidArgumentError, match="positive"):
+        NaturalHead(positive="square")
     with pytest.raises(ShapeError, match="2D outputs"):
         Laplace(nn.Linear(5, 3).to(DT), "heteroscedastic").fit([(x, y)])
     with pytest.raises(ShapeError, match="0 or 1"):

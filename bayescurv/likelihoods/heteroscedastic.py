@@ -52,18 +52,22 @@ _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 class NaturalHead(nn.Module):
-    """``(B, 2D) ↦ (η₁, η₂) = (u, -softplus(v)/2 - eps)``: a network ending in this module
-    outputs valid natural parameters (``η₂ < 0``) for :class:`Heteroscedastic`."""
+    """``(B, 2D) ↦ (η₁, η₂) = (u, -g(v)/2 - eps)`` with ``g`` = ``softplus`` (default) or
+    ``exp`` (``positive=``): a network ending in this module outputs valid natural
+    parameters (``η₂ < 0``) for :class:`Heteroscedastic`."""
 
-    def __init__(self, eps: float = 1e-6) -> None:
+    def __init__(self, eps: float = 1e-6, positive: str = "softplus") -> None:
         super().__init__()
-        self.eps = eps
+        if positive not in ("softplus", "exp"):
+            raise InvalidArgumentError(f"positive must be 'softplus' or 'exp', got {positive!r}")
+        self.eps, self.positive = eps, positive
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] % 2:
             raise ShapeError(f"NaturalHead needs an even number of outputs; got {x.shape[-1]}")
         u, v = x.chunk(2, dim=-1)
-        return torch.cat([u, -0.5 * F.softplus(v) - self.eps], dim=-1)
+        g = F.softplus(v) if self.positive == "softplus" else v.exp()
+        return torch.cat([u, -0.5 * g - self.eps], dim=-1)
 
 
 class _TwoHeaded(Likelihood):
