@@ -15,7 +15,7 @@ fresh process, beside the size of the whole-output Jacobian ``(B·H·W·C) x P``
 Jacobian-based predictive would form (float32).
 
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python examples/segmentation_shapes.py [--out PATH]
-    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python examples/segmentation_shapes.py --memory
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python examples/segmentation_shapes.py --memory [--chunk K]
 """
 
 from __future__ import annotations
@@ -67,11 +67,13 @@ def memory(size: int = 32, width: int = 64, chunk: int | None = None) -> None:
     model = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.Tanh(),
                           nn.Conv2d(width, width, 3, padding=1), nn.Tanh(),
                           nn.Conv2d(width, CLASSES, 1)).eval()
+    if chunk is not None:
+        positions.POSITIONS_PER_CHUNK = chunk
     x = torch.randn(8, 1, size, size, generator=g)
     y = torch.randint(0, CLASSES, (8, size, size), generator=g)
     la = Laplace(model, "dense-classification", structure="diag", kind="mc").fit([(x, y)])
     xt = x[:2]
-    k = chunk or positions.POSITIONS_PER_CHUNK
+    k = positions.POSITIONS_PER_CHUNK
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     probs = la.predict(xt)
@@ -93,9 +95,10 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=96)
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--memory", action="store_true")
+    ap.add_argument("--chunk", type=int, default=None, help="positions per chunk (--memory)")
     args = ap.parse_args()
     if args.memory:
-        memory()
+        memory(chunk=args.chunk)
         return
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
