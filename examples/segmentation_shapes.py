@@ -117,20 +117,15 @@ def main() -> None:
     la = Laplace(model, "dense-classification", structure="kfac").fit(loader)
     t_fit = time.perf_counter() - t0
     la.optimize_prior_precision()
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     probs = la.predict(xt)  # (B, C, H, W)
-    rise = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     mean, blocks = la.functional(xt)
     latent_var = torch.diagonal(blocks, dim1=-2, dim2=-1).sum(-1).reshape(-1, SIZE, SIZE)
     with torch.no_grad():
         map_pred = model(xt).argmax(1)
     entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1)
     acc = float((probs.argmax(1) == yt).float().mean())
-    jac_mb = xt.shape[0] * SIZE * SIZE * CLASSES * la.num_params * 4 / 2**20
     print(f"P = {la.num_params}, fit {t_fit:.1f} s, prior precision "
           f"{float(la.prior_precision):.3g}, test pixel accuracy {acc:.3f}")
-    print(f"per-pixel predictive of {xt.shape[0]} images: peak-RSS rise {rise:.1f} MB; a "
-          f"whole-output Jacobian (B·H·W·C x P, float32) would take {jac_mb:.1f} MB")
 
     import matplotlib
 
