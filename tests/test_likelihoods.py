@@ -69,6 +69,22 @@ def fisher_meanvar(f: torch.Tensor) -> torch.Tensor:
     return 0.5 * (h(f, mu + sd) + h(f, mu - sd))
 
 
+DF = 4.0  # the student-t cases' degrees of freedom (the likelihood's default)
+
+
+def nll_student(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    mu, s = f.chunk(2, -1)
+    return -torch.distributions.StudentT(DF, mu, s.exp(), validate_args=False).log_prob(y).sum()
+
+
+def fisher_student(f: torch.Tensor) -> torch.Tensor:
+    """The location–scale t's Fisher in ``(μ, log σ)`` (the formula is checked against
+    sampled outer products of autograd gradients in :func:`test_student_t_fisher`)."""
+    _, s = f.chunk(2, -1)
+    return torch.diag(torch.cat([(DF + 1) / (DF + 3) * (-2 * s).exp(),
+                                 torch.full_like(s, 2 * DF / (DF + 3))]))
+
+
 @dataclass(frozen=True)
 class Spec:
     name: str
@@ -168,6 +184,9 @@ SPECS = {s.name: s for s in (
          fisher_meanvar),
     Spec("meanvar-cnn", "heteroscedastic-meanvar", _hetero("cnn-reg", False), nll_meanvar,
          fisher_meanvar),
+    Spec("student-mlp", "student-t", _hetero("mlp-reg", False), nll_student, fisher_student),
+    Spec("student-attention", "student-t", _hetero("attention-reg", False), nll_student,
+         fisher_student),
     Spec("multilabel-mlp", "multilabel", _multilabel("mlp"), _bce),
     Spec("multilabel-conv3d", "multilabel", _multilabel("conv3d"), _bce),
     Spec("multilabel-embedding", "multilabel", _multilabel("embedding"), _bce),
@@ -346,8 +365,9 @@ def test_predictive(name, structure):
     # heteroscedastic: the mean μ(f) linearized by autograd, the noise at the MAP
     mu_fn = (lambda f: -f[0] / (2 * f[1])) if spec.likelihood == "heteroscedastic" else (
         lambda f: f[0])
-    var_fn = (lambda f: -0.5 / f[1]) if spec.likelihood == "heteroscedastic" else (
-        lambda f: f[1].exp())
+    var_fn = {"heteroscedastic": lambda f: -0.5 / f[1],
+              "heteroscedastic-meanvar": lambda f: f[1].exp(),
+              "student-t": lambda f: (2 * f[1]).exp() * DF / (DF - 2)}[spec.likelihood]
     grads = torch.stack([torch.func.grad(mu_fn)(raw[n]) for n in range(b)])
     epi = torch.einsum("bc,bcd,bd->b", grads, cov, grads)
     mu, e, a = pred
@@ -423,7 +443,8 @@ def test_bad_input():
         la.functional(xs[:2], joint=True)
 
 
-@pytest.mark.parametrize("name", ["heteroscedastic", "heteroscedastic-meanvar", "multilabel",
+@pytest.mark.parametrize("name", ["heteroscedastic", "heteroscedastic-meanvar", "student-t",
+                                  "multilabel",
                                   "reward", "dense-classification", "dense-regression"])
 def test_sampled_root_is_unbiased(name):
     """``kind="mc"``'s square root: ``E[S Sᵀ] = H`` over sampled targets (checks ``sample``
@@ -434,7 +455,8 @@ def test_sampled_root_is_unbiased(name):
     lik = get_likelihood(name)
     g = torch.Generator().manual_seed(0)
     shape = {"dense-classification": (3, 3, 2, 2), "dense-regression": (3, 2, 3)}.get(
-        name, (3, 2) if name in ("heteroscedastic", "heteroscedastic-meanvar", "reward")
+        name, (3, 2) if name in ("heteroscedastic", "heteroscedastic-meanvar", "reward",
+                                 "student-t")
         else (3, 4))
     f = torch.randn(shape, dtype=DT, generator=g)
     if name == "heteroscedastic":
@@ -448,3 +470,28 @@ def test_sampled_root_is_unbiased(name):
     sd = (outer.unsqueeze(-2) * outer.unsqueeze(-3)).std(-1) / math.sqrt(n)  # per entry
     z = (emp - h) / sd.clamp_min(1e-12)
     assert z.abs().max() < 6, f"E[S Sᵀ] off by {z.abs().max():.1f} std"
+
+
+def test_student_t_fisher():
+    """The Student-t's gradient equals autograd of ``torch.distributions.StudentT``, and its
+    curvature the Fisher ``E[∇ℓ ∇ℓᵀ]`` over ``torch.distributions.StudentT`` draws (z-test)."""
+    from bayescurv.likelihoods import StudentT
+
+    lik = StudentT(DF)
+    g = torch.Generator().manual_seed(1)
+    f = torch.randn(3, 2, dtype=DT, generator=g)
+    y = torch.randn(3, 1, dtype=DT, generator=g)
+    ref = torch.stack([torch.func.grad(nll_student)(f[n], y[n]) for n in range(3)])
+    assert rel_err(lik.gradient(f, y), ref) < 1e-12
+    torch.manual_seed(2)
+    n = 4000
+    mu, sigma = f[:, :1], f[:, 1:].exp()
+    ys = torch.distributions.StudentT(DF, mu, sigma).sample((n,))  # (n, 3, 1)
+    grads = torch.func.vmap(torch.func.grad(nll_student))(
+        f.expand(n, 3, 2).reshape(-1, 2), ys.reshape(-1, 1)).reshape(n, 3, 2)
+    outer = grads.unsqueeze(-1) * grads.unsqueeze(-2)
+    z = (outer.mean(0) - lik.hessian(f)) / (outer.std(0) / math.sqrt(n)).clamp_min(1e-12)
+    assert z.abs().max() < 6
+    assert torch.isinf(StudentT(2.0).mean_var(f)[1]).all()
+    with pytest.raises(InvalidArgumentError, match="df"):
+        StudentT(0.0)

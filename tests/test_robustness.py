@@ -431,7 +431,8 @@ def test_laplace_likelihood_errors_list_what_laplace_accepts():
     msg = str(err.value)
     accepted = ("'binary', 'classification', 'dense-binary', 'dense-classification', "
                 "'dense-multilabel', 'dense-regression', 'heteroscedastic', "
-                "'heteroscedastic-meanvar', 'multilabel', 'regression' or 'reward'")
+                "'heteroscedastic-meanvar', 'multilabel', 'regression', 'reward' or "
+                "'student-t'")
     assert f"Laplace supports likelihood {accepted}" in msg
     assert msg.count("poisson") == 1  # only as what was given
     with pytest.raises(errors.InvalidArgumentError) as err:

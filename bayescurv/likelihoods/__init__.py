@@ -32,6 +32,7 @@ from bayescurv.likelihoods.heteroscedastic import (
     Heteroscedastic,
     HeteroscedasticMeanVar,
     NaturalHead,
+    StudentT,
 )
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "Poisson",
     "Heteroscedastic",
     "HeteroscedasticMeanVar",
+    "StudentT",
     "NaturalHead",
     "MultiLabel",
     "Reward",

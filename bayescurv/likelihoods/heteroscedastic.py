@@ -233,6 +233,72 @@ class HeteroscedasticMeanVar(_TwoHeaded):
         return torch.stack([torch.ones_like(mu), torch.zeros_like(mu)], -1)
 
 
-register(Heteroscedastic, HeteroscedasticMeanVar)
+class StudentT(_TwoHeaded):
+    r"""Robust regression: location–scale Student-t with ``df`` degrees of freedom (fixed),
+    outputs ``(μ, s = log σ)`` ``(B, 2D)``. The curvature is the Fisher, diagonal in these
+    coordinates: :math:`\mathrm{diag}\big(\tfrac{\nu+1}{(\nu+3)\sigma^2},
+    \tfrac{2\nu}{\nu+3}\big)`. The aleatoric variance of the predictive is that of the
+    t distribution, :math:`\sigma^2\nu/(\nu-2)` (infinite for :math:`\nu \le 2`)."""
 
-__all__ = ["Heteroscedastic", "HeteroscedasticMeanVar", "NaturalHead"]
+    name = "student-t"
+
+    def __init__(self, df: float = 4.0) -> None:
+        if not math.isfinite(df) or df <= 0:
+            raise InvalidArgumentError(f"df must be finite and positive, got {df}")
+        self.df = float(df)
+
+    def _loc_scale(self, f: Tensor) -> tuple[Tensor, Tensor]:
+        mu, s = self.check_outputs(f).chunk(2, dim=-1)
+        return mu, s.exp()
+
+    def mean_var(self, f: Tensor) -> tuple[Tensor, Tensor]:
+        mu, sigma = self._loc_scale(f)
+        nu = self.df
+        factor = nu / (nu - 2) if nu > 2 else math.inf
+        return mu, sigma.square() * factor
+
+    def log_prob(self, f: Tensor, y: Tensor) -> Tensor:
+        f, y = self.check(f, y)
+        mu, sigma = self._loc_scale(f)
+        nu = self.df
+        z = (y - mu) / sigma
+        const = math.lgamma((nu + 1) / 2) - math.lgamma(nu / 2) - 0.5 * math.log(nu * math.pi)
+        return (const - sigma.log() - 0.5 * (nu + 1) * torch.log1p(z.square() / nu)).sum(-1)
+
+    def gradient(self, f: Tensor, y: Tensor) -> Tensor:
+        f, y = self.check(f, y)
+        mu, sigma = self._loc_scale(f)
+        nu = self.df
+        z = (y - mu) / sigma
+        w = (nu + 1) / (nu + z.square())
+        return torch.cat([-w * z / sigma, 1 - w * z.square()], dim=-1)
+
+    def hessian_sqrt(self, f: Tensor) -> Tensor:
+        mu, sigma = self._loc_scale(f.detach())
+        nu = self.df
+        loc = math.sqrt((nu + 1) / (nu + 3)) / sigma
+        return torch.diag_embed(torch.cat([loc, torch.full_like(loc, math.sqrt(2 * nu / (nu + 3)))],
+                                          -1))
+
+    def sample(self, f, num_samples, generator):
+        """``μ + σ z/√(g/ν)``, ``z ~ N(0, 1)``, ``g ~ χ²_ν``; the χ² draw runs on the global
+        generator re-seeded from ``generator`` (torch's gamma sampler takes none)."""
+        mu, sigma = self._loc_scale(f)
+        shape = (num_samples, *mu.shape)
+        z = torch.randn(shape, generator=generator, device=f.device, dtype=f.dtype)
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=f.device))
+        devices = [f.device] if f.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            g = torch.distributions.Chi2(torch.tensor(self.df, dtype=f.dtype,
+                                                      device=f.device)).sample(shape)
+        return mu + sigma * z / (g / self.df).sqrt()
+
+    def mean_jacobian(self, f: Tensor) -> Tensor:
+        mu = f.chunk(2, dim=-1)[0]
+        return torch.stack([torch.ones_like(mu), torch.zeros_like(mu)], -1)
+
+
+register(Heteroscedastic, HeteroscedasticMeanVar, StudentT)
+
+__all__ = ["Heteroscedastic", "HeteroscedasticMeanVar", "StudentT", "NaturalHead"]
