@@ -117,8 +117,9 @@ class _TwoHeaded(Likelihood):
 
     def mean_jacobian(self, f: Tensor) -> Tensor:
         r""":math:`\partial\mu_d/\partial f` per output: ``(B, D, 2)`` (w.r.t. the pair
-        ``(f_d, f_{D+d})``)."""
-        raise NotImplementedError
+        ``(f_d, f_{D+d})``); ``(1, 0)`` where the first half of the outputs is the mean."""
+        mu = f.chunk(2, dim=-1)[0]
+        return torch.stack([torch.ones_like(mu), torch.zeros_like(mu)], -1)
 
     def predictive(self, mean, cov, link="delta", num_samples=100, generator=None):
         """``(mean, epistemic variance, aleatoric variance)``, each ``(B, D)``."""
@@ -228,10 +229,6 @@ class HeteroscedasticMeanVar(_TwoHeaded):
         _, var = self.mean_var(f)
         return torch.diag_embed(torch.cat([var.rsqrt(), torch.full_like(var, 0.5**0.5)], -1))
 
-    def mean_jacobian(self, f: Tensor) -> Tensor:
-        mu = f.chunk(2, dim=-1)[0]
-        return torch.stack([torch.ones_like(mu), torch.zeros_like(mu)], -1)
-
 
 class StudentT(_TwoHeaded):
     r"""Robust regression: location–scale Student-t with ``df`` degrees of freedom (fixed),
@@ -293,10 +290,6 @@ class StudentT(_TwoHeaded):
             g = torch.distributions.Chi2(torch.tensor(self.df, dtype=f.dtype,
                                                       device=f.device)).sample(shape)
         return mu + sigma * z / (g / self.df).sqrt()
-
-    def mean_jacobian(self, f: Tensor) -> Tensor:
-        mu = f.chunk(2, dim=-1)[0]
-        return torch.stack([torch.ones_like(mu), torch.zeros_like(mu)], -1)
 
 
 register(Heteroscedastic, HeteroscedasticMeanVar, StudentT)
