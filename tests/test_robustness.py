@@ -429,13 +429,17 @@ def test_laplace_likelihood_errors_list_what_laplace_accepts():
     with pytest.raises(errors.InvalidArgumentError) as err:
         Laplace(mlp(), "poisson")
     msg = str(err.value)
-    assert "Laplace supports likelihood 'binary', 'classification' or 'regression'" in msg
+    accepted = ("'binary', 'classification', 'dense-binary', 'dense-classification', "
+                "'dense-multilabel', 'dense-regression', 'heteroscedastic', "
+                "'heteroscedastic-meanvar', 'multilabel', 'regression', 'reward' or "
+                "'student-t'")
+    assert f"Laplace supports likelihood {accepted}" in msg
     assert msg.count("poisson") == 1  # only as what was given
     with pytest.raises(errors.InvalidArgumentError) as err:
         Laplace(mlp(), "logistic")
     msg = str(err.value)
-    assert "unknown likelihood 'logistic'; use one of 'binary', 'classification' or " \
-           "'regression'" in msg and "poisson" not in msg
+    assert f"unknown likelihood 'logistic'; use one of {accepted}" in msg \
+        and "poisson" not in msg
     # where every registered likelihood is accepted, the error lists every one
     x, y, loader = data()
     with pytest.raises(errors.InvalidArgumentError, match="'poisson'"):

@@ -44,15 +44,16 @@ from bayescurv.likelihoods import (
     Categorical,
     Gaussian,
     Likelihood,
+    Poisson,
     get_likelihood,
     unimplemented,
 )
 from bayescurv.linalg import PSDOperator, internal_dtype
 from bayescurv.params import OutputKey, check_output_key, find_last_layer, select
 
-#: likelihood names ``Laplace`` accepts (canonical names and aliases)
-LIKELIHOOD_NAMES = tuple(n for n, cls in LIKELIHOODS.items()
-                         if cls in (Categorical, Gaussian, Bernoulli))
+#: likelihood names ``Laplace`` accepts (canonical names and aliases): all registered but
+#: Poisson (a GLM likelihood, :mod:`bayescurv.glm`)
+LIKELIHOOD_NAMES = tuple(n for n, cls in LIKELIHOODS.items() if cls is not Poisson)
 
 
 def _likelihood(likelihood: str | Likelihood, kind: str) -> Likelihood:

@@ -18,8 +18,9 @@ from bayescurv import batches
 from bayescurv.curvature.engine import HookCapture
 from bayescurv.deprecation import UNSET, renamed
 from bayescurv.errors import EmptyDataError, InvalidArgumentError, ShapeError
+from bayescurv.laplace import positions
 from bayescurv.laplace.predictive import glm_covariance
-from bayescurv.likelihoods import Bernoulli
+from bayescurv.likelihoods import PerPosition
 
 PRED_TYPES = ("glm", "nn")
 
@@ -98,7 +99,14 @@ class PredictionsMixin:
         return batches.split_inputs(x, _check_chunk_size(chunk_size), self.batch_dim)
 
     def _functional(self, x, joint: bool = False) -> tuple[Tensor, Tensor]:
-        """:meth:`functional` of validated inputs, in one Jacobian pass."""
+        """:meth:`functional` of validated inputs, in one Jacobian pass; for a dense
+        (per-position) likelihood the covariance is its ``(B, |S|, C, C)`` per-position
+        blocks, computed over chunks of positions (:mod:`.positions`)."""
+        if isinstance(self.likelihood, PerPosition):
+            if joint:
+                raise InvalidArgumentError("joint=True is not available for dense outputs "
+                                           "(the predictive is per position)")
+            return positions.functional_blocks(self, x)
         needs_grad = torch.is_grad_enabled() and any(
             t.requires_grad for t in (x.values() if isinstance(x, dict) else [x])
         )
@@ -201,12 +209,7 @@ class PredictionsMixin:
                                        for p in parts]))
         finally:
             self.params.assign(full)  # exactly the weights found (== θ*, checked above)
-        f = torch.stack(outs)
-        if self.likelihood.name == "regression":
-            var = f.var(0, unbiased=False) + self.sigma_noise**2
-            return f.mean(0), var
-        probs = self.likelihood.inverse_link(f).mean(0)
-        return probs.squeeze(-1) if isinstance(self.likelihood, Bernoulli) else probs
+        return self.likelihood.predictive_from_samples(torch.stack(outs))
 
     def functional_samples(
         self, x: Tensor, num_samples: int = 100, generator: torch.Generator | None = None,

@@ -145,6 +145,11 @@ class Likelihood:
         """Predictive of ``y`` when ``f ~ N(mean, cov)`` (``(B, C)``, ``(B, C, C)``)."""
         raise NotImplementedError
 
+    def predictive_from_samples(self, f: Tensor):
+        """Predictive from network outputs ``f`` ``(S, B, C)`` at ``S`` posterior samples
+        (``pred_type="nn"``): the average of :meth:`inverse_link`."""
+        return self.inverse_link(f).mean(0)
+
     def check_link(self, link: str) -> None:
         if link not in self.links:
             raise InvalidArgumentError(
@@ -231,6 +236,10 @@ class Gaussian(Likelihood):
         self.check_link(link)
         var = torch.diagonal(cov, dim1=-2, dim2=-1) + self._sigma_like(mean) ** 2
         return mean, var
+
+    def predictive_from_samples(self, f: Tensor):
+        """``(mean, variance)`` of sampled outputs plus ``σ²``."""
+        return f.mean(0), f.var(0, unbiased=False) + self._sigma_like(f) ** 2
 
 
 class Categorical(Likelihood):
@@ -346,6 +355,10 @@ class Bernoulli(Likelihood):
             -1
         )
 
+    def predictive_from_samples(self, f: Tensor):
+        """Probability of class 1 ``(B,)``."""
+        return self.inverse_link(f).mean(0).squeeze(-1)
+
 
 class Poisson(Likelihood):
     r"""Poisson counts with log link: rate :math:`\lambda = e^f`, :math:`H = e^f`."""
@@ -393,9 +406,17 @@ class Poisson(Likelihood):
 
 
 LIKELIHOODS: dict[str, type[Likelihood]] = {}
-for _cls in (Gaussian, Categorical, Bernoulli, Poisson):
-    for _n in (_cls.name, *_cls.aliases):
-        LIKELIHOODS[_n] = _cls
+
+
+def register(*classes: type[Likelihood]) -> None:
+    """Make likelihood classes available by their ``name`` and ``aliases``
+    (:func:`get_likelihood`, ``Laplace(model, name)``); each must build without arguments."""
+    for cls in classes:
+        for n in (cls.name, *cls.aliases):
+            LIKELIHOODS[n] = cls
+
+
+register(Gaussian, Categorical, Bernoulli, Poisson)
 
 
 def _listing(names: Iterable[str]) -> str:
@@ -462,6 +483,7 @@ __all__ = [
     "Bernoulli",
     "Poisson",
     "get_likelihood",
+    "register",
     "unimplemented",
     "LIKELIHOODS",
 ]
