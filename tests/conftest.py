@@ -23,7 +23,8 @@ def dense_curvature(
     r"""Dense ``P x P`` curvature of :math:`\sum_n -\log p(y_n|f(x_n))` over ``data``.
 
     ``kind``: ``"ggn"`` (:math:`\sum_n J_n^\top H_n J_n` with whole-net Jacobians from
-    ``jacrev``), ``"ef"`` (:math:`\sum_n g_n g_n^\top`) or ``"hessian"`` (``jacrev(grad)``: ``torch.func.hessian`` is wrong through ``layer_norm``).
+    ``jacrev``), ``"ef"`` (:math:`\sum_n g_n g_n^\top`) or ``"hessian"``
+    (``jacrev(grad)``; ``torch.func.hessian`` is wrong through ``layer_norm``).
     """
     lik = get_likelihood(likelihood)
     pset = params if isinstance(params, ParamSet) else select(model, params)
@@ -36,7 +37,8 @@ def dense_curvature(
             return lik.check_outputs(o)
 
         if kind == "hessian":
-            out += torch.func.jacrev(torch.func.grad(lambda v, y=y: lik.nll(*lik.check(f(v), y))))(theta)
+            nll_grad = torch.func.grad(lambda v, y=y: lik.nll(*lik.check(f(v), y)))
+            out += torch.func.jacrev(nll_grad)(theta)
             continue
         fx = f(theta).detach()
         jac = torch.func.jacrev(f)(theta)  # (B, C, P)

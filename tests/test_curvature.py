@@ -703,7 +703,8 @@ def test_dense_hessian_through_layer_norm_equals_finite_differences():
         model[1].weight.uniform_(0.5, 1.5, generator=g)
     x = torch.randn(6, 4, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (6,), generator=g)
-    H = compute(model, "classification", [(x, y)], kind="hessian", structure="full").matrix.to_dense()
+    H = compute(model, "classification", [(x, y)], kind="hessian", structure="full")
+    H = H.matrix.to_dense()
     pset = select(model, "all")
     theta = pset.vector()
 
