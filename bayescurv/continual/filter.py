@@ -67,6 +67,7 @@ class _TaskSequence:
                                                                 self.params.params)]
         self._phase = "start"  # start -> predicted -> filtered -> predicted -> ...
         self._input_shape: tuple[int, ...] | None = None  # per-example inputs of the tasks
+        self._candidate_shape: tuple[int, ...] | None = None
 
     @property
     def num_params(self) -> int:
@@ -101,7 +102,7 @@ class _TaskSequence:
                     f"was built on inputs of shape {self._input_shape} (earlier tasks); every "
                     "task must feed the same model the same input layout"
                 )
-            self._input_shape = shape
+            self._candidate_shape = shape  # recorded once a pass over the data succeeds
         return data
 
     @contextmanager
@@ -110,13 +111,16 @@ class _TaskSequence:
         library :class:`~bayescurv.errors.ShapeError` that names the problem."""
         try:
             yield
+            if self._input_shape is None:
+                self._input_shape = self._candidate_shape
         except RuntimeError as err:
             if isinstance(err, BayesCurvError) or not any(
                     w in str(err) for w in ("shape", "size", "dimension")):
                 raise
             raise ShapeError(
                 f"{where}: the model cannot run on the data (inputs of per-example shape "
-                f"{self._input_shape}): {err}. Give the data the model was built for."
+                f"{self._candidate_shape}): {err}. Give the data the model "
+                "was built for."
             ) from err
 
     def _require(self, phase: str, what: str) -> None:

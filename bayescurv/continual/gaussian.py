@@ -48,7 +48,8 @@ def canonical(B: Tensor, d: Tensor, rank: int | None = None, fold: bool = False
     ``σ², W`` come from the small Gram matrix ``BᵀB = W diag(σ²) Wᵀ`` (formed in ``B``'s
     dtype, decomposed in :func:`~bayescurv.linalg.internal_dtype`) and ``Y = B W σ⁻¹``:
     ``O(P k²)`` in two matrix products, several times faster than a tall SVD. Directions
-    with ``σ² ≤ ε σ²_max max(B.shape)`` carry no precision and are dropped. ``fold`` adds
+    with ``σ² ≤ ε σ²_max r`` (``r`` columns; the Gram matrix's rounding) are dropped from the
+    low rank (folded into ``d`` with ``fold``). ``fold`` adds
     ``diag(B Bᵀ) − diag(Y_k σ²_k Y_kᵀ)`` (``O(P k)``) to ``d``.
 
     Returns the operator and the discarded squared singular values ``σ_{k+1:}²``.
@@ -65,7 +66,7 @@ def _from_gram(parts: list[Tensor], gram: Tensor, d: Tensor, rank: int | None, f
     lam, W = torch.linalg.eigh(gram.to(internal_dtype(dt)))
     lam, W = lam.flip(0).clamp_min(0), W.flip(1)
     k = lam.shape[0] if rank is None else min(rank, lam.shape[0])
-    tiny = lam[0] * torch.finfo(dt).eps * max(parts[0].shape[0], lam.shape[0])
+    tiny = lam[0] * torch.finfo(dt).eps * lam.shape[0]  # below: rounding of the Gram matrix
     keep = int((lam[:k] > tiny).sum()) if k > 0 else 0
     s = lam[:keep].to(dt)
     Wk = W[:, :keep].to(dt) * s.rsqrt()
