@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bayescurv.continual.dynamics import _resolve
+from bayescurv.continual.dynamics import resolve_spec
 from bayescurv.errors import InvalidArgumentError
 from bayescurv.params import ParamSet
 
@@ -67,7 +67,8 @@ class EvidenceNoise:
         """``(P,)``: 1 where a parameter may drift."""
         if self.layers is None:
             return torch.ones(params.numel, dtype=params.dtype, device=params.device)
-        return _resolve({name: 1.0 for name in self.layers}, params, 0.0, "EvidenceNoise.layers")
+        spec = {name: 1.0 for name in self.layers}
+        return resolve_spec(spec, params, 0.0, "EvidenceNoise.layers")
 
 
 def evidence_noise(rule: EvidenceNoise, params: ParamSet, delta: Tensor, prec_diag: Tensor,

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from bayescurv.continual.dynamics import Transition, check_finite_positive
-from bayescurv.continual.filter import _prior_mean, _TaskSequence
+from bayescurv.continual.sequence import TaskSequence, prior_mean_vector
 from bayescurv.curvature import compute
 from bayescurv.errors import InvalidArgumentError, NotFittedError
 from bayescurv.likelihoods import Likelihood
@@ -23,7 +23,7 @@ __all__ = ["KFACFilter"]
 # ------------------------------------------------------------------------------------------
 # K-FAC online Laplace
 # ------------------------------------------------------------------------------------------
-class KFACFilter(_TaskSequence):
+class KFACFilter(TaskSequence):
     r"""Online Laplace with K-FAC task curvatures (Ritter et al., 2018).
 
     The precision is :math:`\Lambda_T = \gamma^{T-1}\Lambda_0 + \sum_t \gamma^{T-t} K_t` with
@@ -62,7 +62,7 @@ class KFACFilter(_TaskSequence):
             raise InvalidArgumentError(f"kind must be 'ggn', 'mc' or 'ef', got {kind!r}")
         self.kind = kind
         self.prior_precision = check_finite_positive(prior_precision, "prior_precision")
-        self.prior_mean = _prior_mean(prior_mean, self.params)
+        self.prior_mean = prior_mean_vector(prior_mean, self.params)
         self.terms: list[BlockDiagonal] = []
         self.weights: list[float] = []  # γ^{T-t} per term
         self.prior_weight = 1.0
