@@ -3,7 +3,7 @@
 (one-pass K-FAC eigenbasis update) without drift, with the process noise chosen by the
 evidence (per tensor) or fixed, and with RTS smoothing.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/continual.py [--seeds 3] [--quick]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/continual.py [--seeds 3] [--quick] [--timing]
 
 Streams (no download: the digits ship with scikit-learn):
   permuted  task 0 the images as they are, task t > 0 a fixed random pixel permutation
@@ -224,6 +224,54 @@ def plot(all_runs: dict, args, path: Path) -> None:
     print(f"figure: {path}")
 
 
+def timing(reps: int = 3) -> None:
+    """Update cost on the benchmark MLP after one task (warm: each update runs once before it
+    is timed): KFACFilter against the low-rank filter's K-FAC route at several k and the
+    matrix-free randomized route; and the one-time warm-up of the matrix-free GGN product
+    that made the issue's rank sweep non-monotone."""
+    from bayescurv.curvature.matfree import CurvatureLinearOperator
+    from bayescurv.params import select
+
+    tasks = make_tasks("permuted", 1)
+    xtr, ytr = tasks[0][0], tasks[0][1]
+    model = mlp(0)
+    train(model, xtr, ytr, None, 2, seed=0)
+    data = DataLoader(TensorDataset(xtr, ytr), batch_size=512)
+    small = nn.Sequential(nn.Linear(64, 100), nn.ReLU(), nn.Linear(100, 10))
+    op = CurvatureLinearOperator(small, "classification", data, select(small, "all"))
+    print("\nmatrix-free GGN product, 64-100-10 MLP (the issue's), 20 columns: first call, "
+          "then warm calls")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        op.matmat(torch.randn(7510, 20))
+        print(f"  {time.perf_counter() - t0:.2f} s", flush=True)
+    unit = plain_step_time(model, xtr, ytr)
+    rows = [("K-FAC online Laplace", lambda: KFACFilter(model, "classification"))]
+    for k in (10, 40, 80, 160):
+        rows.append((f"low-rank, kfac route, k = {k}",
+                     lambda k=k: LaplaceFilter(model, "classification", rank=k,
+                                               eigensolver="kfac")))
+    rows.append(("low-rank, randomized (2 power iters), k = 40",
+                 lambda: LaplaceFilter(model, "classification", rank=40,
+                                       eigensolver_options={"power_iters": 2})))
+    print(f"\nupdate cost, 64-300-300-10 MLP, N = {xtr.shape[0]}, median of {reps} warm calls")
+    print("| update | s | x fwd+bwd | x K-FAC |\n|---|---|---|---|")
+    base = None
+    for name, make in rows:
+        filt = make()
+        times = []
+        for _ in range(reps + 1):
+            filt.predict()
+            t0 = time.perf_counter()
+            filt.update(data)
+            times.append(time.perf_counter() - t0)
+            if "randomized" in name:
+                break  # minutes per call: one (warm after the first K-FAC pass) is enough
+        t = sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else times[0]
+        base = t if base is None else base
+        print(f"| {name} | {t:.2f} | {t / unit:.0f} | {t / base:.2f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks", type=int, default=10)
@@ -236,7 +284,12 @@ def main() -> None:
     ap.add_argument("--streams", default="permuted,rotated")
     ap.add_argument("--quick", action="store_true", help="1 seed, 4 tasks, 1 epoch")
     ap.add_argument("--figure", default=str(ROOT / "docs" / "continual_tasks.png"))
+    ap.add_argument("--timing", action="store_true", help="only the update-cost table")
     args = ap.parse_args()
+    if args.timing:
+        torch.set_num_threads(1)
+        timing()
+        return
     if args.quick:
         args.seeds, args.tasks, args.epochs = 1, 4, 1
         args.figure = str(OUT / "continual_tasks.png")
