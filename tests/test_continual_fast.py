@@ -26,7 +26,7 @@ from bayescurv.params import select
 DT = torch.float64
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "attention", "conv1d"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "attention", "conv1d", "embedding"])
 def test_kfac_topk_are_eigenpairs_of_dense_kfac(name):
     """The chosen columns are the top eigenpairs of the dense K-FAC matrix (float64 ``eigh``
     as ground truth), the diagonal is K-FAC's, and all of them rebuild the matrix."""

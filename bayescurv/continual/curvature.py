@@ -81,11 +81,19 @@ def kfac_topk(K: BlockDiagonal, rank: int) -> tuple[Tensor, Tensor, Tensor]:
             vecs = dense[b][1][:, flat]
         else:
             rb = block.eigenvalues.shape[1]
-            QA, QB = block.QA, block.QB
-            vecs = (QA[:, flat // rb].unsqueeze(1) * QB[:, flat % rb].unsqueeze(0))
-            vecs = vecs.reshape(-1, cols.shape[0])
+            left = _columns(block.eigenbases[0], flat // rb, block.factor_sizes[0], K.dtype)
+            right = _columns(block.eigenbases[1], flat % rb, block.factor_sizes[1], K.dtype)
+            vecs = (left.unsqueeze(1) * right.unsqueeze(0)).reshape(-1, cols.shape[0])
         V[index[b].unsqueeze(-1), cols.unsqueeze(0)] = vecs
     return V, g, K.diagonal()
+
+
+def _columns(Q: Tensor | None, idx: Tensor, size: int, dtype: torch.dtype) -> Tensor:
+    """Columns ``idx`` of an eigenbasis; ``None`` (a diagonal factor, e.g. an embedding's row
+    counts) is the identity, whose columns are one-hot (never the ``size x size`` matrix)."""
+    if Q is not None:
+        return Q[:, idx]
+    return torch.nn.functional.one_hot(idx, size).mT.to(dtype)
 
 
 def task_curvature(
