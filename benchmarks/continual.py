@@ -1,26 +1,30 @@
-"""Continual learning on permuted scikit-learn digits: fine-tuning, online EWC (diagonal
-online Laplace), K-FAC online Laplace, the diagonal-plus-low-rank Laplace filter (with and
-without process noise) and the filter plus RTS smoothing; then time, memory and accuracy
-against the rank k.
+"""Continual learning over 10-task streams of scikit-learn digits: fine-tuning, online EWC
+(diagonal online Laplace), K-FAC online Laplace, the diagonal-plus-low-rank Laplace filter
+(one-pass K-FAC eigenbasis update) without drift, with the process noise chosen by the
+evidence (per tensor) or fixed, and with RTS smoothing.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/continual.py [--seeds 1] [--quick]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/continual.py [--seeds 3] [--quick] [--timing]
 
-Tasks: task 0 is the digits as they are, task t > 0 the same images under a fixed random
-pixel permutation (seed t); 10 classes each, a 64-100-10 ReLU MLP (P = 7,510), Adam. All
-methods use the same Bayesian scale: ``loss = mean NLL + penalty / N`` with the prior
-precision ``δ`` and no tuned regularisation strength.
+Streams (no download: the digits ship with scikit-learn):
+  permuted  task 0 the images as they are, task t > 0 a fixed random pixel permutation
+            (no drift between tasks: the tasks are unrelated)
+  rotated   task t the images rotated by t * 12 degrees (gradual drift)
+Network: a 64-300-300-10 ReLU MLP (P = 112,810), Adam (lr 1e-3, batch 128), the same epochs
+per task for every method; all methods use the Bayesian scale ``loss = mean NLL +
+penalty / N`` with prior precision ``δ`` and no tuned regularisation strength.
 
 Metrics (R[i, j] = test accuracy on task j after training on task i, T tasks):
-  avg acc    = mean_j R[T-1, j]                (the final model on every task)
+  avg acc    = mean_j R[T-1, j]                 (the final model on every task)
   forgetting = mean_{j<T-1} max_{i<T-1} R[i, j] − R[T-1, j]
-For "filter + smoothing" task j is evaluated with its own smoothed weights m^s_j (task
-identity is used at test time), and forgetting uses the same max over the filter's history.
-Figures go to outputs/ (git-ignored). Not a test: numbers are measured in one run.
+"+smooth" evaluates task j with its own smoothed weights m^s_j (uses the task identity at
+test time). Costs are ratios to one plain forward+backward pass of a training batch,
+measured in the same process (the machine is shared), and seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -28,29 +32,44 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from bayescurv.continual import DiagonalFilter, KFACFilter, LaplaceFilter, Transition
-from bayescurv.data.digits import load_digits_split, permuted_digits
+from bayescurv.continual import (
+    DiagonalFilter,
+    EvidenceNoise,
+    KFACFilter,
+    LaplaceFilter,
+    Transition,
+)
+from bayescurv.data.digits import load_digits_split, permuted_digits, rotated_digits
 
-OUT = Path(__file__).resolve().parents[1] / "outputs"
-EIG_OPTS = {"oversample": 10, "power_iters": 2}  # randomized top-k: 4 passes over the data
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "outputs"
+METHODS = ("finetune", "ewc", "kfac", "lowrank", "lowrank+Q", "lowrank+q1e-3")
+SMOOTHED = ("lowrank+Q", "lowrank+q1e-3")
+ROWS = (*METHODS, *(f"{m}+smooth" for m in SMOOTHED))
+LABELS = {"finetune": "fine-tuning", "ewc": "online EWC (diagonal filter)",
+          "kfac": "K-FAC online Laplace (KFACFilter)", "lowrank": "low-rank filter, Q = 0",
+          "lowrank+Q": "low-rank filter, Q by evidence (all layers)",
+          "lowrank+q1e-3": "low-rank filter, fixed q = 1e-3",
+          "lowrank+Q+smooth": "low-rank filter, Q by evidence + RTS smoothing",
+          "lowrank+q1e-3+smooth": "low-rank filter, q = 1e-3 + RTS smoothing"}
 
 
-def make_tasks(num_tasks: int, seed: int = 0):
+def make_tasks(stream: str, num_tasks: int, seed: int = 0) -> list[tuple]:
     split = load_digits_split(seed=seed)
-    tasks = []
-    for t in range(num_tasks):
-        if t == 0:
-            xtr, xte = split.x_train, split.x_test
-        else:
-            xtr = permuted_digits(split.x_train, seed=100 + t)
-            xte = permuted_digits(split.x_test, seed=100 + t)
-        tasks.append((xtr, split.y_train, xte, split.y_test))
-    return tasks
+
+    def view(x: torch.Tensor, t: int) -> torch.Tensor:
+        if stream == "rotated":
+            return rotated_digits(x, angle=12.0 * t)
+        return x if t == 0 else permuted_digits(x, seed=100 + t)
+
+    return [(view(split.x_train, t), split.y_train, view(split.x_test, t), split.y_test)
+            for t in range(num_tasks)]
 
 
 def mlp(seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(64, 100), nn.ReLU(), nn.Linear(100, 10))
+    return nn.Sequential(nn.Linear(64, 300), nn.ReLU(), nn.Linear(300, 300), nn.ReLU(),
+                         nn.Linear(300, 10))
 
 
 @torch.no_grad()
@@ -58,11 +77,26 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((model(x).argmax(-1) == y).float().mean())
 
 
-def train(model, xtr, ytr, reg, epochs: int, seed: int, lr: float = 1e-3) -> None:
+def plain_step_time(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reps: int = 30) -> float:
+    """Seconds of one forward+backward of a training batch (the unit of the cost ratios)."""
+    for _ in range(3):
+        nn.functional.cross_entropy(model(x[:BATCH]), y[:BATCH]).backward()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        nn.functional.cross_entropy(model(x[:BATCH]), y[:BATCH]).backward()
+    model.zero_grad()
+    return (time.perf_counter() - t0) / reps
+
+
+BATCH = 128
+
+
+def train(model, xtr, ytr, reg, epochs: int, seed: int, lr: float = 1e-3) -> int:
     n = xtr.shape[0]
-    loader = DataLoader(TensorDataset(xtr, ytr), batch_size=64, shuffle=True,
+    loader = DataLoader(TensorDataset(xtr, ytr), batch_size=BATCH, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    steps = 0
     for _ in range(epochs):
         for x, y in loader:
             loss = nn.functional.cross_entropy(model(x), y)
@@ -71,66 +105,55 @@ def train(model, xtr, ytr, reg, epochs: int, seed: int, lr: float = 1e-3) -> Non
             opt.zero_grad()
             loss.backward()
             opt.step()
+            steps += 1
+    return steps
 
 
-def run(method: str, tasks, *, seed: int, epochs: int, rank: int = 50, delta: float = 1.0,
-        noise: float = 1e-3) -> dict:
-    """Train over the tasks with one method; returns the accuracy matrix and costs."""
-    model = mlp(seed)
-    T = len(tasks)
-    gen = torch.Generator().manual_seed(seed)
+def make_filter(method: str, model: nn.Module, rank: int, delta: float):
     if method == "finetune":
-        filt = None
-    elif method == "ewc":
-        filt = DiagonalFilter(model, "classification", prior_precision=delta)
-    elif method == "kfac":
-        filt = KFACFilter(model, "classification", prior_precision=delta)
-    elif method == "lowrank":
-        filt = LaplaceFilter(model, "classification", rank=rank, prior_precision=delta,
-                             generator=gen, eigensolver_options=EIG_OPTS)
-    elif method == "lowrank+Q":
-        filt = LaplaceFilter(model, "classification", rank=rank, prior_precision=delta,
-                             transition=Transition(noise=noise), generator=gen,
-                             eigensolver_options=EIG_OPTS)
-    else:
-        raise ValueError(method)
+        return None
+    if method == "ewc":
+        return DiagonalFilter(model, "classification", prior_precision=delta)
+    if method == "kfac":
+        return KFACFilter(model, "classification", prior_precision=delta)
+    noise = {"lowrank": 0.0, "lowrank+Q": EvidenceNoise(), "lowrank+q1e-3": 1e-3}[method]
+    return LaplaceFilter(model, "classification", rank=rank, prior_precision=delta,
+                         eigensolver="kfac", transition=Transition(noise=noise))
+
+
+def run(method: str, tasks, *, seed: int, epochs: int, rank: int, delta: float) -> dict:
+    """Train over the tasks with one method: the accuracy matrix and the costs."""
+    model = mlp(seed)
+    unit = plain_step_time(mlp(seed), tasks[0][0], tasks[0][1])
+    filt = make_filter(method, model, rank, delta)
+    T = len(tasks)
     R = torch.zeros(T, T)
-    t_train = t_update = 0.0
+    train_s, update_s, steps = [], [], 0
     for i, (xtr, ytr, _, _) in enumerate(tasks):
         if filt is not None:
             filt.predict()
         t0 = time.perf_counter()
-        train(model, xtr, ytr, filt, epochs, seed=seed * 100 + i)
-        t_train += time.perf_counter() - t0
+        steps = train(model, xtr, ytr, filt, epochs, seed=seed * 100 + i)
+        train_s.append(time.perf_counter() - t0)
         if filt is not None:
             t0 = time.perf_counter()
             filt.update(DataLoader(TensorDataset(xtr, ytr), batch_size=512))
-            t_update += time.perf_counter() - t0
+            update_s.append(time.perf_counter() - t0)
         for j, (_, _, xte, yte) in enumerate(tasks):
             R[i, j] = accuracy(model, xte, yte)
-    out = {"R": R, "train_s": t_train, "update_s": t_update,
-           "memory": filt.memory_bytes() if filt is not None else 0}
-    if method == "lowrank+Q":
-        t0 = time.perf_counter()
+    out = {"R": R.tolist(), "train_s": train_s, "update_s": update_s, "unit_s": unit,
+           "steps": steps, "memory": filt.memory_bytes() if filt is not None else 0}
+    if method in SMOOTHED:
         sm = filt.smooth()
-        out["smooth_s"] = time.perf_counter() - t0
-        out["smoothed"] = torch.tensor([
-            _acc_with(model, filt, sm.means[j], xte, yte)
-            for j, (_, _, xte, yte) in enumerate(tasks)
-        ])
-        out["filtered_own"] = torch.tensor([
-            _acc_with(model, filt, filt.steps[j].mean, xte, yte)
-            for j, (_, _, xte, yte) in enumerate(tasks)
-        ])
+        keep = filt.params.vector().clone()
+        acc = []
+        for j, (_, _, xte, yte) in enumerate(tasks):
+            filt.assign(model, sm.means[j])
+            acc.append(accuracy(model, xte, yte))
+        filt.assign(model, keep)
+        out["smoothed"] = acc
+        out["noise"] = [float(q) for q in filt.noise.unique()]  # the last evidence estimate
     return out
-
-
-def _acc_with(model, filt, weights, x, y) -> float:
-    keep = filt.params.vector().clone()
-    filt.assign(model, weights)
-    acc = accuracy(model, x, y)
-    filt.assign(model, keep)
-    return acc
 
 
 def summarize(R: torch.Tensor, final: torch.Tensor | None = None) -> tuple[float, float]:
@@ -139,119 +162,159 @@ def summarize(R: torch.Tensor, final: torch.Tensor | None = None) -> tuple[float
     return float(final.mean()), float((best - final[:-1]).mean())
 
 
+def pm(x: list[float], fmt: str = ".3f") -> str:
+    t = torch.tensor(x, dtype=torch.float64)
+    sd = float(t.std()) if len(x) > 1 else 0.0
+    return f"{float(t.mean()):{fmt}} ± {sd:{fmt}}"
+
+
+def report(stream: str, runs: dict[str, list[dict]], args) -> list[str]:
+    lines = [f"\n### {stream} digits, {args.tasks} tasks, {args.seeds} seeds (mean ± std)\n",
+             "| method | avg acc | forgetting | update (x fwd+bwd) | update s | train+update "
+             "s / task | state MB |", "|---|---|---|---|---|---|---|"]
+    for m in ROWS:
+        base = m.removesuffix("+smooth")
+        rs = runs[base]
+        acc, fg = zip(*[summarize(torch.tensor(r["R"]),
+                                  torch.tensor(r["smoothed"]) if m != base else None)
+                        for r in rs])
+        if rs[0]["update_s"]:
+            upd = [sum(r["update_s"]) / len(r["update_s"]) for r in rs]
+            ratio = pm([u / r["unit_s"] for u, r in zip(upd, rs)], ".0f")
+            upd_s = pm(upd, ".2f")
+        else:
+            ratio = upd_s = "–"
+        total = pm([(sum(r["train_s"]) + sum(r["update_s"])) / len(r["train_s"]) for r in rs],
+                   ".2f")
+        mem = rs[0]["memory"] / 2**20
+        lines.append(f"| {LABELS[m]} | {pm(list(acc))} | {pm(list(fg))} | {ratio} | {upd_s} | "
+                     f"{total} | {mem:.2f} |")
+    lines.append("\nfinal accuracy per task (seed mean), tasks 0..T-1:\n")
+    for m in ROWS:
+        base = m.removesuffix("+smooth")
+        key = "smoothed" if m != base else None
+        rows = torch.tensor([r[key] if key else r["R"][-1] for r in runs[base]]).mean(0)
+        lines.append(f"    {m:<18}" + " ".join(f"{float(a):.2f}" for a in rows))
+    return lines
+
+
+def plot(all_runs: dict, args, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(all_runs), figsize=(6.5 * len(all_runs), 4), squeeze=False)
+    for ax, (stream, runs) in zip(axes[0], all_runs.items()):
+        for m in ROWS:
+            base = m.removesuffix("+smooth")
+            key = "smoothed" if m != base else None
+            rows = torch.tensor([r[key] if key else r["R"][-1] for r in runs[base]])
+            mean, sd = rows.mean(0), rows.std(0) if rows.shape[0] > 1 else rows[0] * 0
+            x = torch.arange(rows.shape[1])
+            ax.plot(x, mean, marker="o", ms=3, label=LABELS[m])
+            ax.fill_between(x, mean - sd, mean + sd, alpha=0.15)
+        ax.set_xlabel("task")
+        ax.set_ylabel("test accuracy after the last task")
+        ax.set_title(f"{stream} digits, {args.tasks} tasks, {args.seeds} seeds")
+        ax.set_ylim(0, 1)
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"figure: {path}")
+
+
+def timing(reps: int = 3) -> None:
+    """Update cost on the benchmark MLP after one task (warm: each update runs once before it
+    is timed): KFACFilter against the low-rank filter's K-FAC route at several k and the
+    matrix-free randomized route; and the one-time warm-up of the matrix-free GGN product
+    that made the issue's rank sweep non-monotone."""
+    from bayescurv.curvature.matfree import CurvatureLinearOperator
+    from bayescurv.params import select
+
+    tasks = make_tasks("permuted", 1)
+    xtr, ytr = tasks[0][0], tasks[0][1]
+    model = mlp(0)
+    train(model, xtr, ytr, None, 2, seed=0)
+    data = DataLoader(TensorDataset(xtr, ytr), batch_size=512)
+    small = nn.Sequential(nn.Linear(64, 100), nn.ReLU(), nn.Linear(100, 10))
+    op = CurvatureLinearOperator(small, "classification", data, select(small, "all"))
+    print("\nmatrix-free GGN product, 64-100-10 MLP (the issue's), 20 columns: first call, "
+          "then warm calls")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        op.matmat(torch.randn(7510, 20))
+        print(f"  {time.perf_counter() - t0:.2f} s", flush=True)
+    unit = plain_step_time(model, xtr, ytr)
+    rows = [("K-FAC online Laplace", lambda: KFACFilter(model, "classification"))]
+    for k in (10, 40, 80, 160):
+        rows.append((f"low-rank, kfac route, k = {k}",
+                     lambda k=k: LaplaceFilter(model, "classification", rank=k,
+                                               eigensolver="kfac")))
+    rows.append(("low-rank, randomized (2 power iters), k = 40",
+                 lambda: LaplaceFilter(model, "classification", rank=40,
+                                       eigensolver_options={"power_iters": 2})))
+    print(f"\nupdate cost, 64-300-300-10 MLP, N = {xtr.shape[0]}, median of {reps} warm calls")
+    print("| update | s | x fwd+bwd | x K-FAC |\n|---|---|---|---|")
+    base = None
+    for name, make in rows:
+        filt = make()
+        times = []
+        for _ in range(reps + 1):
+            filt.predict()
+            t0 = time.perf_counter()
+            filt.update(data)
+            times.append(time.perf_counter() - t0)
+            if "randomized" in name:
+                break  # minutes per call: one (warm after the first K-FAC pass) is enough
+        t = sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else times[0]
+        base = t if base is None else base
+        print(f"| {name} | {t:.2f} | {t / unit:.0f} | {t / base:.2f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tasks", type=int, default=5)
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--seeds", type=int, default=1)
-    ap.add_argument("--rank", type=int, default=50)
-    ap.add_argument("--noise", type=float, default=1e-2)
+    ap.add_argument("--tasks", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--rank", type=int, default=40,
+                    help="k; 40 makes the state (P (k + 2) floats) equal to K-FAC's after 10 "
+                         "tasks")
     ap.add_argument("--delta", type=float, default=1.0)
-    ap.add_argument("--ranks", type=str, default="10,50,100,200")
-    ap.add_argument("--quick", action="store_true", help="1 seed, 3 epochs, ranks 10,50")
+    ap.add_argument("--streams", default="permuted,rotated")
+    ap.add_argument("--quick", action="store_true", help="1 seed, 4 tasks, 1 epoch")
+    ap.add_argument("--figure", default=str(ROOT / "docs" / "continual_tasks.png"))
+    ap.add_argument("--timing", action="store_true", help="only the update-cost table")
     args = ap.parse_args()
-    if args.quick:
-        args.seeds, args.epochs, args.ranks = 1, 3, "10,50"
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    start = time.perf_counter()
-    tasks = make_tasks(args.tasks)
-    methods = ["finetune", "ewc", "kfac", "lowrank", "lowrank+Q"]
-    res: dict[str, list] = {m: [] for m in [*methods, "lowrank+Q+smooth"]}
-    runs: dict[str, list[dict]] = {m: [] for m in methods}
-    for seed in range(args.seeds):
-        for m in methods:
-            r = run(m, tasks, seed=seed, epochs=args.epochs, rank=args.rank, delta=args.delta,
-                    noise=args.noise)
-            runs[m].append(r)
-            res[m].append(summarize(r["R"]))
-            if m == "lowrank+Q":
-                res["lowrank+Q+smooth"].append(summarize(r["R"], r["smoothed"]))
-    print(f"permuted digits, {args.tasks} tasks, MLP 64-100-10 (P=7510), {args.epochs} epochs/"
-          f"task, {args.seeds} seed(s), rank k={args.rank}, q={args.noise}, δ={args.delta}")
-    print(f"{'method':<22}{'avg acc':>10}{'forgetting':>12}{'task-0 acc':>12}{'update s':>10}"
-          f"{'state MB':>10}")
-    for m, vals in res.items():
-        acc = torch.tensor([v[0] for v in vals])
-        fg = torch.tensor([v[1] for v in vals])
-        base = m if m in runs else "lowrank+Q"
-        if m == "lowrank+Q+smooth":
-            t0 = torch.tensor([float(r["smoothed"][0]) for r in runs[base]]).mean()
-        else:
-            t0 = torch.tensor([float(r["R"][-1, 0]) for r in runs[base]]).mean()
-        upd = sum(r["update_s"] + r.get("smooth_s", 0.0) * (m != base) for r in runs[base])
-        mem = runs[base][0]["memory"] / 2**20
-        print(f"{m:<22}{acc.mean():>10.4f}{fg.mean():>12.4f}{t0:>12.4f}"
-              f"{upd / len(runs[base]):>10.2f}{mem:>10.2f}")
-    r0 = runs["lowrank+Q"][0]
-    print("\nfilter (lowrank+Q), seed 0, per task j: acc right after training (own filtered "
-          "weights), smoothed weights, final weights")
-    for j in range(args.tasks):
-        print(f"  task {j}: filtered {float(r0['filtered_own'][j]):.4f}  smoothed "
-              f"{float(r0['smoothed'][j]):.4f}  final {float(r0['R'][-1, j]):.4f}")
-
-    own = torch.stack([r["filtered_own"] for r in runs["lowrank+Q"]]).mean()
-    print(f"  (reference: every task with its own filtered weights, i.e. storing T models: "
-          f"avg acc {float(own):.4f})")
-
-    # rank sweep (seed 0; k = 0 and k = --rank reuse the runs above) ---------------------
-    ranks = [int(k) for k in args.ranks.split(",")]
-    sweep = []
-    for k in [0, *ranks]:
-        if k == 0:
-            r = runs["ewc"][0]
-        elif k == args.rank:
-            r = runs["lowrank"][0]
-        else:
-            r = run("lowrank", tasks, seed=0, epochs=args.epochs, rank=k, delta=args.delta)
-        acc, fg = summarize(r["R"])
-        sweep.append((k, acc, fg, r["train_s"] + r["update_s"], r["update_s"], r["memory"]))
-    print("\nrank sweep (A = I, Q = 0, seed 0; k = 0 is the diagonal filter = online EWC)")
-    print(f"{'k':>5}{'avg acc':>10}{'forgetting':>12}{'train+upd s':>13}{'update s':>10}"
-          f"{'state MB':>10}")
-    for k, acc, fg, total, upd, mem in sweep:
-        print(f"{k:>5}{acc:>10.4f}{fg:>12.4f}{total:>13.2f}{upd:>10.2f}{mem / 2**20:>10.2f}")
-    plot(res, runs, sweep, args)
-    print(f"total wall time {time.perf_counter() - start:.0f} s")
-
-
-def plot(res, runs, sweep, args) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover
-        print("matplotlib not installed: no figures")
+    if args.timing:
+        torch.set_num_threads(1)
+        timing()
         return
+    if args.quick:
+        args.seeds, args.tasks, args.epochs = 1, 4, 1
+        args.figure = str(OUT / "continual_tasks.png")
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    all_runs: dict[str, dict[str, list[dict]]] = {}
+    lines = [f"64-300-300-10 MLP (P = 112,810), {args.epochs} epochs/task, rank k = {args.rank}, "
+             f"δ = {args.delta}"]
+    for stream in args.streams.split(","):
+        tasks = make_tasks(stream, args.tasks)
+        runs: dict[str, list[dict]] = {m: [] for m in METHODS}
+        for seed in range(args.seeds):
+            for m in METHODS:
+                runs[m].append(run(m, tasks, seed=seed, epochs=args.epochs, rank=args.rank,
+                                   delta=args.delta))
+                print(f"  {stream} seed {seed} {m}: "
+                      f"{summarize(torch.tensor(runs[m][-1]['R']))} "
+                      f"({time.perf_counter() - start:.0f} s)", flush=True)
+        all_runs[stream] = runs
+        lines += report(stream, runs, args)
+    lines.append(f"\ntotal wall time {time.perf_counter() - start:.0f} s (one core)")
+    print("\n".join(lines))
     OUT.mkdir(exist_ok=True)
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
-    names = list(res)
-    acc = [torch.tensor([v[0] for v in res[m]]).mean() for m in names]
-    fg = [torch.tensor([v[1] for v in res[m]]).mean() for m in names]
-    x = torch.arange(len(names)).float()
-    ax[0].bar(x - 0.2, acc, 0.4, label="avg acc")
-    ax[0].bar(x + 0.2, fg, 0.4, label="forgetting")
-    ax[0].set_xticks(x, names, rotation=25, ha="right")
-    ax[0].legend()
-    ax[0].set_title("permuted digits, 5 tasks")
-    for m in ("finetune", "ewc", "kfac", "lowrank", "lowrank+Q"):
-        ax[1].plot(runs[m][0]["R"][:, 0], marker="o", label=m)
-    ax[1].set_xlabel("after training task")
-    ax[1].set_ylabel("accuracy on task 0")
-    ax[1].legend()
-    ks = [s[0] for s in sweep]
-    ax[2].plot(ks, [s[1] for s in sweep], marker="o", color="C0")
-    ax[2].set_xlabel("rank k")
-    ax[2].set_ylabel("avg acc", color="C0")
-    tw = ax[2].twinx()
-    tw.plot(ks, [s[4] for s in sweep], marker="s", color="C1", label="update s")
-    tw.plot(ks, [s[5] / 2**20 for s in sweep], marker="^", color="C2", label="state MB")
-    tw.set_ylabel("update time (s) / state (MB)")
-    tw.legend(loc="lower right")
-    ax[2].set_title("rank sweep")
-    fig.tight_layout()
-    fig.savefig(OUT / "continual_digits.png", dpi=120)
-    print(f"\nfigure: {OUT / 'continual_digits.png'}")
+    (OUT / "continual_runs.json").write_text(json.dumps(all_runs))
+    plot(all_runs, args, Path(args.figure))
 
 
 if __name__ == "__main__":

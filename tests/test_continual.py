@@ -178,10 +178,11 @@ def run_filter(filt, lik, tasks, transition=None):
         filt.update([(X, Y)])
 
 
-@pytest.mark.parametrize("eigensolver", ["dense", "randomized", "lanczos"])
+@pytest.mark.parametrize("eigensolver", ["dense", "randomized", "lanczos", "kfac"])
 def test_static_filter_equals_batch_posterior(eigensolver):
     """A = I, Q = 0: the filter after T tasks is the batch posterior over all data, even with
-    k < P as long as k ≥ the total rank of the data (no truncation)."""
+    k < P as long as k ≥ the total rank of the data (no truncation). K-FAC is exact for one
+    Linear layer under a Gaussian likelihood, so the one-pass ``"kfac"`` route is too."""
     torch.manual_seed(0)
     model = nn.Linear(12, 2).to(DT)  # P = 26
     sigma, delta = 0.7, 2.0

@@ -1,16 +1,14 @@
 """Continual learning as Bayesian filtering and smoothing over the weights: a state-space
 model between tasks, Laplace filters (diagonal plus low rank, diagonal = online EWC, K-FAC
-online Laplace) with a drop-in quadratic regulariser, and the RTS smoother."""
+online Laplace) with a drop-in quadratic regulariser, process noise chosen by the evidence,
+and the RTS smoother."""
 
+from bayescurv.continual.curvature import EIGENSOLVERS, kfac_topk, task_curvature
 from bayescurv.continual.dynamics import Transition
-from bayescurv.continual.filter import (
-    EIGENSOLVERS,
-    DiagonalFilter,
-    KFACFilter,
-    LaplaceFilter,
-    task_curvature,
-)
+from bayescurv.continual.evidence import EvidenceNoise, evidence_noise
+from bayescurv.continual.filter import DiagonalFilter, LaplaceFilter
 from bayescurv.continual.gaussian import add_low_rank, canonical, predict_precision
+from bayescurv.continual.kfac import KFACFilter
 from bayescurv.continual.smoother import (
     FilterStep,
     SmoothedCovariance,
@@ -20,10 +18,13 @@ from bayescurv.continual.smoother import (
 
 __all__ = [
     "Transition",
+    "EvidenceNoise",
+    "evidence_noise",
     "LaplaceFilter",
     "DiagonalFilter",
     "KFACFilter",
     "task_curvature",
+    "kfac_topk",
     "EIGENSOLVERS",
     "predict_precision",
     "add_low_rank",

@@ -52,8 +52,8 @@ class Transition:
             InvalidArgumentError: ``q`` has a negative entry (``Q`` not PSD), an unknown
                 name, ``decay`` outside ``(0, 1]``, or ``a = q = 0`` for a parameter.
         """
-        a = _resolve(self.scale, params, 1.0, "scale")
-        q = _resolve(self.noise, params, 0.0, "noise")
+        a = resolve_spec(self.scale, params, 1.0, "scale")
+        q = resolve_spec(self.noise, params, 0.0, "noise")
         if bool((q < 0).any()):
             i = int(torch.nonzero(q < 0)[0])
             raise InvalidArgumentError(
@@ -91,7 +91,9 @@ def _name_of(params: ParamSet, index: int) -> str:
     return "?"
 
 
-def _resolve(spec: Spec, params: ParamSet, default: float, what: str) -> Tensor:
+def resolve_spec(spec: Spec, params: ParamSet, default: float, what: str) -> Tensor:
+    """A number, ``{name: value}`` or ``(P,)`` tensor as a ``(P,)`` tensor (``default`` for
+    names not listed)."""
     P, dt, dev = params.numel, params.dtype, params.device
     if isinstance(spec, Tensor):
         if spec.numel() == 1:

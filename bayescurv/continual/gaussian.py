@@ -19,7 +19,8 @@ of ``Z L^{-\top}`` (``M = L L^\top``), ``O(P k^2)``.
 
 **Update (truncated).** Adding a task's curvature ``G ≈ V diag(g) Vᵀ (+ diag(r))`` gives
 ``D + diag(r) + B Bᵀ`` with ``B = [U S^{1/2}, V g^{1/2}]`` of rank ``k + r``. With the thin
-SVD ``B = Y Σ Rᵀ``, the ``k`` leading columns are kept: ``U ← Y_{:k}``, ``S ← Σ_{:k}²``. The
+SVD ``B = Y Σ Rᵀ`` (from the Gram matrix ``BᵀB``, :func:`canonical`), the ``k`` leading
+columns are kept: ``U ← Y_{:k}``, ``S ← Σ_{:k}²``. The
 discarded part ``Δ = Y_{k:} Σ_{k:}² Y_{k:}ᵀ ⪰ 0`` is
 
 - dropped (``fold=False``): the kept precision is ``Λ − Δ ⪯ Λ`` (never over-confident) and
@@ -34,7 +35,7 @@ import torch
 from torch import Tensor
 
 from bayescurv.errors import InvalidArgumentError, NumericalError, ShapeError
-from bayescurv.linalg import LowRankPlusDiagonal
+from bayescurv.linalg import LowRankPlusDiagonal, internal_dtype
 
 __all__ = ["canonical", "predict_precision", "add_low_rank"]
 
@@ -44,16 +45,41 @@ def canonical(B: Tensor, d: Tensor, rank: int | None = None, fold: bool = False
     """``diag(d) + B Bᵀ`` as ``LowRankPlusDiagonal(Y, σ², d)`` with orthonormal ``Y`` and
     descending ``σ²``, truncated to ``rank`` columns (default: keep all).
 
+    ``σ², W`` come from the small Gram matrix ``BᵀB = W diag(σ²) Wᵀ`` (formed in ``B``'s
+    dtype, decomposed in :func:`~bayescurv.linalg.internal_dtype`) and ``Y = B W σ⁻¹``:
+    ``O(P k²)`` in two matrix products, several times faster than a tall SVD. Directions
+    with ``σ² ≤ ε σ²_max r`` (``r`` columns; the Gram matrix's rounding) are dropped from the
+    low rank (folded into ``d`` with ``fold``). ``fold`` adds
+    ``diag(B Bᵀ) − diag(Y_k σ²_k Y_kᵀ)`` (``O(P k)``) to ``d``.
+
     Returns the operator and the discarded squared singular values ``σ_{k+1:}²``.
     """
     if B.shape[1] == 0:
         return LowRankPlusDiagonal(B, B.new_zeros(0), d), B.new_zeros(0)
-    Y, sig, _ = torch.linalg.svd(B, full_matrices=False)
-    s = sig.square()
-    k = s.shape[0] if rank is None else min(rank, s.shape[0])
-    if fold and k < s.shape[0]:
-        d = d + Y[:, k:].square() @ s[k:]
-    return LowRankPlusDiagonal(Y[:, :k], s[:k], d), s[k:]
+    return _from_gram([B], B.mT @ B, d, rank, fold)
+
+
+def _from_gram(parts: list[Tensor], gram: Tensor, d: Tensor, rank: int | None, fold: bool
+               ) -> tuple[LowRankPlusDiagonal, Tensor]:
+    """:func:`canonical` of ``B = [parts...]`` (concatenated columns) given ``gram = BᵀB``."""
+    dt = parts[0].dtype
+    lam, W = torch.linalg.eigh(gram.to(internal_dtype(dt)))
+    lam, W = lam.flip(0).clamp_min(0), W.flip(1)
+    k = lam.shape[0] if rank is None else min(rank, lam.shape[0])
+    tiny = lam[0] * torch.finfo(dt).eps * lam.shape[0]  # below: rounding of the Gram matrix
+    keep = int((lam[:k] > tiny).sum()) if k > 0 else 0
+    s = lam[:keep].to(dt)
+    Wk = W[:, :keep].to(dt) * s.rsqrt()
+    Y, row = 0, 0
+    for M in parts:  # Y = B W_k σ_k⁻¹ without forming B
+        Y = Y + M @ Wk[row:row + M.shape[1]]
+        row += M.shape[1]
+    if not isinstance(Y, Tensor):
+        Y = parts[0].new_zeros(parts[0].shape[0], 0)
+    if fold and keep < lam.shape[0]:
+        rest = sum(M.square().sum(-1) for M in parts) - Y.square() @ s
+        d = d + rest.clamp_min(0).to(d)
+    return LowRankPlusDiagonal(Y, s, d), lam[k:].to(dt)
 
 
 def predict_precision(
@@ -96,6 +122,13 @@ def add_low_rank(
     """
     if V.shape[0] != prec.size or g.shape != (V.shape[1],):
         raise ShapeError(f"V must be ({prec.size}, r) and g (r,), got {V.shape}, {g.shape}")
-    B = torch.cat([prec.U * prec.s.clamp_min(0).sqrt(), V * g.clamp_min(0).sqrt()], dim=1)
+    a, b = prec.s.clamp_min(0).sqrt(), g.clamp_min(0).sqrt()
     d = prec.d if diag is None else prec.d + diag
-    return canonical(B, d, rank, fold)
+    if V.shape[1] + prec.rank == 0:
+        return LowRankPlusDiagonal(prec.U, prec.s, d), g
+    # U and V have orthonormal columns (canonical form, eigensolver output): only the cross
+    # block UᵀV of the Gram matrix needs the P-length vectors
+    cross = a.unsqueeze(-1) * (prec.U.mT @ V) * b
+    gram = torch.cat([torch.cat([torch.diag(a.square()), cross], 1),
+                      torch.cat([cross.mT, torch.diag(b.square())], 1)])
+    return _from_gram([prec.U * a, V * b], gram, d, rank, fold)
