@@ -329,8 +329,8 @@ def advection_diffusion_reaction(
 
 def heat(n: int = 100, size: int = 64, variant: str = "train", diffusivity: float = 5e-4,
          t_final: float = 1.0, modes: tuple[int, int] = (1, 8), shift: tuple[int, int] = (10, 24),
-         source: float = 1.0, seed: int = 0, dtype: torch.dtype = torch.float32,
-         device=None) -> OperatorData:
+         source: float = 1.0, seed: int = 0, out_size: int | None = None,
+         dtype: torch.dtype = torch.float32, device=None) -> OperatorData:
     r"""1D heat equation with a source, :math:`u_t = \nu u_{xx} + s(x)`, periodic
     :math:`[0,1)`, solved exactly per Fourier mode: with :math:`\lambda_k = \nu (2\pi k)^2`,
 
@@ -342,8 +342,11 @@ def heat(n: int = 100, size: int = 64, variant: str = "train", diffusivity: floa
     wavenumbers ``modes`` (``"train"``, ``"source"``) or ``shift`` (``"frequency"``: higher
     frequencies than in training), normalised to unit variance per point. The source is zero
     except in ``"source"``: a random smooth field (wavenumbers 1-4) of standard deviation
-    ``source``."""
+    ``source``. ``out_size``: the targets on a grid of that many points (the same functions:
+    the exact solution is a trigonometric polynomial), e.g. to test super-resolution."""
     _check(n, size, 1)
+    if out_size is not None:
+        _check(n, out_size, 1)
     if variant not in HEAT_VARIANTS:
         raise InvalidArgumentError(f"variant must be one of {HEAT_VARIANTS}, got {variant!r}")
     gen = torch.Generator().manual_seed(seed)
@@ -363,7 +366,10 @@ def heat(n: int = 100, size: int = 64, variant: str = "train", diffusivity: floa
     decay = torch.exp(-lam * t_final)
     gain = torch.where(lam > 0, (1 - decay) / lam.clamp_min(1e-300), torch.full_like(lam, t_final))
     uh = decay * torch.fft.rfft(u0, norm="forward") + gain * torch.fft.rfft(s, norm="forward")
-    ut = torch.fft.irfft(uh, n=size, norm="forward")
+    if out_size is not None and out_size != size:  # zero-pad / crop the spectrum
+        m = min(out_size // 2 + 1, uh.shape[-1])
+        uh = torch.nn.functional.pad(uh[..., :m], (0, out_size // 2 + 1 - m))
+    ut = torch.fft.irfft(uh, n=out_size or size, norm="forward")
     a = torch.stack([u0, s], 1)
     params = dict(pde="heat", variant=variant, diffusivity=diffusivity, t_final=t_final)
     return OperatorData(a.to(device=device, dtype=dtype),
