@@ -25,7 +25,6 @@ Posteriors:
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from dataclasses import dataclass
 
@@ -138,6 +137,32 @@ def posteriors(kind, model, data, cfg, which):
     return out
 
 
+@torch.no_grad()
+def resolution(kind: str, model, cfg: Config) -> None:
+    """Relative L2 error of the mean on the training grid and on a 2x finer one (the exact
+    solution there), for neuralop with its linear skip resampling and with the spectral one."""
+    d = pde.heat(cfg.n_test, cfg.size, seed=cfg.seed + 2, out_size=2 * cfg.size)
+    coarse = pde.heat(cfg.n_test, cfg.size, seed=cfg.seed + 2)
+
+    def rel(p, u):
+        return float((p - u).norm() / u.norm())
+
+    line = f"{kind}: rel. L2 on {cfg.size} points {rel(model(coarse.a), coarse.u):.4f}"
+    flat = FlattenOutput(model)
+    convs = [m for m in model.modules() if hasattr(m, "spectral_transform")]
+    for name, spectral in (("spectral", True), ("neuralop linear", False)):
+        if not convs and not spectral:
+            continue
+        for m in convs:
+            m.spectral_transform = spectral
+        fine = flat(d.a, 2 * cfg.size).reshape(d.u.shape)
+        line += (f"; on {2 * cfg.size} points ({name} skip resampling) {rel(fine, d.u):.4f}, "
+                 f"max |fine[::2] - coarse| {float((fine[..., ::2] - model(d.a)).abs().max()):.1e}")
+    for m in convs:
+        del m.spectral_transform
+    print(line, flush=True)
+
+
 def run(cfg: Config, which: str = "all", kinds=("ours", "neuralop")) -> list[dict]:
     data = make_data(cfg)
     rows = []
@@ -145,6 +170,7 @@ def run(cfg: Config, which: str = "all", kinds=("ours", "neuralop")) -> list[dic
         model = make_model(kind, cfg)
         epoch = train(model, data["train"], cfg)
         model.eval()
+        resolution(kind, model, cfg)
         for name, (gp, cost) in posteriors(kind, model, data, cfg, which).items():
             res = {}
             for split in ("test", "frequency", "source"):

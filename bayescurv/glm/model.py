@@ -13,7 +13,20 @@ After convergence at :math:`\hat f = m + K a`, with the solver's :math:`C \prece
 the **combined** covariance: the exact Laplace covariance
 :math:`k - k_{xX} S A^{-1} S^\top k_{Xx}` plus the computational part
 :math:`k_{xX} S (A^{-1} - C) S^\top k_{Xx} \succeq 0`, which vanishes when the actions span
-:math:`\mathbb R^{NC}`. ``predict`` reports an upper bound on the computational variance,
+:math:`\mathbb R^{NC}`. The bound "combined :math:`\succeq` exact" holds at the *same* curvature
+:math:`W = S S^\top` (the sites at the returned iterate). It is not a bound on the Laplace
+covariance at the MAP when Newton has not converged: there :math:`W(\hat f_{MAP})` differs (a
+Poisson fit with 2 actions ends far from the MAP, where :math:`W = e^{f}` is larger, and its
+covariance is below the MAP's; ``converged`` and a
+:class:`~bayescurv.errors.ConvergenceWarning` say when that can happen).
+
+Newton: a step is halved (at most 20 times) until the objective does not decrease; if it still
+decreases, the step is rejected and the fit stops, unconverged. ``converged``,
+``newton_steps`` and ``grad_norm`` (:math:`\|\nabla_f\Psi\| = \|\nabla\log p(y|f) - a\|`)
+report the outcome; ``trace_gap`` the covariance stopping rule's :math:`\tau`
+(:func:`~bayescurv.glm.solver.trace_gap`).
+
+``predict`` reports an upper bound on the computational variance,
 :math:`u^\top (A^{-1} - C) u = r^\top A^{-1} r \le \|r\|^2` with :math:`u = S^\top k(X, x)`,
 :math:`r = u - A C u` (since :math:`A \succeq I`), free of new products with :math:`K`.
 """
