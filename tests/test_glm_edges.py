@@ -52,6 +52,7 @@ def joint_cov(model, Xs, exact=False):
 # ------------------------------------------------------------------------------------------
 # max_actions >= N C reproduces Cholesky (recycle=True, the default)
 # ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cg_full_span_equals_cholesky_breast_cancer():
     Xn, yn = load_breast_cancer(return_X_y=True)
     X = torch.tensor(Xn, dtype=DT)
@@ -66,7 +67,8 @@ def test_cg_full_span_equals_cholesky_breast_cancer():
     assert abs(float(lml - lml_ref)) < 1e-8 * abs(float(lml_ref))
 
 
-@pytest.mark.parametrize("likelihood", ["binary", "classification"])
+@pytest.mark.parametrize("likelihood", ["binary",
+                                        pytest.param("classification", marks=pytest.mark.slow)])
 def test_cg_full_span_equals_cholesky_gp_classifier(likelihood):
     X, y = moons()
     if likelihood == "classification":
@@ -180,7 +182,7 @@ def test_max_newton_exhausted_warns():
 # kernel hyperparameters by the (computation-aware) evidence
 # ------------------------------------------------------------------------------------------
 def test_fit_hyperparameters_raises_evidence_and_matches_cholesky():
-    X, y = moons(60)
+    X, y = moons(40)
     start = rbf(2.0, 0.5)
     before = float(IterGLM("binary", rbf(2.0, 0.5), solver="cholesky").fit(X, y)
                    .log_marginal_likelihood())
@@ -188,7 +190,7 @@ def test_fit_hyperparameters_raises_evidence_and_matches_cholesky():
     for solver in ("cholesky", "iterative"):
         k = rbf(2.0, 0.5)
         m = IterGLM("binary", k, solver=solver, tol=0.0).fit_hyperparameters(
-            X, y, n_steps=15, lr=0.1)
+            X, y, n_steps=8, lr=0.15)
         runs[solver] = (float(k.base_kernel.lengthscale), float(k.outputscale),
                         float(m.log_marginal_likelihood()))
         assert m.hyper_history[-1] > m.hyper_history[0]
