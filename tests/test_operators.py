@@ -328,7 +328,15 @@ def test_neuralop_split_is_the_same_map_and_matches_dense(dim, dense_reference):
     split = neuralop_support.split_complex(copy.deepcopy(model))
     torch.testing.assert_close(split(a), model(a))
     big = tuple(2 * g for g in grid)
+    for conv in split.fno_blocks.convs:  # neuralop's own (linear) skip resampling
+        conv.spectral_transform = False
     torch.testing.assert_close(split(a, output_shape=big), model(a, output_shape=big))
+    for conv in split.fno_blocks.convs:
+        del conv.spectral_transform  # back to the class default: spectral
+    fine = split(a, output_shape=big)  # band-limited skip paths: passes through the coarse grid
+    sl = (Ellipsis, *[slice(None, None, 2)] * dim)
+    torch.testing.assert_close(fine[sl], split(a), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(fine, model(a, output_shape=big), atol=1e-4)
     flat = FlattenOutput(split).to(DT)
     a = a.to(DT)
     y = flat(a).detach()

@@ -15,6 +15,9 @@ gives the same numbers everywhere) and cast to ``dtype``/``device``.
   + \rho u(1-u) + s(x)` on the periodic :math:`[0,1)^2`, inputs :math:`(u(0), c_1, c_2, s)`;
   out-of-distribution variants ``"reversed"`` (velocity :math:`-c`) and ``"source"`` (a
   Gaussian source :math:`s`).
+- :func:`heat`: :math:`u_t = \nu u_{xx} + s(x)` on the periodic :math:`[0, 1)`, solved in
+  closed form per Fourier mode; inputs :math:`(u(0), s)`; out-of-distribution variants
+  ``"frequency"`` (initial states of higher frequency) and ``"source"`` (a non-zero source).
 
 The periodic problems are solved pseudo-spectrally with the fourth-order exponential time
 differencing Runge–Kutta scheme ETDRK4 (Cox & Matthews 2002), its coefficients by the contour
@@ -35,6 +38,7 @@ from torch import Tensor
 from bayescurv.errors import InvalidArgumentError, NonFiniteError
 
 ADR_VARIANTS = ("train", "reversed", "source")
+HEAT_VARIANTS = ("train", "frequency", "source")
 
 
 @dataclass
@@ -323,8 +327,59 @@ def advection_diffusion_reaction(
                         ut.unsqueeze(1).to(device=device, dtype=dtype), params)
 
 
+def heat(n: int = 100, size: int = 64, variant: str = "train", diffusivity: float = 5e-4,
+         t_final: float = 1.0, modes: tuple[int, int] = (1, 8), shift: tuple[int, int] = (10, 24),
+         source: float = 1.0, seed: int = 0, out_size: int | None = None,
+         dtype: torch.dtype = torch.float32, device=None) -> OperatorData:
+    r"""1D heat equation with a source, :math:`u_t = \nu u_{xx} + s(x)`, periodic
+    :math:`[0,1)`, solved exactly per Fourier mode: with :math:`\lambda_k = \nu (2\pi k)^2`,
+
+    .. math:: \hat u_k(T) = e^{-\lambda_k T}\hat u_k(0)
+              + \tfrac{1 - e^{-\lambda_k T}}{\lambda_k}\hat s_k \quad(\hat s_0 T \text{ at } k=0).
+
+    Inputs ``a`` ``(N, 2, size)``: :math:`u(0)` and :math:`s`; ``u = u(T)`` ``(N, 1, size)``.
+    :math:`u(0)` has independent Gaussian Fourier coefficients of variance :math:`1/k` on the
+    wavenumbers ``modes`` (``"train"``, ``"source"``) or ``shift`` (``"frequency"``: higher
+    frequencies than in training), normalised to unit variance per point. The source is zero
+    except in ``"source"``: a random smooth field (wavenumbers 1-4) of standard deviation
+    ``source``. ``out_size``: the targets on a grid of that many points (the same functions:
+    the exact solution is a trigonometric polynomial), e.g. to test super-resolution."""
+    _check(n, size, 1)
+    if out_size is not None:
+        _check(n, out_size, 1)
+    if variant not in HEAT_VARIANTS:
+        raise InvalidArgumentError(f"variant must be one of {HEAT_VARIANTS}, got {variant!r}")
+    gen = torch.Generator().manual_seed(seed)
+
+    def field(band: tuple[int, int]) -> Tensor:
+        k = torch.arange(size // 2 + 1, dtype=torch.float64)
+        sd = ((k >= band[0]) & (k <= band[1])) / k.clamp_min(1).sqrt()
+        shape = (n, k.numel())
+        xi = torch.complex(torch.randn(shape, generator=gen, dtype=torch.float64),
+                           torch.randn(shape, generator=gen, dtype=torch.float64))
+        f = torch.fft.irfft(sd * xi, n=size, norm="forward")
+        return f / f.std(-1, keepdim=True)
+
+    u0 = field(shift if variant == "frequency" else modes)
+    s = source * field((1, 4)) if variant == "source" else torch.zeros_like(u0)
+    lam = diffusivity * (2 * math.pi * _wavenumbers(size, 1)[0]) ** 2
+    decay = torch.exp(-lam * t_final)
+    gain = torch.where(lam > 0, (1 - decay) / lam.clamp_min(1e-300), torch.full_like(lam, t_final))
+    uh = decay * torch.fft.rfft(u0, norm="forward") + gain * torch.fft.rfft(s, norm="forward")
+    if out_size is not None and out_size != size:  # zero-pad / crop the spectrum
+        m = min(out_size // 2 + 1, uh.shape[-1])
+        uh = torch.nn.functional.pad(uh[..., :m], (0, out_size // 2 + 1 - m))
+    ut = torch.fft.irfft(uh, n=out_size or size, norm="forward")
+    a = torch.stack([u0, s], 1)
+    params = dict(pde="heat", variant=variant, diffusivity=diffusivity, t_final=t_final)
+    return OperatorData(a.to(device=device, dtype=dtype),
+                        ut.unsqueeze(1).to(device=device, dtype=dtype), params)
+
+
 __all__ = [
     "OperatorData",
+    "heat",
+    "HEAT_VARIANTS",
     "burgers",
     "kuramoto_sivashinsky",
     "darcy",

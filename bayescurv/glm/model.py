@@ -13,7 +13,20 @@ After convergence at :math:`\hat f = m + K a`, with the solver's :math:`C \prece
 the **combined** covariance: the exact Laplace covariance
 :math:`k - k_{xX} S A^{-1} S^\top k_{Xx}` plus the computational part
 :math:`k_{xX} S (A^{-1} - C) S^\top k_{Xx} \succeq 0`, which vanishes when the actions span
-:math:`\mathbb R^{NC}`. ``predict`` reports an upper bound on the computational variance,
+:math:`\mathbb R^{NC}`. The bound "combined :math:`\succeq` exact" holds at the *same* curvature
+:math:`W = S S^\top` (the sites at the returned iterate). It is not a bound on the Laplace
+covariance at the MAP when Newton has not converged: there :math:`W(\hat f_{MAP})` differs (a
+Poisson fit with 2 actions ends far from the MAP, where :math:`W = e^{f}` is larger, and its
+covariance is below the MAP's; ``converged`` and a
+:class:`~bayescurv.errors.ConvergenceWarning` say when that can happen).
+
+Newton: a step is halved (at most 20 times) until the objective does not decrease; if it still
+decreases, the step is rejected and the fit stops, unconverged. ``converged``,
+``newton_steps`` and ``grad_norm`` (:math:`\|\nabla_f\Psi\| = \|\nabla\log p(y|f) - a\|`)
+report the outcome; ``trace_gap`` the covariance stopping rule's :math:`\tau`
+(:func:`~bayescurv.glm.solver.trace_gap`).
+
+``predict`` reports an upper bound on the computational variance,
 :math:`u^\top (A^{-1} - C) u = r^\top A^{-1} r \le \|r\|^2` with :math:`u = S^\top k(X, x)`,
 :math:`r = u - A C u` (since :math:`A \succeq I`), free of new products with :math:`K`.
 """
@@ -21,20 +34,23 @@ the **combined** covariance: the exact Laplace covariance
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from bayescurv.errors import (
+    ConvergenceWarning,
     InvalidArgumentError,
     NonFiniteError,
     NotFittedError,
     ShapeError,
 )
 from bayescurv.glm import likelihoods as glik
+from bayescurv.glm.evidence import EvidenceMixin
 from bayescurv.glm.kernels import EmpiricalNTK, FeatureKernel, GLMKernel, as_kernel
-from bayescurv.glm.solver import POLICIES, ActionState, DenseState, Policy, solve
+from bayescurv.glm.solver import POLICIES, ActionState, DenseState, Policy, refine, solve
 from bayescurv.glm.summary import CoefficientsMixin
 from bayescurv.likelihoods import Bernoulli, Categorical, Likelihood
 
@@ -58,7 +74,7 @@ class GLMPrediction:
         return torch.diagonal(self.covariance, dim1=-2, dim2=-1)
 
 
-class IterGLM(CoefficientsMixin):
+class IterGLM(CoefficientsMixin, EvidenceMixin):
     r"""Bayesian GLM / non-conjugate GP by Laplace-Newton with a probabilistic linear solver.
 
     Args:
@@ -318,6 +334,7 @@ class IterGLM(CoefficientsMixin):
 
             bar = tqdm(desc="IterGLM products", leave=False)
         Kd = self.kernel.dense(X, X, C) if self.solver == "cholesky" else None
+        converged, stop = False, f"max_newton={self.max_newton} steps"
         for it in range(self.max_newton + 1):
             S, u = glik.sites(self.likelihood, f + self.offset_, self.y_)
             z = self._St(S, (f - m).unsqueeze(-1)) + u.reshape(-1, 1)
@@ -346,17 +363,18 @@ class IterGLM(CoefficientsMixin):
             rows = None if self.solver == "cholesky" else self._support(
                 state.D.reshape(N, C, -1))
             psi = self._psi(f, a, m, rows)
-            psi_new = self._psi(f_new, a_new, m, rows)
-            step = 0
-            while psi_new < psi - 1e-12 * abs(float(psi)) and step < 20:  # damped Newton
-                a_new, f_new = 0.5 * (a + a_new), 0.5 * (f + f_new)
-                psi_new, step = self._psi(f_new, a_new, m, rows), step + 1
+            psi_new, step = self._line_search(f, a, f_new, a_new, m, rows, psi, 20)
+            if psi_new is None:  # no halving of the step increases the objective: stop here
+                stop = "the line search found no ascent (20 halvings)"
+                break  # the state still belongs to f, the returned iterate
+            f_new, a_new = step
             change = abs(float(psi_new - psi))
             self.history.append({"psi": float(psi_new), "rank": state.rank,
                                  "products": self.num_products, "actions": self.num_actions,
-                                 "halvings": step})
+                                 "halvings": self._halvings})
             f, a, psi = f_new, a_new, psi_new
             if change <= self.newton_tol * (1.0 + abs(float(psi))):
+                converged = True
                 # recompute the sites (and the solver state) at the returned mode
                 S, u = glik.sites(self.likelihood, f + self.offset_, self.y_)
                 if self.solver == "cholesky":
@@ -364,9 +382,43 @@ class IterGLM(CoefficientsMixin):
                 else:
                     state.recycle(self._A(K_mv, S))
                 break
+        self.trace_gap = None
+        if (self.solver != "cholesky" and self.rank is None and self.policy != "unit"
+                and state.rank < max_actions):  # the covariance part of the stopping rule
+            trace = float(torch.einsum("nca,ncd,nda->", S, self.kernel.diag(X, C).to(S), S))
+            new, self.trace_gap = refine(self._A(K_mv, S), state, max_actions, self.tol, trace,
+                                         gen, bar=bar)
+            self.num_actions += new
         if bar is not None:
             bar.close()
+        grad = -self.likelihood.gradient(f + self.offset_, self.y_) - a  # ∇Ψ(f), f - m = K a
+        self._report(converged, len(self.history), float(grad.norm()), stop)
         self.m_, self.f_, self.a_, self.S_, self.state_ = m, f, a, S, state
+
+    def _line_search(self, f, a, f_new, a_new, m, rows, psi, max_halvings: int):
+        """Halve the step until the objective does not decrease; ``(None, None)`` when it
+        still decreases after ``max_halvings`` (the step is rejected, never accepted)."""
+        floor = psi - 1e-12 * abs(float(psi))
+        psi_new, halvings = self._psi(f_new, a_new, m, rows), 0
+        while psi_new < floor and halvings < max_halvings:
+            a_new, f_new = 0.5 * (a + a_new), 0.5 * (f + f_new)
+            psi_new, halvings = self._psi(f_new, a_new, m, rows), halvings + 1
+        self._halvings = halvings
+        if psi_new < floor:
+            return None, None
+        return psi_new, (f_new, a_new)
+
+    def _report(self, converged: bool, steps: int, grad_norm: float, stop: str) -> None:
+        """Set ``converged``, ``newton_steps``, ``grad_norm``; warn when not converged."""
+        self.converged, self.newton_steps, self.grad_norm = converged, steps, grad_norm
+        if not converged:
+            hint = "" if self.solver == "cholesky" else (
+                f" The projected steps of the iterative solver (max_actions="
+                f"{self.max_actions}) need not reach the mode: raise max_actions.")
+            warnings.warn(
+                f"IterGLM: Newton's method did not converge: {stop} after {steps} steps, "
+                f"gradient norm {grad_norm:.3g} (newton_tol={self.newton_tol}).{hint}",
+                ConvergenceWarning, stacklevel=4)
 
     def _K(self, K_mv, Kd, a: Tensor) -> Tensor:
         if Kd is not None:
@@ -398,6 +450,7 @@ class IterGLM(CoefficientsMixin):
                 prior * w * w).sum()
 
         obj = psi(w)
+        converged, stop = False, f"max_newton={self.max_newton} steps"
         for _ in range(self.max_newton):
             f = phi @ w.reshape(D, C)
             g = -self.likelihood.gradient(f + self.offset_, self.y_)
@@ -406,14 +459,23 @@ class IterGLM(CoefficientsMixin):
             L = torch.linalg.cholesky(H + torch.diag(prior))
             w_new = w + torch.cholesky_solve(grad.unsqueeze(-1), L).squeeze(-1)
             obj_new, step = psi(w_new), 0
-            while obj_new < obj - 1e-12 * abs(float(obj)) and step < 30:
+            floor = obj - 1e-12 * abs(float(obj))
+            while obj_new < floor and step < 30:
                 w_new, step = 0.5 * (w + w_new), step + 1
                 obj_new = psi(w_new)
+            if obj_new < floor:  # rejected: no halving increases the objective
+                stop = "the line search found no ascent (30 halvings)"
+                break
             change = abs(float(obj_new - obj))
             self.history.append({"psi": float(obj_new), "halvings": step})
             w, obj = w_new, obj_new
             if change <= self.newton_tol * (1.0 + abs(float(obj))):
+                converged = True
                 break
+        f = phi @ w.reshape(D, C)
+        g = -self.likelihood.gradient(f + self.offset_, self.y_)
+        grad = (phi.T @ g).reshape(-1) - prior * w
+        self._report(converged, len(self.history), float(grad.norm()), stop)
         f = phi @ w.reshape(D, C)
         H, _ = self._weight_hessian(phi, f)
         self.w_ = w
@@ -504,73 +566,5 @@ class IterGLM(CoefficientsMixin):
         pred = self.predict(X, offset, computational=False)
         return self.likelihood.predictive(pred.mean, pred.covariance, link, num_samples,
                                           generator)
-
-    # ------------------------------------------------------------------------------------
-    # evidence
-    # ------------------------------------------------------------------------------------
-    def log_marginal_likelihood(self) -> Tensor:
-        r"""Laplace log evidence at the fitted mode,
-
-        .. math:: \log q(y) = \log p(y|\hat f) - \tfrac12 a^\top K a - \tfrac12\log\det A,
-
-        differentiable in the kernel's hyperparameters and prior precision: one Newton step
-        from the (detached) mode is taken with graph, which gives the exact implicit
-        derivative of :math:`\hat f` and of :math:`W(\hat f)` (Newton's map has zero derivative
-        in :math:`f` at its fixed point). For the iterative solver :math:`A` is replaced by
-        its projection :math:`D^\top A D` on the action space (:math:`\log\det` by
-        :math:`\log\det D^\top A D - \log\det D^\top D \le \log\det A`), exact when the actions
-        span the space. In weight space: :math:`\log p(y|\hat w) - \tfrac12 \hat w^\top
-        \Lambda_0 \hat w - \tfrac12\log\det(\Lambda_0 + \Phi^\top W\Phi) + \tfrac12\log\det
-        \Lambda_0`."""
-        self.check_fitted()
-        if self.state_ is None:
-            return self._weight_evidence()
-        X, C, y, o = self.X_, self.C_, self.y_, self.offset_
-        m = self.kernel.mean(X, C)
-        f0 = self.f_.detach()
-        S0, u0 = glik.sites(self.likelihood, f0 + o, y)
-        z = self._St(S0, (f0 - m).unsqueeze(-1)) + u0.reshape(-1, 1)
-        state = self.state_
-        if isinstance(state, DenseState):
-            Kd = self.kernel.dense(X, X, C)
-            v = torch.linalg.solve(self._dense_A(Kd, S0), z)
-            a = self._S(S0, v).squeeze(-1)
-            f = m + (Kd @ a.reshape(-1)).reshape(a.shape)
-            S = glik.hessian_sqrt(self.likelihood, f + o, y)
-            logdet = torch.linalg.slogdet(self._dense_A(Kd, S))[1]
-        else:
-            D = state.D
-
-            def K_mv(V):
-                return self.kernel.matmul(X, X, V, C)
-
-            AD0 = D + self._St(S0, K_mv(self._S(S0, D)))
-            v = D @ torch.linalg.solve(D.T @ AD0, D.T @ z)
-            a = self._S(S0, v).squeeze(-1)
-            f = m + K_mv(a.unsqueeze(-1)).squeeze(-1)
-            S = glik.hessian_sqrt(self.likelihood, f + o, y)
-            AD = D + self._St(S, K_mv(self._S(S, D)))
-            logdet = torch.linalg.slogdet(D.T @ AD)[1] - torch.linalg.slogdet(D.T @ D)[1]
-        return self.likelihood.log_prob(f + o, y).sum() - 0.5 * (a * (f - m)).sum() \
-            - 0.5 * logdet
-
-    def _weight_evidence(self) -> Tensor:
-        phi = self.kernel.features(self.X_).to(self.f_.dtype)
-        D, C = phi.shape[1], self.C_
-        prior = self._weight_prior(D, phi, C)
-        if (prior == 0).any():
-            raise InvalidArgumentError("the evidence needs a positive prior precision")
-        w0 = self.w_.detach()
-        f0 = phi @ w0.reshape(D, C)
-        g = -self.likelihood.gradient(f0 + self.offset_, self.y_)
-        H0, _ = self._weight_hessian(phi, f0)
-        grad = (phi.T @ g).reshape(-1) - prior * w0
-        w = w0 + torch.linalg.solve(H0 + torch.diag(prior), grad)
-        f = phi @ w.reshape(D, C)
-        H, _ = self._weight_hessian(phi, f)
-        return (self.likelihood.log_prob(f + self.offset_, self.y_).sum()
-                - 0.5 * (prior * w * w).sum() - 0.5 * torch.linalg.slogdet(
-                    H + torch.diag(prior))[1] + 0.5 * torch.log(prior).sum())
-
 
 __all__ = ["IterGLM", "GLMPrediction", "SOLVERS"]

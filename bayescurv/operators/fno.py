@@ -103,11 +103,7 @@ class FNO(nn.Module):
         return f"blocks.{len(self.blocks) - 1}"
 
     def forward(self, a: Tensor, out_size: int | tuple[int, ...] | None = None) -> Tensor:
-        if a.dim() != self.dim + 2 or a.shape[1] != self.in_channels:
-            raise ShapeError(
-                f"FNO expects inputs (batch, {self.in_channels}, *grid) with {self.dim} grid "
-                f"dims, got {tuple(a.shape)}"
-            )
+        check_input(self, a)
         if self.grid:
             coords = grid_coordinates(tuple(a.shape[-self.dim:]), a)
             a = torch.cat([a, coords.expand(a.shape[0], *coords.shape)], 1)
@@ -133,9 +129,35 @@ class FlattenOutput(nn.Module):
         return call_operator(self.operator, a, out_size).flatten(1)
 
 
+def check_input(op: nn.Module, a: Tensor) -> None:
+    """Refuse inputs whose number of grid dimensions or channels does not fit the operator
+    (our :class:`FNO`, or a ``neuralop`` model with ``n_dim`` and ``in_channels``), with a
+    :class:`~bayescurv.errors.ShapeError` in the user's terms: the whole batch's shape, and the
+    channels *without* the grid coordinates that the operator appends itself."""
+    op = op.operator if isinstance(op, FlattenOutput) else op
+    if isinstance(op, FNO):
+        dims, chans, name, grid = op.dim, op.in_channels, "FNO", op.grid
+    elif hasattr(op, "n_dim") and hasattr(op, "in_channels"):
+        dims, chans, name = op.n_dim, op.in_channels, f"neuralop {type(op).__name__}"
+        grid = getattr(op, "positional_embedding", None) is not None
+    else:
+        return
+    got = tuple(a.shape)
+    if a.dim() == dims + 2 and a.shape[1] == chans:
+        return
+    have = (f"{a.dim() - 2} grid dims and {a.shape[1]} channels" if a.dim() >= 3
+            else f"{a.dim()} dims")
+    extra = (f"; the {dims} grid-coordinate channel(s) are appended by the operator, do not "
+             f"include them" if grid else "")
+    raise ShapeError(f"{name} expects inputs (batch, {chans}, *grid) with {dims} grid dim(s); "
+                     f"got shape {got} (batch {got[0] if got else 0}, {have}){extra}")
+
+
 def call_operator(op: nn.Module, a: Tensor, out_size=None) -> Tensor:
     """``op(a)`` evaluated on an output grid of ``out_size`` points (``None``: the input's):
-    ``out_size=`` for bayescurv operators, ``output_shape=`` for ``neuralop`` models."""
+    ``out_size=`` for bayescurv operators, ``output_shape=`` for ``neuralop`` models. Inputs
+    are checked first (:func:`check_input`)."""
+    check_input(op, a)
     if out_size is None:
         return op(a)
     params = inspect.signature(op.forward).parameters
@@ -163,4 +185,4 @@ def FNO2d(in_channels: int = 1, out_channels: int = 1, modes: int | tuple[int, i
     return FNO(in_channels, out_channels, modes, width, depth, dim=2, **kwargs)
 
 
-__all__ = ["FNO", "FNO1d", "FNO2d", "FNOBlock", "FlattenOutput", "call_operator"]
+__all__ = ["FNO", "FNO1d", "FNO2d", "FNOBlock", "FlattenOutput", "call_operator", "check_input"]

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from bayescurv.deprecation import UNSET, renamed
 from bayescurv.errors import InvalidArgumentError, NonFiniteError, ShapeError
 from bayescurv.linalg import Diagonal, LowRankPlusDiagonal, PSDOperator
-from bayescurv.operators.fno import FlattenOutput, call_operator
+from bayescurv.operators.fno import FlattenOutput, call_operator, check_input
 from bayescurv.params import ParamSet, select
 
 #: entries of the largest Jacobian chunk ``(b, C, P)`` formed at once
@@ -150,6 +150,7 @@ class OperatorGP:
         a = a.to(device=self.theta.device, dtype=self.theta.dtype)
         if not torch.isfinite(a).all():
             raise NonFiniteError("inputs hold NaN or Inf")
+        check_input(self.model, a)  # the whole batch (shapes are inferred from a[:1])
         return a
 
     def _shape(self, a: Tensor, out_size) -> tuple[int, ...]:
@@ -273,15 +274,28 @@ def tune_prior_precision(
     method: str = "marglik",
     val: tuple[Tensor, Tensor] | None = None,
     grid: Iterable[float] | Tensor | None = None,
+    tune_sigma_noise: bool = False,
     **marglik_options,
 ) -> Tensor:
-    """Set the prior precision of a fitted :class:`bayescurv.Laplace` over a neural operator:
-    ``"marglik"`` (Laplace evidence, :meth:`~bayescurv.Laplace.optimize_prior_precision`) or
-    ``"val_nll"`` (grid search minimizing the Gaussian NLL of :class:`OperatorGP` on
-    ``val = (a, u)``; the Jacobian rows of the validation inputs are formed once and reused
-    for every grid value). Returns the chosen prior precision (also set on ``la``)."""
+    r"""Set the prior precision of a fitted :class:`bayescurv.Laplace` over a neural operator:
+    ``"marglik"`` (Laplace evidence, :meth:`~bayescurv.Laplace.optimize_prior_precision`, which
+    is L-BFGS) or ``"val_nll"`` (grid search minimizing the Gaussian NLL of
+    :class:`OperatorGP` on ``val = (a, u)``; the Jacobian rows of the validation inputs are
+    formed once and reused for every grid value). Returns the chosen prior precision (also set
+    on ``la``).
+
+    ``tune_sigma_noise=True`` also sets the observation noise :math:`\sigma` (no hand-set
+    value): with ``"marglik"`` by the evidence; with ``"val_nll"`` jointly with the prior by the
+    validation NLL. The posterior of a Gaussian likelihood is :math:`\Sigma(\delta, \sigma) =
+    (H/\sigma^2 + \delta I)^{-1} = \sigma^2 (H + \delta\sigma^2 I)^{-1}`, so the predictive
+    variance is :math:`\sigma^2 (v_1(\tau) + 1)` with :math:`v_1(\tau)` the epistemic variance
+    at unit noise and prior :math:`\tau = \delta\sigma^2`: ``grid`` runs over :math:`\tau`,
+    and for each :math:`\tau` the best :math:`\sigma^2` is found on a log grid (no new
+    Jacobians); the result sets ``la.sigma_noise`` and ``la.prior_precision``
+    :math:`= \tau/\sigma^2`."""
     if method == "marglik":
-        return la.optimize_prior_precision(method="marglik", **marglik_options)
+        return la.optimize_prior_precision(method="marglik", tune_sigma_noise=tune_sigma_noise,
+                                           **marglik_options)
     if method != "val_nll":
         raise InvalidArgumentError(f"unknown method {method!r}; use 'marglik' or 'val_nll'")
     if val is None:
@@ -298,6 +312,8 @@ def tune_prior_precision(
         raise InvalidArgumentError("grid must hold positive prior precisions (finite, > 0)")
     if not isinstance(val, (tuple, list)) or len(val) != 2:
         raise InvalidArgumentError("val must be a pair (inputs, targets) of tensors")
+    if tune_sigma_noise:
+        la.sigma_noise = 1.0  # unit noise: v_1(τ); σ is chosen below
     gp = OperatorGP.from_laplace(la)
     a, u = val
     a = gp._check(a)
@@ -312,16 +328,23 @@ def tune_prior_precision(
         raise NonFiniteError("validation targets hold NaN or Inf")
     u = u.to(mean).reshape(mean.shape)
     rows = list(gp.jacobian_rows(a))
-    best, best_prior = float("inf"), None
+    mse = float((mean - u).double().square().mean())
+    noise = torch.logspace(-6, 1, 57, dtype=torch.float64) * max(mse, 1e-300)
+    best, best_prior, best_s2 = float("inf"), None, None
     for prior in grid.to(la.params.dtype):
         la.prior_precision = prior
         gp = OperatorGP.from_laplace(la)
-        var = torch.cat([gp.jacobian_variance(j) for _, j in rows]) + gp.sigma_noise**2
-        value = gaussian_nll(mean.to(var.dtype), var, u.to(var.dtype))
-        if value < best:
-            best, best_prior = value, prior.clone()
+        var = torch.cat([gp.jacobian_variance(j) for _, j in rows])
+        for s2 in (noise if tune_sigma_noise else [None]):
+            total = var + gp.sigma_noise**2 if s2 is None else s2 * (var + 1.0)
+            value = gaussian_nll(mean.to(var.dtype), total, u.to(var.dtype))
+            if value < best:
+                best, best_prior, best_s2 = value, prior.clone(), s2
     if best_prior is None:
         raise NonFiniteError("every grid point gave a non-finite validation NLL")
+    if best_s2 is not None:
+        la.sigma_noise = float(best_s2) ** 0.5
+        best_prior = best_prior / best_s2
     la.prior_precision = best_prior
     return la.prior_precision
 
