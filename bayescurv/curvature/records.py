@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from bayescurv.curvature import layers
+from bayescurv.curvature import layers, norms
 from bayescurv.errors import UnsupportedLayerError
 
 
@@ -119,11 +119,14 @@ class ModuleRecord:
                 if self.verify:  # the module must act on each data point separately
                     check_per_sample(self, x, bd)
                     self.verify = False
-                prefix = f"{self.via}." if self.via is not None else ""
-                grads = layers.generic_per_sample(self.evaluated,
-                                                  [prefix + n for n in self.owned], x, g, bd)
-                grads = {n[len(prefix):]: t if self.differentiable else t.detach()
-                         for n, t in grads.items()}  # no autograd history across batches
+                grads = None if self.via is not None else norms.per_sample(
+                    self.module, list(self.owned), x, g)  # norm layers: Σ g ⊙ x̂, closed form
+                if grads is None:
+                    prefix = f"{self.via}." if self.via is not None else ""
+                    grads = layers.generic_per_sample(
+                        self.evaluated, [prefix + n for n in self.owned], x, g, bd)
+                    grads = {n[len(prefix):]: t if self.differentiable else t.detach()
+                             for n, t in grads.items()}  # no autograd history across batches
             for lname, t in grads.items():
                 i = self.owned[lname]
                 t = t.reshape(*t.shape[:2], -1)
