@@ -207,27 +207,17 @@ def laplace_bridge_alpha(mean: Tensor, cov: Tensor) -> Tensor:
     return torch.exp(_log_bridge_alpha(mean, cov))
 
 
-def moments_predictive(mean: Tensor, diag: Tensor, rowsum: Tensor, link: str) -> Tensor:
-    r"""Class probabilities ``(B, C)`` of the ``"probit"`` (:func:`probit_softmax`) or
-    ``"bridge"`` (:func:`laplace_bridge`) link from the two moments of the covariance they
-    read, its diagonal and its row sums :math:`\Sigma 1` (each ``(B, C)``), without the
-    ``C x C`` matrix: the same results in :math:`O(C)` per input. The projected variance of
-    the probit is :math:`\Sigma_{cc} - \tfrac2C (\Sigma 1)_c + \tfrac1{C^2} 1^\top\Sigma 1`;
-    pass the moments in float64 for a float32 model (the terms share a large common shift)."""
+def laplace_bridge_moments(mean: Tensor, diag: Tensor, rowsum: Tensor) -> Tensor:
+    r""":func:`laplace_bridge` from the two moments of the covariance it reads, its diagonal
+    and its row sums :math:`\Sigma 1` (each ``(B, C)``), without the ``C x C`` matrix: the
+    same probabilities in :math:`O(C)` per input."""
     mean = _check_mean(mean).to(diag.dtype)
     if diag.shape != mean.shape or rowsum.shape != mean.shape:
         raise ShapeError(f"moments of shapes {tuple(diag.shape)}, {tuple(rowsum.shape)} do "
                          f"not fit mean {tuple(mean.shape)}")
-    c = mean.shape[-1]
-    if link == "bridge":
-        if c < 2:
-            raise ShapeError("the Laplace bridge needs at least 2 classes")
-        return torch.softmax(_log_bridge_alpha_moments(mean, diag, rowsum), dim=-1)
-    if link != "probit":
-        raise InvalidArgumentError(f"moments_predictive takes link 'probit' or 'bridge', "
-                                   f"got {link!r}")
-    var = diag - 2.0 / c * rowsum + rowsum.sum(-1, keepdim=True) / c**2
-    return torch.softmax((mean - mean.mean(-1, keepdim=True)) * probit_scale(var), dim=-1)
+    if mean.shape[-1] < 2:
+        raise ShapeError("the Laplace bridge needs at least 2 classes")
+    return torch.softmax(_log_bridge_alpha_moments(mean, diag, rowsum), dim=-1)
 
 
 def laplace_bridge(mean: Tensor, cov: Tensor) -> Tensor:
@@ -300,7 +290,7 @@ __all__ = [
     "probit_softmax",
     "probit_sigmoid",
     "laplace_bridge",
-    "moments_predictive",
+    "laplace_bridge_moments",
     "laplace_bridge_alpha",
     "psd_sqrt",
     "mc_expectation",

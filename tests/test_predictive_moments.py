@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from bayescurv import Laplace
-from bayescurv.laplace import moments
+from bayescurv import Laplace, links
+from bayescurv.errors import ShapeError
 
 
 def _model(bias: bool, dtype=torch.float64):
@@ -32,13 +32,15 @@ def test_moments_equal_full_covariance(structure, bias, link):
     la.prior_precision = 0.7
     x = torch.randn(9, 5, dtype=torch.float64)
     parts = la._chunks(la._inputs(x), 4)
-    got = la._moments(parts, link)
+    got = la._head_predictive(parts, link)
     assert got is not None  # the closed form applies
-    mean, cov = la._functional(la._inputs(x))
-    torch.testing.assert_close(got[1], torch.diagonal(cov, dim1=-2, dim2=-1))
-    torch.testing.assert_close(got[2], cov.sum(-1))
+    mean, cov = la._functional(la._inputs(x))  # the general path: (B, C, C)
     ref = la.likelihood.predictive(mean, cov, link)
+    torch.testing.assert_close(got, ref)
     torch.testing.assert_close(la.predict(x, link=link, chunk_size=4), ref)
+    d, s = torch.diagonal(cov, dim1=-2, dim2=-1), cov.sum(-1)
+    torch.testing.assert_close(links.laplace_bridge_moments(mean, d, s),
+                               links.laplace_bridge(mean, cov))
 
 
 def test_float32_matches_float64():
@@ -56,8 +58,10 @@ def test_falls_back_when_not_output_layer():
     model = _model(True)
     la = Laplace(model, "classification", subset="all", structure="kfac").fit(_data())
     x = la._inputs(torch.randn(3, 5, dtype=torch.float64))
-    assert la._moments([x], "probit") is None  # two layers: the general path
+    assert la._head_predictive([x], "probit") is None  # two layers: the general path
     la_ll = Laplace(model, "classification", subset="last_layer", structure="kfac",
                     factor_rank=3).fit(_data())
-    assert la_ll._moments([x], "probit") is None  # truncated block: the general path
-    assert moments.output_moments  # the module's entry point exists for the predictive
+    assert la_ll._head_predictive([x], "probit") is None  # truncated: the general path
+    assert la_ll._head_predictive([x], "mc") is None  # MC reads the whole covariance
+    with pytest.raises(ShapeError):
+        links.laplace_bridge_moments(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3))

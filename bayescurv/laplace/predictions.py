@@ -18,7 +18,7 @@ from bayescurv import batches
 from bayescurv.curvature.engine import HookCapture
 from bayescurv.deprecation import UNSET, renamed
 from bayescurv.errors import EmptyDataError, InvalidArgumentError, ShapeError
-from bayescurv.laplace.moments import output_moments
+from bayescurv.laplace.moments import head_predictive
 from bayescurv.laplace.predictive import glm_covariance
 from bayescurv.likelihoods import Bernoulli, Categorical
 
@@ -182,23 +182,20 @@ class PredictionsMixin:
         parts = self._chunks(x, chunk_size)
         if pred_type == "nn":
             return self._predict_nn(parts, num_samples, generator)
-        moments = self._moments(parts, link)
-        if moments is not None:  # an output-layer posterior: O(C) per input, no C x C
-            from bayescurv.links import moments_predictive
-
-            mean, diag, rowsum = moments
-            return moments_predictive(mean, diag, rowsum, link).to(mean.dtype)
+        head = self._head_predictive(parts, link)
+        if head is not None:  # an output-layer posterior: O(C) per input, no C x C
+            return head
         if link == "mc" or len(parts) == 1:  # one draw for all inputs: chunking-independent
             mean, cov = _cat([self._functional(part) for part in parts])
             return self.likelihood.predictive(mean, cov, link, num_samples, generator)
         return _cat([self.likelihood.predictive(*self._functional(part), link, num_samples,
                                                 generator) for part in parts])
 
-    def _moments(self, parts: list, link: str) -> tuple[Tensor, Tensor, Tensor] | None:
-        """``(mean, diag, rowsum)`` of the GLM predictive over the input chunks when the
-        probit or bridge link of a categorical likelihood reads only those moments and the
-        posterior is the output layer alone (:func:`~bayescurv.laplace.moments.
-        output_moments`); else ``None``."""
+    def _head_predictive(self, parts: list, link: str) -> Tensor | None:
+        """Probabilities over the input chunks when the probit or bridge link of a
+        categorical likelihood reads only two moments of the covariance and the posterior is
+        the output layer alone (:func:`~bayescurv.laplace.moments.head_predictive`); else
+        ``None``."""
         if (link not in ("probit", "bridge") or type(self.likelihood) is not Categorical
                 or self.index is not None or torch.is_grad_enabled() and any(
                     t.requires_grad for p in parts
@@ -206,13 +203,7 @@ class PredictionsMixin:
             return None
         capture = HookCapture(self.params, self.structure, self.unknown_layers,
                               batch_dim=self.batch_dim)
-        outs = []
-        for part in parts:
-            m = output_moments(capture, self.posterior_precision, part)
-            if m is None or m[0].shape[-1] < 2:
-                return None
-            outs.append(m)
-        return _cat(outs)
+        return head_predictive(capture, self.posterior_precision, parts, link)
 
     @torch.no_grad()
     def _predict_nn(self, parts: list, num_samples: int, generator):
