@@ -263,22 +263,33 @@ class KFACAccumulator:
     def _acc(self, rec: ModuleRecord, key: str, value: Tensor | float) -> None:
         self.state[rec.name][key].add_(value)
 
-    def _acc_gram(self, rec: ModuleRecord, key: str, x: Tensor) -> None:
-        """``state[key] += xᵀ x`` in place (``x``: ``(rows, d)``), in the state's dtype:
-        products of float32 numbers are exact in float64, so the Gram of a float32 model's
-        factors is summed without rounding (a float32 sum loses the small eigenvalues of an
-        ill-conditioned factor: measured on the float32 sine regression of
-        ``tests/test_float32.py``). Rows are converted in chunks of :data:`GRAM_ROWS`, so no
-        float64 copy of the whole factor is made."""
+    def _acc_gram(self, rec: ModuleRecord, key: str, x: Tensor,
+                  work: torch.dtype | None = None) -> None:
+        """``state[key] += xᵀ x`` in place (``x``: ``(rows, d)``), over chunks of
+        :data:`GRAM_ROWS` rows. By default in the state's dtype: products of float32 numbers
+        are exact in float64, so the Gram of a float32 model's factors is summed without
+        rounding (a float32 sum loses the small eigenvalues of an ill-conditioned factor:
+        measured on the float32 sine regression of ``tests/test_float32.py``); rows are
+        converted chunk by chunk, so no float64 copy of the whole factor is made. With
+        ``work`` (:func:`~bayescurv.linalg.product_dtype`, for weight-sharing layers) each
+        chunk's Gram is formed in ``work`` and only the chunk sums are added in the state's
+        dtype — the policy of the per-input products of the diagonal and EKFAC (a chunk holds
+        a few data points' positions; half the time of a float64 product, no conversion)."""
         acc = self.state[rec.name][key]
-        if x.dim() == 3:  # grouped: (G, rows, d), one batched product per chunk
-            for s in range(0, x.shape[1], GRAM_ROWS):
-                xs = x[:, s:s + GRAM_ROWS].to(acc.dtype)
-                acc.baddbmm_(xs.mT, xs)
-            return
-        for s in range(0, x.shape[0], GRAM_ROWS):
-            xs = x[s:s + GRAM_ROWS].to(acc.dtype)
-            acc.addmm_(xs.T, xs)
+        dt = acc.dtype if work is None else work
+        grouped = x.dim() == 3  # (G, rows, d): one batched product per chunk
+        for s in range(0, x.shape[-2], GRAM_ROWS):
+            xs = (x[:, s:s + GRAM_ROWS] if grouped else x[s:s + GRAM_ROWS]).to(dt)
+            if dt == acc.dtype:
+                acc.baddbmm_(xs.mT, xs) if grouped else acc.addmm_(xs.T, xs)
+            else:
+                acc.add_((xs.mT @ xs).to(acc.dtype))
+
+    def _work(self, x: Tensor) -> torch.dtype | None:
+        """Dtype of the Gram chunks of a factor ``x`` (``(..., B, T, d)``):
+        :func:`~bayescurv.linalg.product_dtype` with weight sharing (``T > 1``), the state's
+        dtype (``None``) without."""
+        return product_dtype(self.params.dtype) if x.shape[-2] > 1 else None
 
     def update(self, records: list[ModuleRecord], first: bool = True) -> None:
         for rec in records:
@@ -300,7 +311,7 @@ class KFACAccumulator:
                     elif live is not None:
                         a = a * live
                     a2 = a.reshape(*a.shape[:-3], -1, a.shape[-1])  # grouped: (G, B T, I)
-                    self._acc_gram(rec, "A", a2)
+                    self._acc_gram(rec, "A", a2, self._work(a))
                     if rec.with_bias:  # the bias column of ones: Σ a and the count
                         self._acc(rec, "a_sum", a2.sum(-2, dtype=self.dtype))
                     self._acc(rec, "count", a2.shape[-2] if live is None else live.sum())
@@ -311,7 +322,8 @@ class KFACAccumulator:
                     g = rec.linear_grads()
                     if reduce:
                         g = g.sum(-2, keepdim=True)
-                    self._acc_gram(rec, "G", g.reshape(*g.shape[:-4], -1, g.shape[-1]))
+                    self._acc_gram(rec, "G", g.reshape(*g.shape[:-4], -1, g.shape[-1]),
+                                   self._work(g))
             elif rec.route == "embedding":
                 for x, g in zip(rec.inputs, rec.grads):
                     if first:

@@ -18,7 +18,8 @@ from bayescurv import batches
 from bayescurv.curvature import attention, layers
 from bayescurv.curvature.records import ModuleRecord
 from bayescurv.errors import InvalidArgumentError, ShapeError, UnsupportedLayerError
-from bayescurv.likelihoods import Likelihood, check_finite_outputs
+from bayescurv.likelihoods import Gaussian, Likelihood, check_finite_outputs
+from bayescurv.linalg import internal_dtype
 from bayescurv.params import ParamSet
 
 UNKNOWN_LAYERS = ("auto", "per_sample", "error")
@@ -448,12 +449,22 @@ def loss_sqrt(
 class BatchResult:
     """One chunk of loss columns of one batch. ``batch_size`` and ``loss`` count the batch
     in its first chunk only (zero in the others), so sums over results are per data point;
-    ``first`` says whether this is the batch's first chunk (inputs are then new)."""
+    ``first`` says whether this is the batch's first chunk (inputs are then new);
+    ``residuals``: for a Gaussian likelihood, the batch's :func:`residual_squares` (first
+    chunk only, ``None`` in the others and for other likelihoods), so the noise's sufficient
+    statistic comes from the same pass as the curvature."""
 
     records: list[ModuleRecord]
     batch_size: int
     loss: Tensor
     first: bool = True
+    residuals: Tensor | None = None
+
+
+def residual_squares(f: Tensor, y: Tensor) -> Tensor:
+    """Per-output sums of squared residuals ``Σ_n (f_n - y_n)²`` ``(C,)`` of one batch, in
+    :func:`~bayescurv.linalg.internal_dtype` (float64 for float32/bf16/fp16 models)."""
+    return (f.detach() - y).to(internal_dtype(f.dtype)).square().sum(0)
 
 
 def stream(
@@ -489,6 +500,7 @@ def stream(
                 check_finite_outputs(f)
                 fc, yc = likelihood.check(f, y)
             loss = likelihood.nll(fc.detach(), yc)
+            res = residual_squares(fc, yc) if isinstance(likelihood, Gaussian) else None
             b = fc.shape[0]
             head = _output_layer(capture, raw, fc)
             if head is not None:  # ∂(sᵀf)/∂f = s: no backward pass at all
@@ -499,7 +511,7 @@ def stream(
                 else:
                     head.grads.append(loss_sqrt(likelihood, fc, yc, kind, num_samples,
                                                 generator))
-                yield BatchResult(capture.records, b, loss)
+                yield BatchResult(capture.records, b, loss, residuals=res)
                 continue
             cols = loss_sqrt(likelihood, fc, yc, kind, num_samples, generator)
             step = capture.column_chunk(cols.shape[0])
@@ -509,7 +521,8 @@ def stream(
                                      retain=k0 + step < cols.shape[0])
                 first = k0 == 0
                 yield BatchResult(capture.records, b if first else 0,
-                                  loss if first else torch.zeros_like(loss), first)
+                                  loss if first else torch.zeros_like(loss), first,
+                                  res if first else None)
 
 
 GRAD_ELEMENTS = 2**26
