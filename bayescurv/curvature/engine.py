@@ -502,7 +502,7 @@ def stream(
             loss = likelihood.nll(fc.detach(), yc)
             res = residual_squares(fc, yc) if isinstance(likelihood, Gaussian) else None
             b = fc.shape[0]
-            head = _output_layer(capture, raw, fc)
+            head = output_layer(capture, raw, fc)
             if head is not None:  # ∂(sᵀf)/∂f = s: no backward pass at all
                 capture.check_batch(b)
                 head.outputs.clear()
@@ -534,7 +534,7 @@ CLOSED_FORM = ("kfac", "kfac-reduce", "diag", "ekfac")
 likelihood (``Σ_b H_b``, ``diag(Qᵀ H_b Q)``), without square-root columns."""
 
 
-def _output_layer(capture: HookCapture, raw: Tensor, f: Tensor) -> ModuleRecord | None:
+def output_layer(capture: HookCapture, raw: Tensor, f: Tensor) -> ModuleRecord | None:
     """The record when the posterior is one linear layer, called once, without weight
     sharing, whose output *is* the network output ``raw`` (then its output gradients are
     the loss columns themselves: no backward pass); else ``None``."""

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from bayescurv.curvature.accumulate import kron_index
-from bayescurv.curvature.engine import HookCapture, _output_layer
+from bayescurv.curvature.engine import HookCapture, output_layer
 from bayescurv.linalg import BlockDiagonal, Diagonal, KroneckerEigen, PSDOperator
 
 
@@ -91,7 +91,7 @@ def head_predictive(capture: HookCapture, precision: PSDOperator, parts: list, l
         for x in parts:
             capture.clear()
             raw = capture.call(x)
-            if raw.dim() != 2 or raw.shape[-1] < 2 or _output_layer(capture, raw, raw) is None:
+            if raw.dim() != 2 or raw.shape[-1] < 2 or output_layer(capture, raw, raw) is None:
                 return None
             if not cache:  # the block's quantities once per call, shared by the chunks
                 block = _head_block(capture, precision)
