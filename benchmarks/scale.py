@@ -124,9 +124,9 @@ def timed(fn, device: str) -> tuple[float, float]:
 
 
 def run_row(name: str, row: str, args) -> dict:
-    from bayescurv import Laplace
-
     import torch.fx.experimental.symbolic_shapes  # noqa: F401  (autograd.grad's lazy import)
+
+    from bayescurv import Laplace
     from bayescurv.linalg import base
 
     base.WIDE = DTYPES[args.internal]

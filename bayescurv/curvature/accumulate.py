@@ -131,7 +131,7 @@ class DiagAccumulator:
             a = rec.linear_inputs(augment=False)[:, 0, :].to(self.dtype)
             self._add_rank_one(rec, lik.hessian_diagonal(f).to(self.dtype), a)
             return
-        a = rec.linear_inputs(augment=False)  # (B, T, I); grouped (G, B, T, I)
+        a = rec.linear_inputs(augment=False, keep=True)  # (B, T, I); grouped (G, B, T, I)
         g = rec.linear_grads()  # (K, B, T, O); grouped (G, K, B, T, O)
         if a.shape[-2] == 1:  # no sharing: Σ_b (Σ_k g²)ᵀ a², written in place
             self._add_rank_one(rec, g[..., 0, :].to(self.dtype).square().sum(-3),
@@ -437,7 +437,7 @@ class EKFACCorrection:
                     aq = (rec.linear_inputs()[:, 0, :].to(dt) @ q2).square()
                     self.scales[rec.name] += gq.T @ aq
                     continue
-                v = rec.linear_view()  # grouped: bases (G, n, n), rotations batched over G
+                v = rec.linear_view(keep=True)  # grouped: bases (G, n, n), batched over G
                 scale = self.scales[rec.name]
                 if v.a.shape[-2] == 1:  # no sharing: (g Q_G)^2ᵀ (a Q_A)^2, one matmul
                     gq = layers.group_matmul(v.g[..., 0, :].to(dt), q1).square().sum(-3)

@@ -515,6 +515,8 @@ def stream(
                 continue
             cols = loss_sqrt(likelihood, fc, yc, kind, num_samples, generator)
             step = capture.column_chunk(cols.shape[0])
+            for rec in capture.records:  # several chunks: unfolded inputs kept over them
+                rec.reuse = step < cols.shape[0]
             for k0 in range(0, cols.shape[0], step):  # chunks of columns: bounded memory
                 with torch.enable_grad():
                     capture.backward(fc, cols[k0:k0 + step],

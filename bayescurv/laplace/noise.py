@@ -19,7 +19,7 @@ from bayescurv import batches
 from bayescurv.curvature import compute
 from bayescurv.curvature.engine import residual_squares
 from bayescurv.likelihoods import Gaussian
-from bayescurv.linalg import Dense, Diagonal, PSDOperator, internal_dtype
+from bayescurv.linalg import Dense, Diagonal, PSDOperator
 from bayescurv.params import ParamSet
 
 PER_OUTPUT_STRUCTURES = ("full", "diag")
