@@ -203,6 +203,20 @@ def live_positions(g: Tensor) -> Tensor | None:
     return live
 
 
+def _live_so_far(rec: ModuleRecord, g: Tensor, call: int = 0) -> Tensor | None:
+    """:func:`live_positions` of the batch over its chunks of loss columns so far (a
+    position is live when any column reaches it; the factors that use the mask are formed at
+    the batch's last chunk, when every column has been seen)."""
+    live = live_positions(g)
+    if live is None or rec.chunk[1] == 1:
+        return live
+    key = ("live", call)
+    if rec.chunk[0] > 0:
+        live = live | rec.cache[key]
+    rec.cache[key] = live
+    return live
+
+
 class KFACAccumulator:
     r"""K-FAC, flavours ``expand`` and ``reduce`` (Eschenhagen et al., 2023), for linear-like
     layers with ``T`` weight-sharing positions:
@@ -298,9 +312,9 @@ class KFACAccumulator:
             if rec.route == "linear":
                 closed = rec.output_hessian is not None  # the output layer (T = 1)
                 reduce = self.flavour == "reduce" and not closed
-                if first:  # later chunks of the batch's loss columns see the same inputs
+                live = None if closed else _live_so_far(rec, rec.linear_grads())
+                if rec.last:  # the batch's last chunk of loss columns: the inputs' factor
                     a = rec.linear_inputs(augment=False)  # unfolded once per batch
-                    live = None if closed else live_positions(rec.linear_grads())
                     if live is not None:  # positions the output does not see: weight 0
                         live = live.to(a.dtype)[..., None]  # (B, T, 1)
                     if reduce:
@@ -325,9 +339,9 @@ class KFACAccumulator:
                     self._acc_gram(rec, "G", g.reshape(*g.shape[:-4], -1, g.shape[-1]),
                                    self._work(g))
             elif rec.route == "embedding":
-                for x, g in zip(rec.inputs, rec.grads):
-                    if first:
-                        live = live_positions(g.reshape(*g.shape[:2], -1, g.shape[-1]))
+                for j, (x, g) in enumerate(zip(rec.inputs, rec.grads)):
+                    live = _live_so_far(rec, g.reshape(*g.shape[:2], -1, g.shape[-1]), j)
+                    if rec.last:
                         self._acc(rec, "A", layers.embedding_counts(
                             rec.module, x, None if live is None else live.to(self.dtype)))
                         self._acc(rec, "count", x.numel() if live is None else live.sum())
@@ -437,18 +451,23 @@ class EKFACCorrection:
                     aq = (rec.linear_inputs()[:, 0, :].to(dt) @ q2).square()
                     self.scales[rec.name] += gq.T @ aq
                     continue
-                v = rec.linear_view(keep=True)  # grouped: bases (G, n, n), batched over G
                 scale = self.scales[rec.name]
-                if v.a.shape[-2] == 1:  # no sharing: (g Q_G)^2ᵀ (a Q_A)^2, one matmul
-                    gq = layers.group_matmul(v.g[..., 0, :].to(dt), q1).square().sum(-3)
-                    aq = layers.group_matmul(v.a[..., 0, :].to(dt), q2).square()
-                    scale += gq.mT @ aq
+                g = rec.linear_grads()  # grouped: bases (G, n, n), rotations batched over G
+                if g.shape[-2] == 1:  # no sharing: (g Q_G)^2ᵀ (a Q_A)^2, one matmul
+                    gq = layers.group_matmul(g[..., 0, :].to(dt), q1).square().sum(-3)
+                    aq = layers.group_matmul(rec.linear_inputs()[..., 0, :].to(dt), q2)
+                    scale += gq.mT @ aq.square()
                     continue
                 # sharing: rotate the factors, then square the per-input Jacobians in the
-                # eigenbasis, Σ_t (Q_Gᵀ g_t)(Q_Aᵀ a_t)ᵀ, in chunks (never (K, B, O, I) at once)
+                # eigenbasis, Σ_t (Q_Gᵀ g_t)(Q_Aᵀ a_t)ᵀ, in chunks (never (K, B, O, I) at
+                # once); the rotated inputs are kept over the batch's chunks of columns
                 work = product_dtype(self.kfac.params.dtype)
-                gq = layers.group_matmul(v.g.to(work), q1.to(work))
-                aq = layers.group_matmul(v.a.to(work), q2.to(work))
+                aq = rec.cache.get("ekfac")
+                if aq is None:
+                    aq = layers.group_matmul(rec.linear_inputs().to(work), q2.to(work))
+                    if rec.reuse:
+                        rec.cache["ekfac"] = aq
+                gq = layers.group_matmul(g.to(work), q1.to(work))
                 scale += layers.linear_diag(layers.LinearView(aq, gq),
                                             out_dtype=dt).view(scale.shape)
                 continue

@@ -488,43 +488,70 @@ def stream(
         from tqdm.auto import tqdm
 
         it = tqdm(it, desc=f"curvature ({kind})", leave=False)
+    opts = (kind, num_samples, generator)
+    sub = [None]  # data points per sub-batch (learned on the first batch), 0: no split
     with capture:
         for x, y in it:
             _check_finite_fast(x, "inputs")
             _check_finite_fast(y, "targets")
-            capture.clear()
-            with torch.enable_grad():
-                raw = capture.call(x)  # the output selected by params.output_key
-            with torch.enable_grad():
-                f = likelihood.check_outputs(raw)
-                check_finite_outputs(f)
-                fc, yc = likelihood.check(f, y)
-            loss = likelihood.nll(fc.detach(), yc)
-            res = residual_squares(fc, yc) if isinstance(likelihood, Gaussian) else None
-            b = fc.shape[0]
-            head = output_layer(capture, raw, fc)
-            if head is not None:  # ∂(sᵀf)/∂f = s: no backward pass at all
-                capture.check_batch(b)
-                head.outputs.clear()
-                if kind == "ggn" and capture.structure in CLOSED_FORM:
-                    head.output_hessian = (likelihood, fc.detach())  # not even the columns
-                else:
-                    head.grads.append(loss_sqrt(likelihood, fc, yc, kind, num_samples,
-                                                generator))
-                yield BatchResult(capture.records, b, loss, residuals=res)
-                continue
-            cols = loss_sqrt(likelihood, fc, yc, kind, num_samples, generator)
-            step = capture.column_chunk(cols.shape[0])
-            for rec in capture.records:  # several chunks: unfolded inputs kept over them
-                rec.reuse = step < cols.shape[0]
-            for k0 in range(0, cols.shape[0], step):  # chunks of columns: bounded memory
-                with torch.enable_grad():
-                    capture.backward(fc, cols[k0:k0 + step],
-                                     retain=k0 + step < cols.shape[0])
-                first = k0 == 0
-                yield BatchResult(capture.records, b if first else 0,
-                                  loss if first else torch.zeros_like(loss), first,
-                                  res if first else None)
+            if not (sub[0] and sub[0] < batches.batch_size(x, capture.batch_dim)):
+                split = yield from _batch(capture, likelihood, x, y, opts, sub)
+                if not split:
+                    continue
+            for xs, ys in zip(batches.split_inputs(x, sub[0], capture.batch_dim),
+                              y.split(sub[0])):
+                yield from _batch(capture, likelihood, xs, ys, opts, sub)
+
+
+def _batch(capture: HookCapture, likelihood: Likelihood, x, y, opts: tuple, sub: list
+           ) -> Iterator[BatchResult]:
+    """One (sub-)batch of :func:`stream`. When the ``K`` loss columns' output gradients do
+    not fit :data:`GRAD_ELEMENTS` but those of fewer data points would (exact GGN, no
+    ``column_chunk``), the first batch sets ``sub[0]``, the data points per sub-batch, and
+    this returns ``True`` without results: the caller splits every batch (sums are per data
+    point: the result of one pass, all columns of a point at once). Else columns in chunks."""
+    kind, num_samples, generator = opts
+    capture.clear()
+    with torch.enable_grad():
+        raw = capture.call(x)  # the output selected by params.output_key
+        f = likelihood.check_outputs(raw)
+        check_finite_outputs(f)
+        fc, yc = likelihood.check(f, y)
+    loss = likelihood.nll(fc.detach(), yc)
+    res = residual_squares(fc, yc) if isinstance(likelihood, Gaussian) else None
+    b = fc.shape[0]
+    head = output_layer(capture, raw, fc)
+    if head is not None:  # ∂(sᵀf)/∂f = s: no backward pass at all
+        capture.check_batch(b)
+        head.outputs.clear()
+        if kind == "ggn" and capture.structure in CLOSED_FORM:
+            head.output_hessian = (likelihood, fc.detach())  # not even the columns
+        else:
+            head.grads.append(loss_sqrt(likelihood, fc, yc, kind, num_samples, generator))
+        yield BatchResult(capture.records, b, loss, residuals=res)
+        return False
+    cols = loss_sqrt(likelihood, fc, yc, kind, num_samples, generator)
+    step = capture.column_chunk(cols.shape[0])
+    if sub[0] is None:  # first batch: would fewer data points take every column at once?
+        per_point = sum(o.numel() for r in capture.records for o in r.outputs) / max(1, b)
+        fit = int(GRAD_ELEMENTS // max(1.0, cols.shape[0] * per_point))
+        sub[0] = fit if (kind == "ggn" and capture.chunk is None and fit >= 1
+                         and step < cols.shape[0]) else 0
+        if sub[0]:
+            return True  # (the next call clears the capture)
+    count = -(-cols.shape[0] // step)
+    for rec in capture.records:  # several chunks: unfolded inputs kept over them
+        rec.reuse = count > 1
+    for k0 in range(0, cols.shape[0], step):  # chunks of columns: bounded memory
+        with torch.enable_grad():
+            capture.backward(fc, cols[k0:k0 + step], retain=k0 + step < cols.shape[0])
+        for rec in capture.records:
+            rec.chunk = (k0 // step, count)
+        first = k0 == 0
+        yield BatchResult(capture.records, b if first else 0,
+                          loss if first else torch.zeros_like(loss), first,
+                          res if first else None)
+    return False
 
 
 GRAD_ELEMENTS = 2**26

@@ -45,14 +45,19 @@ def normalized(module: nn.Module, x: Tensor) -> Tensor | None:
     return None
 
 
-def per_sample(module: nn.Module, names: list[str], x: Tensor, g: Tensor
-               ) -> dict[str, Tensor] | None:
-    """Per-sample, per-column gradients ``{name: (K, B, *p.shape)}`` of the norm's own
+def per_sample(module: nn.Module, names: list[str], x: Tensor, g: Tensor,
+               cache: dict | None = None) -> dict[str, Tensor] | None:
+    r"""Per-sample, per-column gradients ``{name: (K, B, *p.shape)}`` of the norm's own
     ``weight`` / ``bias`` among ``names``, for its input ``x`` ``(B, ...)`` and output
-    gradients ``g`` ``(K, B, ...)``; ``None`` when the module is not covered."""
+    gradients ``g`` ``(K, B, ...)``; ``None`` when the module is not covered. ``cache``
+    (a dict) keeps :math:`\hat x` for later chunks of loss columns of the same batch."""
     if not set(names) <= {"weight", "bias"}:
         return None
-    xhat = normalized(module, x)
+    xhat = cache.get("xhat") if cache is not None else None
+    if xhat is None:
+        xhat = normalized(module, x)
+        if cache is not None and xhat is not None:
+            cache["xhat"] = xhat
     if xhat is None:
         return None
     if isinstance(module, nn.LayerNorm):  # γ over the trailing normalized_shape

@@ -37,7 +37,8 @@ class ModuleRecord:
     ``output_hessian``: ``(likelihood, f)`` when the module *is* the network's output layer
     and its curvature comes in closed form from the likelihood (:func:`stream`; then
     ``grads`` is empty).
-    ``reuse``: the batch's loss columns come in several chunks (set by :func:`stream`), so
+    ``chunk``: ``(index, count)`` of the current chunk of the batch's loss columns (set by
+    :func:`stream`); ``reuse``: the batch's loss columns come in several chunks, so
     :meth:`linear_inputs` with ``keep=True`` keeps the unfolded inputs in ``cache`` for the
     later chunks (cleared with the batch) instead of unfolding them again per chunk.
     """
@@ -59,6 +60,12 @@ class ModuleRecord:
     via: str | None = None
     reuse: bool = False
     cache: dict = field(default_factory=dict)
+    chunk: tuple[int, int] = (0, 1)
+
+    @property
+    def last(self) -> bool:
+        """Whether the current chunk of loss columns is the batch's last (``chunk``)."""
+        return self.chunk[0] == self.chunk[1] - 1
 
     @property
     def evaluated(self) -> nn.Module:
@@ -85,6 +92,7 @@ class ModuleRecord:
         self.output_hessian = None
         self.via = None
         self.cache.clear()
+        self.chunk, self.reuse = (0, 1), False
 
     # views ------------------------------------------------------------------------------
     def linear_inputs(self, augment: bool = True, keep: bool = False) -> Tensor:
@@ -131,8 +139,10 @@ class ModuleRecord:
                 if self.verify:  # the module must act on each data point separately
                     check_per_sample(self, x, bd)
                     self.verify = False
+                cache = self.cache.setdefault("norm", {}) if (
+                    self.reuse and len(self.inputs) == 1) else None  # x̂ over the chunks
                 grads = None if self.via is not None else norms.per_sample(
-                    self.module, list(self.owned), x, g)  # norm layers: Σ g ⊙ x̂, closed form
+                    self.module, list(self.owned), x, g, cache)  # norms: Σ g ⊙ x̂, closed
                 if grads is None:
                     prefix = f"{self.via}." if self.via is not None else ""
                     grads = layers.generic_per_sample(
