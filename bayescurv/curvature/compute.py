@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from bayescurv import batches
 from bayescurv.curvature import accumulate, layers, lowrank, preflight
-from bayescurv.curvature.engine import KINDS, UNKNOWN_LAYERS, HookCapture, stream
+from bayescurv.curvature.columns import KINDS
+from bayescurv.curvature.engine import UNKNOWN_LAYERS, HookCapture, stream
 from bayescurv.deprecation import UNSET, renamed
 from bayescurv.errors import InvalidArgumentError, NonFiniteError
 from bayescurv.likelihoods import Likelihood, get_likelihood

@@ -16,10 +16,15 @@ from torch import Tensor, nn
 
 from bayescurv import batches
 from bayescurv.curvature import attention, layers
+from bayescurv.curvature.columns import (
+    SEQUENTIAL_DEVICES,
+    column_by_column,
+    loss_sqrt,
+    residual_squares,
+)
 from bayescurv.curvature.records import ModuleRecord
 from bayescurv.errors import InvalidArgumentError, ShapeError, UnsupportedLayerError
 from bayescurv.likelihoods import Gaussian, Likelihood, check_finite_outputs
-from bayescurv.linalg import internal_dtype
 from bayescurv.params import ParamSet
 
 UNKNOWN_LAYERS = ("auto", "per_sample", "error")
@@ -31,12 +36,6 @@ by expanding them over the batch (their per-sample gradients come from the same 
 pass), the others by per-sample gradients of the owning module (``torch.func``) after
 checking once that it acts on each data point separately; ``"per_sample"`` the same without
 that check; ``"error"`` refuses them."""
-
-KINDS = ("ggn", "mc", "ef")
-"""Curvature kinds the hook engine computes: the exact GGN (= Fisher for the likelihoods
-here), its Monte-Carlo estimate with sampled targets, and the empirical Fisher. The Hessian
-is matrix-free (:mod:`bayescurv.curvature.matfree`) or dense for small nets."""
-
 
 class HookCapture:
     """Registers forward hooks on every module that owns parameters of ``params`` and runs
@@ -379,11 +378,8 @@ class HookCapture:
             rec.grads.clear()
         keep = retain or self.differentiable
         try:
-            if cols.shape[0] == 1:  # one column (MC with one sample, EF): no vmap needed
-                grads = torch.autograd.grad(f, outs, cols[0], allow_unused=True,
-                                            create_graph=self.differentiable,
-                                            retain_graph=keep)
-                grads = [None if g is None else g.unsqueeze(0) for g in grads]
+            if cols.shape[0] == 1 or f.device.type in SEQUENTIAL_DEVICES:
+                grads = column_by_column(f, outs, cols, self.differentiable, keep)
             else:
                 grads = torch.autograd.grad(
                     f, outs, cols, is_grads_batched=True, allow_unused=True,
@@ -424,27 +420,6 @@ class HookCapture:
         return max(1, min(k, GRAD_ELEMENTS // max(1, per_column)))
 
 
-def loss_sqrt(
-    likelihood: Likelihood,
-    f: Tensor,
-    y: Tensor,
-    kind: str,
-    num_samples: int,
-    generator: torch.Generator | None,
-) -> Tensor:
-    """Columns ``(K, B, C)`` whose outer products sum to the curvature of the loss in ``f``."""
-    fd = f.detach()
-    if kind == "ggn":
-        s = likelihood.hessian_sqrt(fd)
-    elif kind == "mc":
-        s = likelihood.sampled_hessian_sqrt(fd, num_samples, generator)
-    elif kind == "ef":
-        s = likelihood.gradient(fd, y).unsqueeze(-1)
-    else:
-        raise InvalidArgumentError(f"unknown curvature kind {kind!r}; use one of {KINDS}")
-    return s.permute(2, 0, 1)
-
-
 @dataclass
 class BatchResult:
     """One chunk of loss columns of one batch. ``batch_size`` and ``loss`` count the batch
@@ -460,11 +435,6 @@ class BatchResult:
     first: bool = True
     residuals: Tensor | None = None
 
-
-def residual_squares(f: Tensor, y: Tensor) -> Tensor:
-    """Per-output sums of squared residuals ``Σ_n (f_n - y_n)²`` ``(C,)`` of one batch, in
-    :func:`~bayescurv.linalg.internal_dtype` (float64 for float32/bf16/fp16 models)."""
-    return (f.detach() - y).to(internal_dtype(f.dtype)).square().sum(0)
 
 
 def stream(

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from bayescurv import batches
 from bayescurv.curvature import compute
-from bayescurv.curvature.engine import residual_squares
+from bayescurv.curvature.columns import residual_squares
 from bayescurv.likelihoods import Gaussian
 from bayescurv.linalg import Dense, Diagonal, PSDOperator
 from bayescurv.params import ParamSet
