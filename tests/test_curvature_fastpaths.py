@@ -52,6 +52,13 @@ def test_not_covered_falls_back():
     inorm = nn.InstanceNorm2d(3, affine=True)
     assert norms.per_sample(inorm, ["weight", "bias"], x, torch.randn(1, *x.shape)) is None
 
+    class LayerNorm2d(nn.LayerNorm):  # channels-first, as in ConvNeXt: its own forward
+        def forward(self, x):
+            return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    ln = LayerNorm2d(3)
+    assert norms.per_sample(ln, ["weight", "bias"], x, torch.randn(1, *x.shape)) is None
+
 
 def test_kfac_live_positions_over_all_column_chunks():
     """Loss columns backpropagated one chunk at a time: a position counts as live when any

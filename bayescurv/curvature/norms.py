@@ -12,7 +12,9 @@ BatchNorm/GroupNorm, the leading positions of LayerNorm). This is what the gener
 of one elementwise product instead of a vmapped backward through the module.
 
 Covered: ``BatchNorm1d/2d/3d`` in eval mode with running statistics, ``LayerNorm`` and
-``GroupNorm``. Everything else (BatchNorm without running statistics, which normalizes with
+``GroupNorm``, each with PyTorch's own ``forward`` (subclasses that override it, such as
+the channels-first ``LayerNorm2d`` of torchvision/timm ConvNeXt or timm's norm+activation
+layers, keep the generic route). Everything else (BatchNorm without running statistics, which normalizes with
 batch statistics; instance norms; unknown modules) keeps the generic route
 (:func:`per_sample` returns ``None``).
 """
@@ -23,21 +25,29 @@ import torch
 from torch import Tensor, nn
 
 
+def _own_forward(module: nn.Module, base: type[nn.Module]) -> bool:
+    """Whether ``module`` is a ``base`` computing ``base``'s own forward (a subclass that
+    overrides it, e.g. a channels-first ``LayerNorm2d`` that permutes its input, or a norm
+    fused with an activation, keeps the generic route)."""
+    return isinstance(module, base) and type(module).forward is base.forward
+
+
 def normalized(module: nn.Module, x: Tensor) -> Tensor | None:
     r""":math:`\hat x` of ``module`` for its input ``x`` (batch in front), or ``None`` when
     the module is not covered (module docstring)."""
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+    bn = type(module).forward is nn.modules.batchnorm._BatchNorm.forward
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and bn:
         if module.training or module.running_mean is None or module.running_var is None:
             return None
         shape = (1, -1) + (1,) * (x.dim() - 2)
         mean = module.running_mean.to(x.dtype).view(shape)
         inv = torch.rsqrt(module.running_var.to(x.dtype) + module.eps).view(shape)
         return (x - mean) * inv
-    if isinstance(module, nn.LayerNorm):
+    if _own_forward(module, nn.LayerNorm):
         dims = tuple(range(-len(module.normalized_shape), 0))
         var, mean = torch.var_mean(x, dim=dims, unbiased=False, keepdim=True)
         return (x - mean) * torch.rsqrt(var + module.eps)
-    if isinstance(module, nn.GroupNorm):
+    if _own_forward(module, nn.GroupNorm):
         b = x.shape[0]
         xg = x.reshape(b, module.num_groups, -1)
         var, mean = torch.var_mean(xg, dim=-1, unbiased=False, keepdim=True)
