@@ -14,8 +14,9 @@ of one elementwise product instead of a vmapped backward through the module.
 Covered: ``BatchNorm1d/2d/3d`` in eval mode with running statistics, ``LayerNorm`` and
 ``GroupNorm``, each with PyTorch's own ``forward`` (subclasses that override it, such as
 the channels-first ``LayerNorm2d`` of torchvision/timm ConvNeXt or timm's norm+activation
-layers, keep the generic route). Everything else (BatchNorm without running statistics, which normalizes with
-batch statistics; instance norms; unknown modules) keeps the generic route
+layers, keep the generic route). Everything else (BatchNorm without running statistics,
+which normalizes with batch statistics; instance norms; unknown modules) keeps the generic
+route
 (:func:`per_sample` returns ``None``).
 """
 
