@@ -153,10 +153,15 @@ def _log_bridge_alpha(mean: Tensor, cov: Tensor) -> Tensor:
         raise ShapeError(
             "the Laplace bridge needs at least 2 classes; use probit_sigmoid for one logit"
         )
-    finfo = torch.finfo(mean.dtype)
     cov = 0.5 * (cov + cov.transpose(-1, -2))
-    diag = torch.diagonal(cov, dim1=-2, dim2=-1)
-    s = cov.sum(-1)  # Σ1, (B, C)
+    return _log_bridge_alpha_moments(mean, torch.diagonal(cov, dim1=-2, dim2=-1), cov.sum(-1))
+
+
+def _log_bridge_alpha_moments(mean: Tensor, diag: Tensor, s: Tensor) -> Tensor:
+    """``log α`` of the Laplace bridge from the diagonal and the row sums ``Σ1`` of the
+    covariance (all the bridge reads of it), each ``(B, C)``."""
+    K = mean.shape[-1]
+    finfo = torch.finfo(mean.dtype)
     total = s.sum(-1, keepdim=True)  # 1ᵀΣ1, (B, 1)
     # 1ᵀΣ1 at rounding level means Σ1 = 0: 1ᵀf is deterministic, nothing to condition on.
     ok = total > K * K * finfo.eps * diag.abs().amax(-1, keepdim=True)
@@ -200,6 +205,19 @@ def laplace_bridge_alpha(mean: Tensor, cov: Tensor) -> Tensor:
     Needs ``C >= 2``; ``cov`` ``(B, C, C)`` or variances ``(B, C)``.
     """
     return torch.exp(_log_bridge_alpha(mean, cov))
+
+
+def laplace_bridge_moments(mean: Tensor, diag: Tensor, rowsum: Tensor) -> Tensor:
+    r""":func:`laplace_bridge` from the two moments of the covariance it reads, its diagonal
+    and its row sums :math:`\Sigma 1` (each ``(B, C)``), without the ``C x C`` matrix: the
+    same probabilities in :math:`O(C)` per input."""
+    mean = _check_mean(mean).to(diag.dtype)
+    if diag.shape != mean.shape or rowsum.shape != mean.shape:
+        raise ShapeError(f"moments of shapes {tuple(diag.shape)}, {tuple(rowsum.shape)} do "
+                         f"not fit mean {tuple(mean.shape)}")
+    if mean.shape[-1] < 2:
+        raise ShapeError("the Laplace bridge needs at least 2 classes")
+    return torch.softmax(_log_bridge_alpha_moments(mean, diag, rowsum), dim=-1)
 
 
 def laplace_bridge(mean: Tensor, cov: Tensor) -> Tensor:
@@ -272,6 +290,7 @@ __all__ = [
     "probit_softmax",
     "probit_sigmoid",
     "laplace_bridge",
+    "laplace_bridge_moments",
     "laplace_bridge_alpha",
     "psd_sqrt",
     "mc_expectation",

@@ -17,6 +17,16 @@ refusals are reported as rows.
 
     OMP_NUM_THREADS=2 python benchmarks/scale.py [--workloads resnet18-narrow,vit]
         [--rows fit-kfac,predict-256] [--n 256] [--device cpu|cuda] [--quick]
+        [--dtype float32|bfloat16|float16] [--internal float64|float32]
+
+``--dtype`` casts the model and data; ``--internal float32`` replaces the float64 internal
+algebra of float32/bf16/fp16 models by float32 (:data:`bayescurv.linalg.base.WIDE`), to
+measure what float64 costs on a device. With either option the fit rows also report
+``err``: the relative error of the log evidence (prior precision 1) against the same fit of
+the float64 model, computed after the timing. ``benchmarks/gpu_check.sh`` runs the GPU set.
+Every row first pays once for imports that the first ``torch.autograd.grad`` call with
+explicit output gradients triggers (``torch.fx.experimental.symbolic_shapes``, about 2 s on
+the benchmark machine), as the marglik row pays ``torch.optim``'s.
 
 ``--quick`` shrinks every network and the data so that the whole table runs in seconds (used
 by the test suite); its figures are not the benchmark's.
@@ -47,7 +57,11 @@ ROWS = ("fit-kfac", "fit-kfac-reduce", "fit-diag", "fit-ekfac", "fit-full-ll", "
 SCALING = ("fit-kfac@512", "fit-kfac@1024", "fit-kfac@2048", "fit-kfac@4096")
 
 
-def workload(name: str, n: int, quick: bool, device: str):
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
+
+
+def workload(name: str, n: int, quick: bool, device: str, dtype: str = "float32"):
     """``(model, loader, x_test)`` seeded identically in every process."""
 
     from bayescurv import zoo
@@ -70,8 +84,8 @@ def workload(name: str, n: int, quick: bool, device: str):
         x = torch.randn(n + 1024, 3, size, size)
     c = model(x[:2]).shape[-1]
     y = torch.randint(0, c, (n,))
-    model = model.to(device).eval()
-    x = x.to(device)
+    model = model.to(device=device, dtype=DTYPES[dtype]).eval()
+    x = x.to(device=device, dtype=DTYPES[dtype])
     return model, (x[:n], y.to(device)), x[n:]
 
 
@@ -110,10 +124,14 @@ def timed(fn, device: str) -> tuple[float, float]:
 
 
 def run_row(name: str, row: str, args) -> dict:
-    from bayescurv import Laplace
+    import torch.fx.experimental.symbolic_shapes  # noqa: F401  (autograd.grad's lazy import)
 
+    from bayescurv import Laplace
+    from bayescurv.linalg import base
+
+    base.WIDE = DTYPES[args.internal]
     n = int(row.split("@")[1]) if "@" in row else args.n
-    model, data, x_test = workload(name, n, args.quick, args.device)
+    model, data, x_test = workload(name, n, args.quick, args.device, args.dtype)
     loader = loader_of(data, args.batch)
     if row.startswith("predict-"):
         k = int(row.split("-")[1])
@@ -152,7 +170,25 @@ def run_row(name: str, row: str, args) -> dict:
             traceback.print_exc()
         return {**out, "error": msg}
     out.update(seconds=s, ratio=s / grad_s, rise_mb=rise, peak_mb=_peak_mb(args.device))
+    if structure is not None and (args.dtype != "float32" or args.internal != "float64"):
+        out["err"] = evidence_error(la, name, n, args, subset)
     return out
+
+
+def evidence_error(la, name: str, n: int, args, subset: str) -> float:
+    """Relative error of ``la``'s log evidence at prior precision 1 against the same fit of
+    the float64 model on the same data (float64 internals)."""
+    from bayescurv import Laplace
+    from bayescurv.linalg import base
+
+    base.WIDE = torch.float64
+    model, data, _ = workload(name, n, args.quick, args.device, "float64")
+    ref = Laplace(model, "classification", subset=subset, structure=la.structure)
+    ref.fit(loader_of(data, args.batch), progress=False)
+    one = torch.tensor(1.0, dtype=torch.float64, device=args.device)
+    e64 = float(ref.log_marginal_likelihood(one))
+    e = float(la.log_marginal_likelihood(one.to(la.internal_dtype)))
+    return abs(e - e64) / abs(e64)
 
 
 def run_peer(row: str, model: nn.Module, loader) -> tuple[float, float]:
@@ -193,6 +229,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=256, help="training points per fit")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16",
+                                                                 "float16"))
+    parser.add_argument("--internal", default="float64", choices=("float64", "float32"),
+                        help="internal dtype of float32/bf16/fp16 models (measurement only)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--row", help=argparse.SUPPRESS)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per row")
@@ -202,8 +242,10 @@ def main() -> None:
         print(json.dumps(run_row(name, row, args)))
         return
     rows = args.rows.split(",")
-    print(f"# scale benchmark: n={args.n} batch={args.batch} device={args.device} "
-          f"threads={torch.get_num_threads()} quick={args.quick}")
+    card = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"# scale benchmark: n={args.n} batch={args.batch} device={args.device} ({card}) "
+          f"dtype={args.dtype} internal={args.internal} threads={torch.get_num_threads()} "
+          f"quick={args.quick}")
     print(f"{'workload':17s} {'row':17s} {'seconds':>9s} {'x grad':>8s} {'rise MB':>8s} "
           f"{'peak MB':>8s}  note")
     for name in args.workloads.split(","):
@@ -211,7 +253,8 @@ def main() -> None:
             if row.startswith("fit-kfac@") and name != "resnet18-narrow":
                 continue  # scaling in N on one workload
             cmd = [sys.executable, __file__, "--row", f"{name}:{row}", "--n", str(args.n),
-                   "--batch", str(args.batch), "--device", args.device]
+                   "--batch", str(args.batch), "--device", args.device, "--dtype", args.dtype,
+                   "--internal", args.internal]
             if args.quick:
                 cmd.append("--quick")
             try:
@@ -227,7 +270,8 @@ def main() -> None:
             else:
                 print(f"{name:17s} {row:17s} {r['seconds']:9.3f} {r['ratio']:8.2f} "
                       f"{r['rise_mb']:8.0f} {r['peak_mb']:8.0f}  grad pass "
-                      f"{r['grad_s']:.3f} s", flush=True)
+                      f"{r['grad_s']:.3f} s"
+                      + (f", err {r['err']:.1e}" if "err" in r else ""), flush=True)
 
 
 if __name__ == "__main__":

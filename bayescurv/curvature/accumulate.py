@@ -131,7 +131,7 @@ class DiagAccumulator:
             a = rec.linear_inputs(augment=False)[:, 0, :].to(self.dtype)
             self._add_rank_one(rec, lik.hessian_diagonal(f).to(self.dtype), a)
             return
-        a = rec.linear_inputs(augment=False)  # (B, T, I); grouped (G, B, T, I)
+        a = rec.linear_inputs(augment=False, keep=True)  # (B, T, I); grouped (G, B, T, I)
         g = rec.linear_grads()  # (K, B, T, O); grouped (G, K, B, T, O)
         if a.shape[-2] == 1:  # no sharing: Σ_b (Σ_k g²)ᵀ a², written in place
             self._add_rank_one(rec, g[..., 0, :].to(self.dtype).square().sum(-3),
@@ -203,6 +203,20 @@ def live_positions(g: Tensor) -> Tensor | None:
     return live
 
 
+def _live_so_far(rec: ModuleRecord, g: Tensor, call: int = 0) -> Tensor | None:
+    """:func:`live_positions` of the batch over its chunks of loss columns so far (a
+    position is live when any column reaches it; the factors that use the mask are formed at
+    the batch's last chunk, when every column has been seen)."""
+    live = live_positions(g)
+    if live is None or rec.chunk[1] == 1:
+        return live
+    key = ("live", call)
+    if rec.chunk[0] > 0:
+        live = live | rec.cache[key]
+    rec.cache[key] = live
+    return live
+
+
 class KFACAccumulator:
     r"""K-FAC, flavours ``expand`` and ``reduce`` (Eschenhagen et al., 2023), for linear-like
     layers with ``T`` weight-sharing positions:
@@ -263,22 +277,33 @@ class KFACAccumulator:
     def _acc(self, rec: ModuleRecord, key: str, value: Tensor | float) -> None:
         self.state[rec.name][key].add_(value)
 
-    def _acc_gram(self, rec: ModuleRecord, key: str, x: Tensor) -> None:
-        """``state[key] += xᵀ x`` in place (``x``: ``(rows, d)``), in the state's dtype:
-        products of float32 numbers are exact in float64, so the Gram of a float32 model's
-        factors is summed without rounding (a float32 sum loses the small eigenvalues of an
-        ill-conditioned factor: measured on the float32 sine regression of
-        ``tests/test_float32.py``). Rows are converted in chunks of :data:`GRAM_ROWS`, so no
-        float64 copy of the whole factor is made."""
+    def _acc_gram(self, rec: ModuleRecord, key: str, x: Tensor,
+                  work: torch.dtype | None = None) -> None:
+        """``state[key] += xᵀ x`` in place (``x``: ``(rows, d)``), over chunks of
+        :data:`GRAM_ROWS` rows. By default in the state's dtype: products of float32 numbers
+        are exact in float64, so the Gram of a float32 model's factors is summed without
+        rounding (a float32 sum loses the small eigenvalues of an ill-conditioned factor:
+        measured on the float32 sine regression of ``tests/test_float32.py``); rows are
+        converted chunk by chunk, so no float64 copy of the whole factor is made. With
+        ``work`` (:func:`~bayescurv.linalg.product_dtype`, for weight-sharing layers) each
+        chunk's Gram is formed in ``work`` and only the chunk sums are added in the state's
+        dtype — the policy of the per-input products of the diagonal and EKFAC (a chunk holds
+        a few data points' positions; half the time of a float64 product, no conversion)."""
         acc = self.state[rec.name][key]
-        if x.dim() == 3:  # grouped: (G, rows, d), one batched product per chunk
-            for s in range(0, x.shape[1], GRAM_ROWS):
-                xs = x[:, s:s + GRAM_ROWS].to(acc.dtype)
-                acc.baddbmm_(xs.mT, xs)
-            return
-        for s in range(0, x.shape[0], GRAM_ROWS):
-            xs = x[s:s + GRAM_ROWS].to(acc.dtype)
-            acc.addmm_(xs.T, xs)
+        dt = acc.dtype if work is None else work
+        grouped = x.dim() == 3  # (G, rows, d): one batched product per chunk
+        for s in range(0, x.shape[-2], GRAM_ROWS):
+            xs = (x[:, s:s + GRAM_ROWS] if grouped else x[s:s + GRAM_ROWS]).to(dt)
+            if dt == acc.dtype:
+                acc.baddbmm_(xs.mT, xs) if grouped else acc.addmm_(xs.T, xs)
+            else:
+                acc.add_((xs.mT @ xs).to(acc.dtype))
+
+    def _work(self, x: Tensor) -> torch.dtype | None:
+        """Dtype of the Gram chunks of a factor ``x`` (``(..., B, T, d)``):
+        :func:`~bayescurv.linalg.product_dtype` with weight sharing (``T > 1``), the state's
+        dtype (``None``) without."""
+        return product_dtype(self.params.dtype) if x.shape[-2] > 1 else None
 
     def update(self, records: list[ModuleRecord], first: bool = True) -> None:
         for rec in records:
@@ -287,9 +312,9 @@ class KFACAccumulator:
             if rec.route == "linear":
                 closed = rec.output_hessian is not None  # the output layer (T = 1)
                 reduce = self.flavour == "reduce" and not closed
-                if first:  # later chunks of the batch's loss columns see the same inputs
+                live = None if closed else _live_so_far(rec, rec.linear_grads())
+                if rec.last:  # the batch's last chunk of loss columns: the inputs' factor
                     a = rec.linear_inputs(augment=False)  # unfolded once per batch
-                    live = None if closed else live_positions(rec.linear_grads())
                     if live is not None:  # positions the output does not see: weight 0
                         live = live.to(a.dtype)[..., None]  # (B, T, 1)
                     if reduce:
@@ -300,7 +325,7 @@ class KFACAccumulator:
                     elif live is not None:
                         a = a * live
                     a2 = a.reshape(*a.shape[:-3], -1, a.shape[-1])  # grouped: (G, B T, I)
-                    self._acc_gram(rec, "A", a2)
+                    self._acc_gram(rec, "A", a2, self._work(a))
                     if rec.with_bias:  # the bias column of ones: Σ a and the count
                         self._acc(rec, "a_sum", a2.sum(-2, dtype=self.dtype))
                     self._acc(rec, "count", a2.shape[-2] if live is None else live.sum())
@@ -311,11 +336,12 @@ class KFACAccumulator:
                     g = rec.linear_grads()
                     if reduce:
                         g = g.sum(-2, keepdim=True)
-                    self._acc_gram(rec, "G", g.reshape(*g.shape[:-4], -1, g.shape[-1]))
+                    self._acc_gram(rec, "G", g.reshape(*g.shape[:-4], -1, g.shape[-1]),
+                                   self._work(g))
             elif rec.route == "embedding":
-                for x, g in zip(rec.inputs, rec.grads):
-                    if first:
-                        live = live_positions(g.reshape(*g.shape[:2], -1, g.shape[-1]))
+                for j, (x, g) in enumerate(zip(rec.inputs, rec.grads)):
+                    live = _live_so_far(rec, g.reshape(*g.shape[:2], -1, g.shape[-1]), j)
+                    if rec.last:
                         self._acc(rec, "A", layers.embedding_counts(
                             rec.module, x, None if live is None else live.to(self.dtype)))
                         self._acc(rec, "count", x.numel() if live is None else live.sum())
@@ -425,18 +451,23 @@ class EKFACCorrection:
                     aq = (rec.linear_inputs()[:, 0, :].to(dt) @ q2).square()
                     self.scales[rec.name] += gq.T @ aq
                     continue
-                v = rec.linear_view()  # grouped: bases (G, n, n), rotations batched over G
                 scale = self.scales[rec.name]
-                if v.a.shape[-2] == 1:  # no sharing: (g Q_G)^2ᵀ (a Q_A)^2, one matmul
-                    gq = layers.group_matmul(v.g[..., 0, :].to(dt), q1).square().sum(-3)
-                    aq = layers.group_matmul(v.a[..., 0, :].to(dt), q2).square()
-                    scale += gq.mT @ aq
+                g = rec.linear_grads()  # grouped: bases (G, n, n), rotations batched over G
+                if g.shape[-2] == 1:  # no sharing: (g Q_G)^2ᵀ (a Q_A)^2, one matmul
+                    gq = layers.group_matmul(g[..., 0, :].to(dt), q1).square().sum(-3)
+                    aq = layers.group_matmul(rec.linear_inputs()[..., 0, :].to(dt), q2)
+                    scale += gq.mT @ aq.square()
                     continue
                 # sharing: rotate the factors, then square the per-input Jacobians in the
-                # eigenbasis, Σ_t (Q_Gᵀ g_t)(Q_Aᵀ a_t)ᵀ, in chunks (never (K, B, O, I) at once)
+                # eigenbasis, Σ_t (Q_Gᵀ g_t)(Q_Aᵀ a_t)ᵀ, in chunks (never (K, B, O, I) at
+                # once); the rotated inputs are kept over the batch's chunks of columns
                 work = product_dtype(self.kfac.params.dtype)
-                gq = layers.group_matmul(v.g.to(work), q1.to(work))
-                aq = layers.group_matmul(v.a.to(work), q2.to(work))
+                aq = rec.cache.get("ekfac")
+                if aq is None:
+                    aq = layers.group_matmul(rec.linear_inputs().to(work), q2.to(work))
+                    if rec.reuse:
+                        rec.cache["ekfac"] = aq
+                gq = layers.group_matmul(g.to(work), q1.to(work))
                 scale += layers.linear_diag(layers.LinearView(aq, gq),
                                             out_dtype=dt).view(scale.shape)
                 continue

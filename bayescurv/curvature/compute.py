@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from bayescurv import batches
 from bayescurv.curvature import accumulate, layers, lowrank, preflight
-from bayescurv.curvature.engine import KINDS, UNKNOWN_LAYERS, HookCapture, stream
+from bayescurv.curvature.columns import KINDS
+from bayescurv.curvature.engine import UNKNOWN_LAYERS, HookCapture, stream
 from bayescurv.deprecation import UNSET, renamed
 from bayescurv.errors import InvalidArgumentError, NonFiniteError
 from bayescurv.likelihoods import Likelihood, get_likelihood
@@ -49,6 +50,11 @@ class Curvature:
             mean when ``reduction="mean"``), in the same dtype as ``matrix``.
         num_data: number of data points seen (over all ranks).
         params, structure, kind: what was computed.
+        sum_of_squares: for a Gaussian likelihood, the per-output sums of squared residuals
+            ``Σ_n (f_n - y_n)²`` ``(C,)`` at the current parameters, from the same pass
+            (over all ranks, :func:`~bayescurv.linalg.internal_dtype`); ``None`` for other
+            likelihoods and for the structures that do not stream through the hooks
+            (``"diag-hesscale"``, ``kind="hessian"``, matrix-free ``"lowrank"`` alone).
     """
 
     matrix: PSDOperator
@@ -57,6 +63,7 @@ class Curvature:
     params: ParamSet
     structure: str
     kind: str
+    sum_of_squares: Tensor | None = None
 
 
 def check_options(
@@ -278,16 +285,19 @@ def compute(
         )
     # loss and data count, summed in float64 at least: a bf16 count of 5,000 reads 4,864
     stats = torch.zeros(2, dtype=internal_dtype(pset.dtype), device=pset.device)
+    sse = None  # Gaussian residuals, summed in the same pass
     if accs:
         for res in stream(capture, lik, data, **opts):
             for acc in accs.values():
                 acc.update(res.records, first=res.first)
             stats[0] += res.loss.detach()
             stats[1] += res.batch_size
+            if res.residuals is not None:
+                sse = res.residuals if sse is None else sse + res.residuals
     else:  # matrix-free low rank alone: one forward pass for the loss and the count
         _loss_pass(pset, lik, data, stats, x_key, y_key)
     reduced = [t for k, acc in accs.items() if k != "lowrank" for t in acc.tensors()]
-    batches.all_reduce_([*reduced, stats])
+    batches.all_reduce_([*reduced, stats, *([] if sse is None else [sse])])
     _check_finite(reduced)
     matrix: PSDOperator
     if structure in ("kfac", "kfac-reduce"):
@@ -320,7 +330,27 @@ def compute(
     if reduction == "mean":
         matrix = matrix.scale(1.0 / n)
         loss = loss / n
-    return Curvature(matrix, loss, n, pset, structure, kind)
+    return Curvature(matrix, loss, n, pset, structure, kind, sse)
+
+
+def streams(structure: str, kind: str, lowrank_method: str = "sqrt") -> bool:
+    """Whether :func:`compute` streams through the hooks (then loss, count and Gaussian
+    residuals come from the curvature pass itself)."""
+    return not (structure == "diag-hesscale" or (kind == "hessian" and structure not in LOWRANK)
+                or (structure == "lowrank" and lowrank_method != "sqrt"))
+
+
+def passes(structure: str, kind: str = "ggn", lowrank_method: str = "sqrt",
+           residuals: bool = False) -> int:
+    """Passes over the data of :func:`compute` (``residuals``: plus the Gaussian residuals'
+    sums of squares, :attr:`Curvature.sum_of_squares`): one for every hook-based
+    structure (curvature, loss, data count and residuals together), two for ``"ekfac"``
+    (the eigenvalue correction is a second pass), and for ``"diag-hesscale"`` and
+    ``kind="hessian"`` with residuals (their own pass); the matrix-free low-rank methods
+    read the data once per operator product (reported as 2: more than one)."""
+    if structure == "ekfac" or (structure in LOWRANK and lowrank_method != "sqrt"):
+        return 2
+    return 1 + int(residuals and not streams(structure, kind, lowrank_method))
 
 
 def truncate_factors(matrix: BlockDiagonal, factor_rank: int | None) -> BlockDiagonal:

@@ -16,9 +16,15 @@ from torch import Tensor, nn
 
 from bayescurv import batches
 from bayescurv.curvature import attention, layers
+from bayescurv.curvature.columns import (
+    SEQUENTIAL_DEVICES,
+    column_by_column,
+    loss_sqrt,
+    residual_squares,
+)
 from bayescurv.curvature.records import ModuleRecord
 from bayescurv.errors import InvalidArgumentError, ShapeError, UnsupportedLayerError
-from bayescurv.likelihoods import Likelihood, check_finite_outputs
+from bayescurv.likelihoods import Gaussian, Likelihood, check_finite_outputs
 from bayescurv.params import ParamSet
 
 UNKNOWN_LAYERS = ("auto", "per_sample", "error")
@@ -30,12 +36,6 @@ by expanding them over the batch (their per-sample gradients come from the same 
 pass), the others by per-sample gradients of the owning module (``torch.func``) after
 checking once that it acts on each data point separately; ``"per_sample"`` the same without
 that check; ``"error"`` refuses them."""
-
-KINDS = ("ggn", "mc", "ef")
-"""Curvature kinds the hook engine computes: the exact GGN (= Fisher for the likelihoods
-here), its Monte-Carlo estimate with sampled targets, and the empirical Fisher. The Hessian
-is matrix-free (:mod:`bayescurv.curvature.matfree`) or dense for small nets."""
-
 
 class HookCapture:
     """Registers forward hooks on every module that owns parameters of ``params`` and runs
@@ -378,11 +378,8 @@ class HookCapture:
             rec.grads.clear()
         keep = retain or self.differentiable
         try:
-            if cols.shape[0] == 1:  # one column (MC with one sample, EF): no vmap needed
-                grads = torch.autograd.grad(f, outs, cols[0], allow_unused=True,
-                                            create_graph=self.differentiable,
-                                            retain_graph=keep)
-                grads = [None if g is None else g.unsqueeze(0) for g in grads]
+            if cols.shape[0] == 1 or f.device.type in SEQUENTIAL_DEVICES:
+                grads = column_by_column(f, outs, cols, self.differentiable, keep)
             else:
                 grads = torch.autograd.grad(
                     f, outs, cols, is_grads_batched=True, allow_unused=True,
@@ -423,37 +420,21 @@ class HookCapture:
         return max(1, min(k, GRAD_ELEMENTS // max(1, per_column)))
 
 
-def loss_sqrt(
-    likelihood: Likelihood,
-    f: Tensor,
-    y: Tensor,
-    kind: str,
-    num_samples: int,
-    generator: torch.Generator | None,
-) -> Tensor:
-    """Columns ``(K, B, C)`` whose outer products sum to the curvature of the loss in ``f``."""
-    fd = f.detach()
-    if kind == "ggn":
-        s = likelihood.hessian_sqrt(fd)
-    elif kind == "mc":
-        s = likelihood.sampled_hessian_sqrt(fd, num_samples, generator)
-    elif kind == "ef":
-        s = likelihood.gradient(fd, y).unsqueeze(-1)
-    else:
-        raise InvalidArgumentError(f"unknown curvature kind {kind!r}; use one of {KINDS}")
-    return s.permute(2, 0, 1)
-
-
 @dataclass
 class BatchResult:
     """One chunk of loss columns of one batch. ``batch_size`` and ``loss`` count the batch
     in its first chunk only (zero in the others), so sums over results are per data point;
-    ``first`` says whether this is the batch's first chunk (inputs are then new)."""
+    ``first`` says whether this is the batch's first chunk (inputs are then new);
+    ``residuals``: for a Gaussian likelihood, the batch's :func:`residual_squares` (first
+    chunk only, ``None`` in the others and for other likelihoods), so the noise's sufficient
+    statistic comes from the same pass as the curvature."""
 
     records: list[ModuleRecord]
     batch_size: int
     loss: Tensor
     first: bool = True
+    residuals: Tensor | None = None
+
 
 
 def stream(
@@ -477,39 +458,70 @@ def stream(
         from tqdm.auto import tqdm
 
         it = tqdm(it, desc=f"curvature ({kind})", leave=False)
+    opts = (kind, num_samples, generator)
+    sub = [None]  # data points per sub-batch (learned on the first batch), 0: no split
     with capture:
         for x, y in it:
             _check_finite_fast(x, "inputs")
             _check_finite_fast(y, "targets")
-            capture.clear()
-            with torch.enable_grad():
-                raw = capture.call(x)  # the output selected by params.output_key
-            with torch.enable_grad():
-                f = likelihood.check_outputs(raw)
-                check_finite_outputs(f)
-                fc, yc = likelihood.check(f, y)
-            loss = likelihood.nll(fc.detach(), yc)
-            b = fc.shape[0]
-            head = _output_layer(capture, raw, fc)
-            if head is not None:  # ∂(sᵀf)/∂f = s: no backward pass at all
-                capture.check_batch(b)
-                head.outputs.clear()
-                if kind == "ggn" and capture.structure in CLOSED_FORM:
-                    head.output_hessian = (likelihood, fc.detach())  # not even the columns
-                else:
-                    head.grads.append(loss_sqrt(likelihood, fc, yc, kind, num_samples,
-                                                generator))
-                yield BatchResult(capture.records, b, loss)
-                continue
-            cols = loss_sqrt(likelihood, fc, yc, kind, num_samples, generator)
-            step = capture.column_chunk(cols.shape[0])
-            for k0 in range(0, cols.shape[0], step):  # chunks of columns: bounded memory
-                with torch.enable_grad():
-                    capture.backward(fc, cols[k0:k0 + step],
-                                     retain=k0 + step < cols.shape[0])
-                first = k0 == 0
-                yield BatchResult(capture.records, b if first else 0,
-                                  loss if first else torch.zeros_like(loss), first)
+            if not (sub[0] and sub[0] < batches.batch_size(x, capture.batch_dim)):
+                split = yield from _batch(capture, likelihood, x, y, opts, sub)
+                if not split:
+                    continue
+            for xs, ys in zip(batches.split_inputs(x, sub[0], capture.batch_dim),
+                              y.split(sub[0])):
+                yield from _batch(capture, likelihood, xs, ys, opts, sub)
+
+
+def _batch(capture: HookCapture, likelihood: Likelihood, x, y, opts: tuple, sub: list
+           ) -> Iterator[BatchResult]:
+    """One (sub-)batch of :func:`stream`. When the ``K`` loss columns' output gradients do
+    not fit :data:`GRAD_ELEMENTS` but those of fewer data points would (exact GGN, no
+    ``column_chunk``), the first batch sets ``sub[0]``, the data points per sub-batch, and
+    this returns ``True`` without results: the caller splits every batch (sums are per data
+    point: the result of one pass, all columns of a point at once). Else columns in chunks."""
+    kind, num_samples, generator = opts
+    capture.clear()
+    with torch.enable_grad():
+        raw = capture.call(x)  # the output selected by params.output_key
+        f = likelihood.check_outputs(raw)
+        check_finite_outputs(f)
+        fc, yc = likelihood.check(f, y)
+    loss = likelihood.nll(fc.detach(), yc)
+    res = residual_squares(fc, yc) if isinstance(likelihood, Gaussian) else None
+    b = fc.shape[0]
+    head = output_layer(capture, raw, fc)
+    if head is not None:  # ∂(sᵀf)/∂f = s: no backward pass at all
+        capture.check_batch(b)
+        head.outputs.clear()
+        if kind == "ggn" and capture.structure in CLOSED_FORM:
+            head.output_hessian = (likelihood, fc.detach())  # not even the columns
+        else:
+            head.grads.append(loss_sqrt(likelihood, fc, yc, kind, num_samples, generator))
+        yield BatchResult(capture.records, b, loss, residuals=res)
+        return False
+    cols = loss_sqrt(likelihood, fc, yc, kind, num_samples, generator)
+    step = capture.column_chunk(cols.shape[0])
+    if sub[0] is None:  # first batch: would fewer data points take every column at once?
+        per_point = sum(o.numel() for r in capture.records for o in r.outputs) / max(1, b)
+        fit = int(GRAD_ELEMENTS // max(1.0, cols.shape[0] * per_point))
+        sub[0] = fit if (kind == "ggn" and capture.chunk is None and fit >= 1
+                         and step < cols.shape[0]) else 0
+        if sub[0]:
+            return True  # (the next call clears the capture)
+    count = -(-cols.shape[0] // step)
+    for rec in capture.records:  # several chunks: unfolded inputs kept over them
+        rec.reuse = count > 1
+    for k0 in range(0, cols.shape[0], step):  # chunks of columns: bounded memory
+        with torch.enable_grad():
+            capture.backward(fc, cols[k0:k0 + step], retain=k0 + step < cols.shape[0])
+        for rec in capture.records:
+            rec.chunk = (k0 // step, count)
+        first = k0 == 0
+        yield BatchResult(capture.records, b if first else 0,
+                          loss if first else torch.zeros_like(loss), first,
+                          res if first else None)
+    return False
 
 
 GRAD_ELEMENTS = 2**26
@@ -521,7 +533,7 @@ CLOSED_FORM = ("kfac", "kfac-reduce", "diag", "ekfac")
 likelihood (``Σ_b H_b``, ``diag(Qᵀ H_b Q)``), without square-root columns."""
 
 
-def _output_layer(capture: HookCapture, raw: Tensor, f: Tensor) -> ModuleRecord | None:
+def output_layer(capture: HookCapture, raw: Tensor, f: Tensor) -> ModuleRecord | None:
     """The record when the posterior is one linear layer, called once, without weight
     sharing, whose output *is* the network output ``raw`` (then its output gradients are
     the loss columns themselves: no backward pass); else ``None``."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from bayescurv.curvature import layers
+from bayescurv.curvature import layers, norms
 from bayescurv.errors import UnsupportedLayerError
 
 
@@ -37,6 +37,10 @@ class ModuleRecord:
     ``output_hessian``: ``(likelihood, f)`` when the module *is* the network's output layer
     and its curvature comes in closed form from the likelihood (:func:`stream`; then
     ``grads`` is empty).
+    ``chunk``: ``(index, count)`` of the current chunk of the batch's loss columns (set by
+    :func:`stream`); ``reuse``: the batch's loss columns come in several chunks, so
+    :meth:`linear_inputs` with ``keep=True`` keeps the unfolded inputs in ``cache`` for the
+    later chunks (cleared with the batch) instead of unfolding them again per chunk.
     """
 
     name: str
@@ -54,6 +58,14 @@ class ModuleRecord:
     differentiable: bool = False
     parent: tuple[str, nn.Module] | None = None
     via: str | None = None
+    reuse: bool = False
+    cache: dict = field(default_factory=dict)
+    chunk: tuple[int, int] = (0, 1)
+
+    @property
+    def last(self) -> bool:
+        """Whether the current chunk of loss columns is the batch's last (``chunk``)."""
+        return self.chunk[0] == self.chunk[1] - 1
 
     @property
     def evaluated(self) -> nn.Module:
@@ -79,14 +91,22 @@ class ModuleRecord:
         self.returned.clear()
         self.output_hessian = None
         self.via = None
+        self.cache.clear()
+        self.chunk, self.reuse = (0, 1), False
 
     # views ------------------------------------------------------------------------------
-    def linear_inputs(self, augment: bool = True) -> Tensor:
+    def linear_inputs(self, augment: bool = True, keep: bool = False) -> Tensor:
         """Unfolded inputs ``(B, T, I)`` alone (calls stacked along ``T``; grouped
-        convolutions ``(G, B, T, I)``, :class:`layers.LinearView`)."""
+        convolutions ``(G, B, T, I)``, :class:`layers.LinearView`); ``keep``: reuse them
+        over the batch's chunks of loss columns (see ``reuse``)."""
+        if augment in self.cache:
+            return self.cache[augment]
         a = [layers.linear_inputs(self.module, x, self.with_bias and augment)
              for x in self.inputs]
-        return a[0] if len(a) == 1 else torch.cat(a, -2)
+        a = a[0] if len(a) == 1 else torch.cat(a, -2)
+        if keep and self.reuse:
+            self.cache[augment] = a
+        return a
 
     def linear_grads(self) -> Tensor:
         """Output gradients ``(K, B, T, O)`` alone (calls stacked along ``T``; grouped
@@ -94,10 +114,10 @@ class ModuleRecord:
         g = [layers.linear_grads(self.module, gi) for gi in self.grads]
         return g[0] if len(g) == 1 else torch.cat(g, -2)
 
-    def linear_view(self, augment: bool = True) -> layers.LinearView:
+    def linear_view(self, augment: bool = True, keep: bool = False) -> layers.LinearView:
         """Unfolded inputs and gradients, calls of a reused module stacked along ``T``;
         ``augment=False`` leaves out the column of ones of the bias."""
-        return layers.LinearView(self.linear_inputs(augment), self.linear_grads())
+        return layers.LinearView(self.linear_inputs(augment, keep), self.linear_grads())
 
     def per_sample(self) -> dict[int, Tensor]:
         """Per-sample, per-column gradients ``{param index: (K, B, numel)}``."""
@@ -119,11 +139,16 @@ class ModuleRecord:
                 if self.verify:  # the module must act on each data point separately
                     check_per_sample(self, x, bd)
                     self.verify = False
-                prefix = f"{self.via}." if self.via is not None else ""
-                grads = layers.generic_per_sample(self.evaluated,
-                                                  [prefix + n for n in self.owned], x, g, bd)
-                grads = {n[len(prefix):]: t if self.differentiable else t.detach()
-                         for n, t in grads.items()}  # no autograd history across batches
+                cache = self.cache.setdefault("norm", {}) if (
+                    self.reuse and len(self.inputs) == 1) else None  # x̂ over the chunks
+                grads = None if self.via is not None else norms.per_sample(
+                    self.module, list(self.owned), x, g, cache)  # norms: Σ g ⊙ x̂, closed
+                if grads is None:
+                    prefix = f"{self.via}." if self.via is not None else ""
+                    grads = layers.generic_per_sample(
+                        self.evaluated, [prefix + n for n in self.owned], x, g, bd)
+                    grads = {n[len(prefix):]: t if self.differentiable else t.detach()
+                             for n, t in grads.items()}  # no autograd history across batches
             for lname, t in grads.items():
                 i = self.owned[lname]
                 t = t.reshape(*t.shape[:2], -1)

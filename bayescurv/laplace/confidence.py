@@ -15,16 +15,49 @@ i.e. when the posterior gives up more than half of the MAP's confidence above ch
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from bayescurv import batches
 from bayescurv.errors import UnderconfidenceWarning
 
 FRACTION = 0.5
 """Warn when less than this fraction of the MAP's confidence above chance remains."""
 NUM_INPUTS = 32
 """Training inputs kept by ``fit`` for the check (from the first batch)."""
+
+
+class _Tap:
+    """Iterates ``loader``, handing the inputs of the first batch read to ``keep`` once."""
+
+    def __init__(self, loader: Iterable, keep: Callable[[Any], None], x_key: str,
+                 y_key: str) -> None:
+        self.loader, self.keep, self.keys, self.done = loader, keep, (x_key, y_key), False
+
+    def __iter__(self) -> Iterator:
+        for batch in self.loader:
+            if not self.done:
+                self.keep(batches.inputs_of(batch, *self.keys))
+                self.done = True
+            yield batch
+
+
+def tap_inputs(loader: Iterable, batch_dim: int, x_key: str, y_key: str,
+               store: Callable[[Any], None]) -> Iterable:
+    """``loader`` for the fit, handing the first :data:`NUM_INPUTS` inputs of its first batch
+    to ``store`` as the fit's first pass reads them (no extra read of the data); re-iterable
+    exactly when ``loader`` is."""
+    batches.check_data(loader)
+
+    def keep(x) -> None:
+        n = min(NUM_INPUTS, batches.batch_size(x, batch_dim))
+        store(batches.split_inputs(x, n, batch_dim)[0])
+
+    tap = _Tap(loader, keep, x_key, y_key)
+    return iter(tap) if batches.is_one_shot(loader) else tap
 
 
 def mean_confidence(probs: Tensor) -> Tensor:

@@ -17,8 +17,9 @@ from torch import Tensor
 
 from bayescurv import batches
 from bayescurv.curvature import compute
+from bayescurv.curvature.columns import residual_squares
 from bayescurv.likelihoods import Gaussian
-from bayescurv.linalg import Dense, Diagonal, PSDOperator, internal_dtype
+from bayescurv.linalg import Dense, Diagonal, PSDOperator
 from bayescurv.params import ParamSet
 
 PER_OUTPUT_STRUCTURES = ("full", "diag")
@@ -42,13 +43,14 @@ class _OutputColumn(Gaussian):
 def sum_of_squares(params: ParamSet, data: Iterable, x_key: str, y_key: str,
                    batch_dim: int = 0) -> Tensor:
     """Per-output sums of squared residuals ``(C,)`` at the current weights (summed over
-    ``torch.distributed`` ranks), summed in float64 for float32/bf16/fp16 models."""
+    ``torch.distributed`` ranks), summed in float64 for float32/bf16/fp16 models: a pass of
+    its own, for the fits whose curvature pass does not return them
+    (:attr:`bayescurv.curvature.Curvature.sum_of_squares`)."""
     lik = Gaussian(1.0)
     sse = None
     for x, y in batches.iterate(data, device=params.device, dtype=params.dtype, x_key=x_key,
                                 y_key=y_key, batch_dim=batch_dim):  # inputs' batch dim
-        f, y = lik.check(params.forward(x), y)  # read with the set's output_key
-        part = (f - y).to(internal_dtype(f.dtype)).square().sum(0)
+        part = residual_squares(*lik.check(params.forward(x), y))  # the set's output_key
         sse = part if sse is None else sse + part
     batches.all_reduce_([sse])
     return sse

@@ -27,13 +27,9 @@ from torch import Tensor, nn
 
 from bayescurv import batches
 from bayescurv.curvature import compute
-from bayescurv.curvature.compute import check_options
+from bayescurv.curvature.compute import check_options, passes
 from bayescurv.curvature.layers import check_modes
-from bayescurv.errors import (
-    InvalidArgumentError,
-    NotFittedError,
-    ShapeError,
-)
+from bayescurv.errors import InvalidArgumentError, NotFittedError, ShapeError
 from bayescurv.laplace import confidence, marglik, noise, subnetwork
 from bayescurv.laplace import prior as priors  # module; `prior` is a common local name
 from bayescurv.laplace.predictions import PredictionsMixin
@@ -320,14 +316,14 @@ class Laplace(PredictionsMixin, StateDictMixin):
         x_key: str = "x",
         y_key: str = "y",
     ) -> Laplace:
-        """Compute the curvature at the current parameters (the MAP) in one pass over
-        ``loader`` and store ``θ*``. Regression curvature is computed at unit noise and
-        scaled by ``1/σ²`` afterwards, so ``σ`` can be tuned without refitting."""
-        if self.structure == "ekfac" or self.likelihood.name == "regression" or (
-                self.curvature_options.get("lowrank_method", "sqrt") != "sqrt"):
-            batches.check_reiterable(
-                loader, f"structure={self.structure!r}" if self.likelihood.name != "regression"
-                else "regression (curvature, then residuals for the noise)")
+        """Compute the curvature at the current parameters (the MAP) and store ``θ*``;
+        curvature, loss, data count and regression residuals come from one pass over
+        ``loader`` (:attr:`passes`; a one-shot iterator works where it is one). Regression
+        curvature is computed at unit noise and scaled by ``1/σ²`` afterwards, so ``σ`` can
+        be tuned without refitting."""
+        if self.passes > 1:
+            batches.check_reiterable(loader, f"a {self.likelihood.name} fit with structure="
+                                     f"{self.structure!r} ({self.passes} passes)")
         check_modes(self.model)
         if self._find_last_layer:
             loader = self._resolve_last_layer(loader, x_key, y_key)
@@ -352,20 +348,31 @@ class Laplace(PredictionsMixin, StateDictMixin):
         self.loss = curv.loss
         if isinstance(self.likelihood, Gaussian):
             # per-output sums of squared residuals: log p(D|θ*) for any noise level
-            self._sse = noise.sum_of_squares(self.params, loader, x_key, y_key,
-                                             batch_dim=self.batch_dim)
+            self._sse = curv.sum_of_squares if curv.sum_of_squares is not None else (
+                noise.sum_of_squares(self.params, loader, x_key, y_key,
+                                     batch_dim=self.batch_dim))
             self.num_outputs = self._sse.numel()
             if self.per_output_noise:
                 if self._sigma.numel() != self.num_outputs:
-                    raise ShapeError(
-                        f"sigma_noise has {self._sigma.numel()} entries but the network has "
-                        f"{self.num_outputs} outputs"
-                    )
+                    raise ShapeError(f"sigma_noise has {self._sigma.numel()} entries but the "
+                                     f"network has {self.num_outputs} outputs")
                 self._H_outputs = noise.per_output_curvatures(
                     self.params, loader, self.structure, self.num_outputs,
                     batch_dim=self.batch_dim,
                     **{k: v for k, v in options.items() if k != "progress"})
         return self
+
+    @property
+    def passes(self) -> int:
+        """Passes over the data :meth:`fit` makes (:func:`~bayescurv.curvature.compute.
+        passes`); Gaussian per-output noise adds one per output, a masked subnetwork's
+        residuals (structures other than ``"diag"``) one."""
+        g = isinstance(self.likelihood, Gaussian)
+        n = passes(self.structure, self.kind, self.curvature_options.get(
+            "lowrank_method", "sqrt"), residuals=g and self.index is None)
+        if g and self.per_output_noise:
+            n += self._sigma.numel()
+        return n + int(g and self.index is not None and self.structure != "diag")
 
     def check_fitted(self) -> None:
         """Raise :class:`~bayescurv.errors.NotFittedError` before :meth:`fit`."""
@@ -552,16 +559,10 @@ class Laplace(PredictionsMixin, StateDictMixin):
         return prior
 
     def _keep_inputs(self, loader: Iterable, x_key: str, y_key: str) -> Iterable:
-        """Keep a few training inputs (first batch) for :meth:`_check_confidence`."""
-        x, loader = batches.peek_inputs(loader, x_key, y_key)
-
-        def head(t: Tensor) -> Tensor:
-            n = min(confidence.NUM_INPUTS, t.shape[self.batch_dim])
-            return t.detach().narrow(self.batch_dim, 0, n)
-
-        self._kept_inputs = {k: head(v) for k, v in x.items()} if isinstance(x, dict) \
-            else head(x)
-        return loader
+        """Keep a few training inputs for :meth:`_check_confidence`
+        (:func:`~bayescurv.laplace.confidence.tap_inputs`)."""
+        return confidence.tap_inputs(loader, self.batch_dim, x_key, y_key,
+                                     lambda x: setattr(self, "_kept_inputs", x))
 
     def _check_confidence(self) -> None:
         """After tuning a classification posterior: warn when the predictive on the kept

@@ -19,8 +19,9 @@ from bayescurv.curvature.engine import HookCapture
 from bayescurv.deprecation import UNSET, renamed
 from bayescurv.errors import EmptyDataError, InvalidArgumentError, ShapeError
 from bayescurv.laplace import positions
+from bayescurv.laplace.moments import head_predictive
 from bayescurv.laplace.predictive import glm_covariance
-from bayescurv.likelihoods import PerPosition
+from bayescurv.likelihoods import Categorical, PerPosition
 
 PRED_TYPES = ("glm", "nn")
 
@@ -189,11 +190,28 @@ class PredictionsMixin:
         parts = self._chunks(x, chunk_size)
         if pred_type == "nn":
             return self._predict_nn(parts, num_samples, generator)
+        head = self._head_predictive(parts, link)
+        if head is not None:  # an output-layer posterior: O(C) per input, no C x C
+            return head
         if link == "mc" or len(parts) == 1:  # one draw for all inputs: chunking-independent
             mean, cov = _cat([self._functional(part) for part in parts])
             return self.likelihood.predictive(mean, cov, link, num_samples, generator)
         return _cat([self.likelihood.predictive(*self._functional(part), link, num_samples,
                                                 generator) for part in parts])
+
+    def _head_predictive(self, parts: list, link: str) -> Tensor | None:
+        """Probabilities over the input chunks when the probit or bridge link of a
+        categorical likelihood reads only two moments of the covariance and the posterior is
+        the output layer alone (:func:`~bayescurv.laplace.moments.head_predictive`); else
+        ``None``."""
+        if (link not in ("probit", "bridge") or type(self.likelihood) is not Categorical
+                or self.index is not None or torch.is_grad_enabled() and any(
+                    t.requires_grad for p in parts
+                    for t in (p.values() if isinstance(p, dict) else [p]))):
+            return None
+        capture = HookCapture(self.params, self.structure, self.unknown_layers,
+                              batch_dim=self.batch_dim)
+        return head_predictive(capture, self.posterior_precision, parts, link)
 
     @torch.no_grad()
     def _predict_nn(self, parts: list, num_samples: int, generator):

@@ -26,6 +26,11 @@ __all__ = ["PSDOperator", "Scalar", "internal_dtype", "jittered_cholesky"]
 #: floating dtypes whose curvature sums and decompositions are carried out in float64
 _WIDENED = (torch.float16, torch.bfloat16, torch.float32)
 
+#: the widened dtype of :func:`internal_dtype` (float64). ``benchmarks/scale.py --internal
+#: float32`` sets it to float32 to measure what the float64 algebra costs on a device (a GPU
+#: is slow in float64) and what accuracy it buys; not a user setting.
+WIDE = torch.float64
+
 
 def internal_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype in which curvature reductions and posterior decompositions run for a model
@@ -33,7 +38,7 @@ def internal_dtype(dtype: torch.dtype) -> torch.dtype:
     ``1e-7`` of the largest eigenvalue for float32, is far above the prior precisions that
     decide the evidence of an ill-conditioned curvature), the dtype itself otherwise
     (``float64``, complex). The one place this policy is decided."""
-    return torch.float64 if dtype in _WIDENED else dtype
+    return WIDE if dtype in _WIDENED else dtype
 
 
 def product_dtype(dtype: torch.dtype) -> torch.dtype:
